@@ -1,0 +1,43 @@
+# jaxprune: `make demo` and `make test` set up everything they need.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export JAXPRUNE_CACHE ?= $(HOME)/.cache/jaxprune
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+
+.PHONY: setup fixtures demo demo-quick test test-fast bench clean
+
+setup: $(STAMP) fixtures
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (jaxprune needs Python 3.11)" >&2; exit 2; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch: the CPU build (2.13.0) — a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+fixtures: $(STAMP)
+	$(BIN)/python scripts/fixtures.py
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+demo-quick: setup
+	$(BIN)/python scripts/demo.py --quick
+
+test: setup
+	$(BIN)/python -m pytest -x -q -n 2 --dist loadfile --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -x -q -n 2 --dist loadfile -m "not slow" tests
+
+bench: setup
+	$(BIN)/python scripts/bench_forward.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_pruning_memory.py
+	$(BIN)/python scripts/make_benchmarks_md.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,222 @@
+"""ModelConfig: the LLaMA family's hyper-parameters, with per-layer widths.
+
+Pruning makes layers differ, so head counts and MLP widths may be given per
+layer (``layer_num_heads``, ``layer_num_kv_heads``, ``layer_intermediate_size``).
+``from_hf_dict`` / ``to_hf_dict`` convert to and from an HF ``config.json``
+(both the transformers 4 spelling ``rope_theta`` + ``rope_scaling`` and the
+transformers 5 spelling ``rope_parameters`` are read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": ..., "factor": ..., ...}; None = default
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    # Per-layer widths after pruning (None: every layer uses the global value).
+    layer_num_heads: tuple[int, ...] | None = None
+    layer_num_kv_heads: tuple[int, ...] | None = None
+    layer_intermediate_size: tuple[int, ...] | None = None
+    extra_hf: dict = field(default_factory=dict, compare=False)  # HF keys we carry through export
+
+    def __post_init__(self):
+        for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"):
+            v = getattr(self, name)
+            if v is not None:
+                if len(v) != self.num_layers:
+                    raise UserError(f"config: {name} has {len(v)} entries, expected num_layers={self.num_layers}")
+                object.__setattr__(self, name, tuple(int(x) for x in v))
+        for i in range(self.num_layers):
+            h, kv = self.heads(i), self.kv_heads(i)
+            if kv < 0 or h < 0 or (kv and h % kv):
+                raise UserError(f"config: layer {i} has {h} query heads over {kv} KV heads "
+                                "(num_attention_heads must be a multiple of num_key_value_heads)")
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UserError(f"config: rope_scaling.rope_type={rope_type!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    # ---- per-layer accessors -------------------------------------------------
+    def heads(self, layer: int) -> int:
+        return self.layer_num_heads[layer] if self.layer_num_heads else self.num_heads
+
+    def kv_heads(self, layer: int) -> int:
+        return self.layer_num_kv_heads[layer] if self.layer_num_kv_heads else self.num_kv_heads
+
+    def mlp_width(self, layer: int) -> int:
+        return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every layer has the global widths (an HF config can describe it exactly)."""
+        return all(self.heads(i) == self.num_heads and self.kv_heads(i) == self.num_kv_heads
+                   and self.mlp_width(i) == self.intermediate_size for i in range(self.num_layers))
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_layer_widths(self, heads, kv_heads, mlp) -> "ModelConfig":
+        """A config whose layer i has heads[i] / kv_heads[i] / mlp[i]; collapses to globals if uniform."""
+        heads, kv_heads, mlp = tuple(heads), tuple(kv_heads), tuple(mlp)
+        if len(set(heads)) == 1 and len(set(kv_heads)) == 1 and len(set(mlp)) == 1:
+            return self.replace(num_heads=heads[0], num_kv_heads=kv_heads[0], intermediate_size=mlp[0],
+                                layer_num_heads=None, layer_num_kv_heads=None, layer_intermediate_size=None)
+        return self.replace(layer_num_heads=heads, layer_num_kv_heads=kv_heads, layer_intermediate_size=mlp)
+
+    def padded(self) -> "ModelConfig":
+        """The uniform config of the widest layer (zero-padded export of a non-uniform model)."""
+        L = range(self.num_layers)
+        kv = max(self.kv_heads(i) for i in L)
+        group = max(self.heads(i) // max(self.kv_heads(i), 1) for i in L)
+        return self.replace(num_heads=kv * group, num_kv_heads=kv,
+                            intermediate_size=max(self.mlp_width(i) for i in L),
+                            layer_num_heads=None, layer_num_kv_heads=None, layer_intermediate_size=None)
+
+    # ---- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- HF ------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Read an HF LLaMA ``config.json`` dict; anything unsupported is a UserError naming the field."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise UserError(f"config: model_type={model_type!r} is not supported (jaxprune handles the "
+                            f"LLaMA family: model_type 'llama')")
+        act = d.get("hidden_act", "silu")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise UserError(f"config: hidden_act={act!r} is not supported (only 'silu')")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise UserError("config: pretraining_tp > 1 is not supported")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in d:
+                raise UserError(f"config: required field {key!r} is missing")
+        heads = d["num_attention_heads"]
+        kv = d.get("num_key_value_heads") or heads
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        rope = d.get("rope_parameters") or {}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling:
+            scaling = dict(scaling)
+            rtype = scaling.pop("type", None) or scaling.get("rope_type", "default")
+            scaling["rope_type"] = rtype
+            if rtype == "default":
+                scaling = None
+        known = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters",
+                 "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
+                 "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "hidden_act",
+                 "architectures", "pretraining_tp", "dtype", "torch_dtype", "transformers_version",
+                 "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"}
+        extra = {k: v for k, v in d.items() if k not in known and not k.startswith("_")}
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=kv, head_dim=head_dim, rope_theta=float(rope_theta),
+            rope_scaling=scaling or None,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            extra_hf=extra,
+        )
+
+    def to_hf_dict(self) -> dict:
+        """An HF LLaMA config dict; a non-uniform model must be ``padded()`` first."""
+        if not self.is_uniform:
+            raise ValueError("to_hf_dict needs a uniform config: call .padded() first")
+        rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope_parameters.update(self.rope_scaling)
+        d = dict(self.extra_hf)
+        d.update({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_parameters": rope_parameters,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id, "pretraining_tp": 1,
+        })
+        return d
+
+    def num_params(self) -> int:
+        """Parameter count implied by the config (tied embeddings counted once)."""
+        h, hd = self.hidden_size, self.head_dim
+        n = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+        for i in range(self.num_layers):
+            q, kv, m = self.heads(i) * hd, self.kv_heads(i) * hd, self.mlp_width(i)
+            n += h * (q + 2 * kv) + q * h + 3 * h * m + 2 * h
+            if self.attention_bias:
+                n += q + 2 * kv + h
+            if self.mlp_bias:
+                n += 2 * m + h
+        return n
+
+
+def tiny_config(**kw: Any) -> ModelConfig:
+    """A small random-model config for tests and examples."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5)
+    base.update(kw)
+    return ModelConfig(**base)

@@ -1,0 +1,100 @@
+"""Perplexity and forward throughput.
+
+Protocol (the LLM-Pruner / LoRAPrune one): tokenize the whole text once with the
+model's tokenizer (its default special tokens), cut the token stream into
+non-overlapping windows of ``seq_len`` (the tail shorter than a window is
+dropped), score each window with teacher forcing, and report
+``exp(sum of next-token NLL / number of predicted tokens)`` over all windows
+(each window predicts ``seq_len - 1`` tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from .errors import UserError
+from .model import summed_nll
+
+
+def read_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise UserError(f"{p}: directory holds no .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def tokenize_text(tokenizer, text: str) -> np.ndarray:
+    """The whole text as one int32 token stream, with the tokenizer's default special tokens."""
+    tokenizer.model_max_length = 10**12  # a whole play is one sequence here, on purpose
+    return np.asarray(tokenizer(text)["input_ids"], dtype=np.int32)
+
+
+def windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    """Non-overlapping [n, seq_len] windows of the first ``max_tokens`` tokens (tail dropped)."""
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise UserError(f"text too short: {len(tokens)} tokens is less than one window of seq-len {seq_len}")
+    return tokens[: n * seq_len].reshape(n, seq_len)
+
+
+def _nll_fn(graphdef):
+    @jax.jit
+    def nll(state, batch):
+        return summed_nll(nnx.merge(graphdef, state), batch)
+    return nll
+
+
+def perplexity(model, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int = 4,
+               max_tokens: int | None = None, progress: bool = True) -> dict:
+    """{'ppl', 'nll', 'tokens' (predicted), 'windows', 'tokens_per_s' (forward tokens / s, compile excluded)}."""
+    win = windows(tokens, seq_len, max_tokens)
+    graphdef, state = nnx.split(model)
+    nll = _nll_fn(graphdef)
+    n_full = len(win) // batch_size * batch_size
+    batches = [win[i:i + batch_size] for i in range(0, n_full, batch_size)]
+    tail = win[n_full:]
+    total, elapsed, fwd_tokens = 0.0, 0.0, 0
+    for i, b in enumerate(tqdm(batches + ([tail] if len(tail) else []), desc="perplexity", disable=not progress,
+                               unit="batch")):
+        if i == 0 or len(b) != batch_size:  # compile outside the timed region
+            jax.block_until_ready(nll(state, jnp.asarray(b)))
+        t = time.perf_counter()
+        total += float(nll(state, jnp.asarray(b)))
+        elapsed += time.perf_counter() - t
+        fwd_tokens += b.size
+    predicted = len(win) * (seq_len - 1)
+    mean = total / predicted
+    return {"ppl": float(np.exp(mean)), "nll": mean, "tokens": int(predicted), "windows": int(len(win)),
+            "seq_len": seq_len, "tokens_per_s": fwd_tokens / max(elapsed, 1e-9)}
+
+
+def forward_throughput(model, *, batch_size: int = 4, seq_len: int = 256, iters: int = 5, seed: int = 0) -> float:
+    """Forward tokens / s of the jitted logits computation (compile excluded, median of ``iters``)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.randint(jax.random.key(seed), (batch_size, seq_len), 0, model.config.vocab_size)
+    jax.block_until_ready(fwd(state, x))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fwd(state, x))
+        times.append(time.perf_counter() - t)
+    return batch_size * seq_len / float(np.median(times))

@@ -1,0 +1,41 @@
+"""Where the real-model and real-text fixtures live (filled by `scripts/fixtures.py`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Plays never used for training or calibration: the perplexity benchmarks run on these.
+HELDOUT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
+#: The single play of the real-model parity test (a held-out one).
+SINGLE_PLAY = "hamlet_gut.txt"
+#: Poems in the sdist's texts folder: not plays, left out.
+NOT_PLAYS = frozenset({"sonnets_gut.txt", "lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt",
+                       "phoenix_and_the_turtle_gut.txt", "rape_of_lucrece_gut.txt"})
+
+
+class FixturePaths(NamedTuple):
+    gguf: Path
+    hf_dir: Path
+    plays: Path
+    train_text: Path
+    heldout_text: Path
+    play_text: Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXPRUNE_CACHE", Path.home() / ".cache" / "jaxprune")).expanduser()
+
+
+def fixture_paths() -> FixturePaths:
+    c = cache_dir()
+    return FixturePaths(
+        gguf=c / "smollm2" / GGUF_NAME,
+        hf_dir=c / "smollm2-hf",
+        plays=c / "plays",
+        train_text=c / "text" / "train.txt",
+        heldout_text=c / "text" / "heldout.txt",
+        play_text=c / "text" / "play.txt",
+    )

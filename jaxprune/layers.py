@@ -1,0 +1,110 @@
+"""Layers and Variable types.
+
+Variable types decide which pytree a value lands in (see ``partition.py``):
+
+* ``nnx.Param``     base weights: frozen during fine-tuning and pruning
+* ``nnx.LoRAParam`` low-rank factors (and other trainable factors): the optimizer's
+* ``Mask``          boolean masks: owned by the pruner
+
+``Linear`` covers the variants the methods need, in our ``[in, out]`` layout::
+
+    y = x @ W + b                                  dense
+    y = x @ W + s * (x @ A) @ B + b                + LoRA, A [in, r], B [r, out], s = alpha / r
+    y = x @ ((W + s * A @ B) * M) + b              + elementwise mask M [in, out] (unstructured, N:M)
+
+Structured masks (heads, MLP channels) live in the attention and MLP modules and
+act on activations, which is exact and cheap (see ``model.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Mask(nnx.Variable):
+    """A boolean mask owned by the pruner; ``True`` keeps a unit."""
+
+
+class Linear(nnx.Module):
+    """``y = x @ ((W + s·A@B) ⊙ M) + b`` with every term optional but W.
+
+    Shapes: ``kernel`` [in, out], ``bias`` [out], ``lora_a`` [in, r], ``lora_b`` [r, out],
+    ``weight_mask`` [in, out] bool.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None, kernel: jax.Array | None = None,
+                 bias: jax.Array | None = None, init_std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        if kernel is None:
+            rngs = rngs or nnx.Rngs(0)
+            kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), dtype)
+        self.kernel = nnx.Param(jnp.asarray(kernel, dtype))
+        if use_bias and bias is None:
+            bias = jnp.zeros((out_features,), dtype)
+        self.bias = nnx.data(nnx.Param(jnp.asarray(bias, dtype)) if use_bias else None)
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
+        self.weight_mask = nnx.data(None)
+        self.impl = "xla"
+
+    # ---- LoRA ---------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+        """Attach LoRA factors: A ~ U(±1/√in) (PEFT's kaiming-uniform, a=√5), B = 0, s = α / r."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        dtype = self.kernel[...].dtype
+        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, rank), dtype,
+                                                       -bound, bound))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), dtype))
+        self.lora_scale = float(alpha) / float(rank)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def merged_kernel(self) -> jax.Array:
+        """``(W + s·A@B) ⊙ M``: [in, out]."""
+        w = self.kernel[...]
+        if self.has_lora:
+            w = w + self.lora_scale * (self.lora_a[...] @ self.lora_b[...]).astype(w.dtype)
+        if self.weight_mask is not None:
+            w = jnp.where(self.weight_mask[...], w, jnp.zeros((), w.dtype))
+        return w
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> [..., out]."""
+        if self.weight_mask is not None:
+            if self.impl == "pallas":
+                from jaxprune import kernels
+                a = self.lora_a[...] if self.has_lora else None
+                b = self.lora_b[...] if self.has_lora else None
+                y = kernels.masked_lowrank_matmul(x, self.kernel[...], a, b, self.weight_mask[...],
+                                                  self.lora_scale, impl="pallas")
+            else:
+                y = x @ self.merged_kernel()
+        else:
+            y = x @ self.kernel[...]
+            if self.has_lora:
+                y = y + self.lora_scale * ((x @ self.lora_a[...]) @ self.lora_b[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x²) + eps) * w``, computed in fp32 like HF's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32, weight: jax.Array | None = None):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype) if weight is None else jnp.asarray(weight, dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(dtype)

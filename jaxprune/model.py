@@ -1,0 +1,163 @@
+"""The LLaMA family in Flax NNX: RMSNorm, RoPE variants, GQA attention, SwiGLU MLP.
+
+Module paths follow HF names (``layers.3.self_attn.q_proj``) so regexes over
+paths (LoRA targets, sharding rules) read the same as over HF checkpoints.
+Each layer may have its own head count and MLP width (pruned models).
+
+Structured masks act on activations:
+
+* ``self_attn.head_mask`` [num_heads]: each query head's output before ``o_proj``
+* ``mlp.channel_mask`` [intermediate]: ``act(gate) * up`` before ``down_proj``
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import Linear, Mask, RMSNorm
+from .rope import apply_rope, rope_tables
+
+
+class KVCache(NamedTuple):
+    """One layer's cache: k, v [B, max_len, kv_heads, head_dim]."""
+    k: jax.Array
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.heads(layer), cfg.kv_heads(layer), cfg.head_dim
+        h, q, kv = cfg.hidden_size, self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = Linear(h, q, use_bias=b, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, kv, use_bias=b, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, kv, use_bias=b, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q, h, use_bias=b, dtype=dtype, rngs=rngs)
+        self.head_mask = Mask(jnp.ones((self.num_heads,), jnp.bool_))
+
+    def __call__(self, x, cos, sin, cache: KVCache | None = None, cache_index=None):
+        """x [B, S, hidden] -> ([B, S, hidden], new cache or None)."""
+        B, S, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if H == 0:  # a fully pruned attention block contributes only o_proj's bias
+            out = jnp.zeros(x.shape, x.dtype)
+            return (out + self.o_proj.bias[...] if self.o_proj.bias is not None else out), cache
+        q = apply_rope(self.q_proj(x).reshape(B, S, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(B, S, KV, D), cos, sin)
+        v = self.v_proj(x).reshape(B, S, KV, D)
+        q_pos = jnp.arange(S)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, cache_index, 0, 0))
+            cache = KVCache(k, v)
+            q_pos = q_pos + cache_index
+        T = k.shape[1]
+        G = H // KV
+        qg = q.reshape(B, S, KV, G, D)
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(D))
+        causal = q_pos[:, None] >= jnp.arange(T)[None, :]
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, D)
+        out = out * self.head_mask[...].astype(out.dtype)[:, None]
+        return self.o_proj(out.reshape(B, S, H * D)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        h, m, b = cfg.hidden_size, cfg.mlp_width(layer), cfg.mlp_bias
+        self.gate_proj = Linear(h, m, use_bias=b, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, m, use_bias=b, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(m, h, use_bias=b, dtype=dtype, rngs=rngs)
+        self.channel_mask = Mask(jnp.ones((m,), jnp.bool_))
+
+    def __call__(self, x):
+        """x [B, S, hidden] -> [B, S, hidden]: ``down((silu(gate x) * up x) ⊙ mask)``."""
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h * self.channel_mask[...].astype(h.dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, layer, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, cache=None, cache_index=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token ids [B, S] -> logits [B, S, vocab] (fp32)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = cfg
+        self.embed_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                                               dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = nnx.data(None if cfg.tie_word_embeddings
+                                else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs))
+
+    @property
+    def dtype(self):
+        return self.embed_tokens[...].dtype
+
+    def hidden_states(self, tokens, positions=None, caches=None, cache_index=None):
+        """tokens [B, S] -> final-norm hidden states [B, S, hidden], new caches."""
+        B, S = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+            if cache_index is not None:
+                positions = positions + cache_index
+        seq_len = S if caches is None else caches[0].k.shape[1]
+        cos, sin = rope_tables(self.config, positions, seq_len)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, cos, sin, None if caches is None else caches[i], cache_index)
+            new_caches.append(c)
+        return self.norm(x), (new_caches if caches is not None else None)
+
+    def logits(self, h):
+        if self.lm_head is None:
+            return (h @ self.embed_tokens[...].T).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(self, tokens, positions=None, caches=None, cache_index=None):
+        h, new_caches = self.hidden_states(tokens, positions, caches, cache_index)
+        logits = self.logits(h)
+        return logits if caches is None else (logits, new_caches)
+
+    def init_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        return [KVCache(jnp.zeros((batch, max_len, l.self_attn.num_kv_heads, self.config.head_dim), self.dtype),
+                        jnp.zeros((batch, max_len, l.self_attn.num_kv_heads, self.config.head_dim), self.dtype))
+                for l in self.layers]
+
+
+def causal_lm_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token NLL: logits [B, S, V], tokens [B, S] -> (mean nll, number of predicted tokens)."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
+    return nll.mean(), jnp.asarray(nll.size, jnp.float32)
+
+
+def summed_nll(model: LlamaForCausalLM, tokens: jax.Array) -> jax.Array:
+    """Sum of next-token NLL over a batch of windows [B, S] (for perplexity)."""
+    logits = model(tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).sum()
+
+
+def count_params(model: nnx.Module, variable_type=nnx.Param) -> int:
+    """Number of scalars in the model's variables of ``variable_type``."""
+    state = nnx.state(model, variable_type)
+    return int(sum(x.size for x in jax.tree.leaves(state)))

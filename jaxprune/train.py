@@ -1,0 +1,275 @@
+"""The generic jitted training step and loop on partitioned pytrees.
+
+    step(trainable, opt_state, hook_state, frozen, masks, batch, step_index)
+        -> trainable, opt_state, hook_state, metrics
+
+Gradients are taken w.r.t. ``trainable`` only. ``batch`` is [accum, micro_batch, seq_len];
+micro-batches are scanned and their gradients averaged (gradient accumulation). A
+``GradHook`` sees the averaged gradients of the trainable factors inside the same jit
+(LoRAPrune's importance estimate is one), before the optimizer update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from .errors import UserError
+from .model import causal_lm_loss
+from .partition import combine
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    total_steps: int = 200
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
+                       optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+
+
+class GradHook(Protocol):
+    """Reads the trainable gradients inside the jitted step (e.g. LoRAPrune's importance EMA)."""
+
+    def __call__(self, hook_state, trainable, grads, frozen, masks, step) -> Any: ...
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_loss_fn(graphdef, compute_dtype=None):
+    """loss(trainable, frozen, masks, tokens [B, S]) -> (mean NLL, n tokens)."""
+    def loss_fn(trainable, frozen, masks, tokens):
+        if compute_dtype is not None:
+            trainable, frozen = _cast_floats(trainable, compute_dtype), _cast_floats(frozen, compute_dtype)
+        model = combine(graphdef, frozen, trainable, masks)
+        return causal_lm_loss(model(tokens), tokens)
+    return loss_fn
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_hook: GradHook | None = None,
+                    compute_dtype=None, donate: bool = True):
+    """The jitted pure train step (see module docstring)."""
+    loss_fn = make_loss_fn(graphdef, compute_dtype)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
+        def micro(acc, tokens):
+            (loss, _), g = grad_fn(trainable, frozen, masks, tokens)
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+        (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
+        n = batch.shape[0]
+        loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        if grad_hook is not None:
+            hook_state = grad_hook(hook_state, trainable, grads, frozen, masks, step_index)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, hook_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+
+def make_eval_step(graphdef, compute_dtype=None):
+    """(trainable, frozen, masks, tokens [B, S]) -> summed NLL, jitted."""
+    loss_fn = make_loss_fn(graphdef, compute_dtype)
+
+    @jax.jit
+    def eval_step(trainable, frozen, masks, tokens):
+        loss, n = loss_fn(trainable, frozen, masks, tokens)
+        return loss * n
+    return eval_step
+
+
+# ---- checkpointing of the train state ------------------------------------------
+class TrainState(NamedTuple):
+    """Everything a step changes. ``frozen`` is never in here: it is reloaded from the base model."""
+    trainable: Any
+    opt_state: Any
+    hook_state: Any
+    masks: Any
+
+
+def _leaves_dict(tree) -> dict[str, Any]:
+    return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager over the flattened TrainState (structure comes from the live state)."""
+
+    def __init__(self, directory: Path, *, keep: int = 2):
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
+
+    def save(self, step: int, state: TrainState, extra: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_leaves_dict(state)), extra=ocp.args.JsonSave(extra)), force=True)
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
+        leaves, treedef = jax.tree.flatten(like)
+        abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in _leaves_dict(like).items()}
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+        restored = [out.state[k] for k in sorted(out.state)]
+        if len(restored) != len(leaves):
+            raise UserError("checkpoint does not match this run's model (different number of arrays)")
+        return jax.tree.unflatten(treedef, restored), dict(out.extra)
+
+    def close(self):
+        self.manager.close()
+
+
+# ---- the loop ---------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    save_every: int = 50
+    keep: int = 2
+    val_every: int = 50
+    val_blocks: int = 8
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class LoopCallbacks:
+    """Optional work between steps (outside jit), e.g. a pruner updating masks."""
+    after_step: Callable[[int, TrainState], TrainState] | None = None
+    describe: Callable[[TrainState], dict] | None = None  # extra metrics for the log
+    extra_state: Callable[[], dict] = field(default=lambda: {})
+
+
+def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir: Path, loop: LoopConfig, *,
+               start_step: int = 0, callbacks: LoopCallbacks | None = None) -> TrainState:
+    """Run steps [start_step, loop.steps): metrics JSONL, periodic validation, checkpoints, NaN guard."""
+    run_dir = Path(run_dir)
+    cb = callbacks or LoopCallbacks()
+    ckpts = TrainCheckpoints(run_dir / "checkpoints", keep=loop.keep)
+    metrics_file = run_dir / "metrics.jsonl"
+    if start_step == 0 and metrics_file.exists():
+        metrics_file.unlink()
+    else:  # resume: drop log lines past the checkpoint so the log matches the state
+        _truncate_metrics(metrics_file, start_step)
+    tokens_per_step = loop.batch_size * loop.grad_accum * blocks.train.shape[1]
+    bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps, disable=not loop.progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    for step in bar:
+        batch = blocks.batch(step, loop.batch_size * loop.grad_accum).reshape(
+            loop.grad_accum, loop.batch_size, -1)
+        trainable, opt_state, hook_state, m = train_step(state.trainable, state.opt_state, state.hook_state, frozen,
+                                                         state.masks, jnp.asarray(batch), jnp.int32(step))
+        state = state._replace(trainable=trainable, opt_state=opt_state, hook_state=hook_state)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            last = ckpts.latest_step()
+            ckpts.close()
+            raise UserError(f"loss is {loss} at step {step}; stopped. Last good checkpoint: "
+                            f"{'step ' + str(last) if last is not None else 'none'} in {run_dir / 'checkpoints'}")
+        if cb.after_step is not None:
+            state = cb.after_step(step, state)
+        now = time.perf_counter()
+        rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]),
+               "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+        t_last = now
+        if cb.describe is not None:
+            rec.update(cb.describe(state))
+        done = step + 1
+        if loop.val_every and (done % loop.val_every == 0 or done == loop.steps):
+            rec["val_ppl"] = validation_ppl(eval_step, state, frozen, blocks, loop)
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
+                         if k in ("loss", "tokens_per_s", "val_ppl", "sparsity")})
+        if done % loop.save_every == 0 or done == loop.steps:
+            ckpts.save(done, state, {"step": done, **cb.extra_state()})
+    ckpts.close()
+    return state
+
+
+def validation_ppl(eval_step, state: TrainState, frozen, blocks, loop: LoopConfig) -> float:
+    val = blocks.val[: loop.val_blocks]
+    total = 0.0
+    for i in range(0, len(val), loop.batch_size):
+        total += float(eval_step(state.trainable, frozen, state.masks, jnp.asarray(val[i:i + loop.batch_size])))
+    return float(np.exp(total / (len(val) * (val.shape[1] - 1))))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def plot_metrics(run_dir: Path) -> Path | None:
+    """loss (and validation perplexity) against step, as RUN_DIR/loss.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train loss")
+    val = [(r["step"], math.log(r["val_ppl"])) for r in recs if "val_ppl" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val NLL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def save_json_atomic(path: Path, obj: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def config_dict(*objs) -> dict:
+    out = {}
+    for o in objs:
+        out.update(asdict(o))
+    return out

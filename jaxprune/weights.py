@@ -1,0 +1,110 @@
+"""Building a model from named arrays and reading named arrays back out.
+
+Paths are tuples as NNX flattens them, e.g. ``('layers', 3, 'self_attn', 'q_proj', 'kernel')``.
+Building goes through ``nnx.eval_shape`` so no random weights are ever allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .errors import UserError
+from .layers import Linear, Mask
+from .model import LlamaForCausalLM
+
+Path = tuple
+
+
+def linears(model: nnx.Module):
+    """(path, Linear) for every Linear in the model, in a stable order."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            yield tuple(path), node
+
+
+def path_str(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32, lora: Mapping[str, tuple[int, float]] | None = None,
+                   weight_masks: list[str] | None = None) -> LlamaForCausalLM:
+    """A model of ShapeDtypeStructs with LoRA / weight masks attached where named."""
+    def build():
+        m = LlamaForCausalLM(cfg, dtype=dtype)
+        rngs = nnx.Rngs(0)
+        for path, lin in linears(m):
+            name = path_str(path)
+            if lora and name in lora:
+                lin.add_lora(int(lora[name][0]), float(lora[name][1]), rngs)
+            if weight_masks and name in weight_masks:
+                lin.weight_mask = Mask(jnp.ones(lin.kernel[...].shape, jnp.bool_))
+        return m
+    return nnx.eval_shape(build)
+
+
+def model_from_arrays(cfg: ModelConfig, arrays: Mapping[Path, np.ndarray], *, dtype=jnp.float32,
+                      lora=None, weight_masks=None, source: str = "weights") -> LlamaForCausalLM:
+    """Fill a model of ``cfg`` from ``arrays`` (path -> array). Masks not given start all-True.
+
+    Float arrays are cast to ``dtype``; a missing or mis-shaped weight is a UserError.
+    """
+    graphdef, state = nnx.split(abstract_model(cfg, dtype, lora, weight_masks))
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        want = var.get_value()
+        if path in arrays:
+            arr = arrays[path]
+            if tuple(arr.shape) != tuple(want.shape):
+                raise UserError(f"{source}: {path_str(path)} has shape {tuple(arr.shape)}, "
+                                f"expected {tuple(want.shape)}")
+            val = jnp.asarray(arr, want.dtype)
+        elif isinstance(var, Mask):
+            val = jnp.ones(want.shape, jnp.bool_)
+        else:
+            raise UserError(f"{source}: weight {path_str(path)} is missing")
+        flat.append((path, var.replace(val)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def model_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
+    """Every Variable of the model as path -> array."""
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def lora_spec(model: nnx.Module) -> dict[str, tuple[int, float]]:
+    """{linear path: (rank, alpha)} for the layers that carry LoRA."""
+    return {path_str(p): (int(l.lora_a[...].shape[1]), l.lora_scale * int(l.lora_a[...].shape[1]))
+            for p, l in linears(model) if l.has_lora}
+
+
+def weight_mask_paths(model: nnx.Module) -> list[str]:
+    return [path_str(p) for p, l in linears(model) if l.weight_mask is not None]
+
+
+def dense_arrays(model: LlamaForCausalLM) -> dict[Path, jax.Array]:
+    """Base-only arrays with LoRA merged and every mask folded into the weights (exact).
+
+    A pruned head's output is zero before ``o_proj``, so zeroing its ``o_proj`` input rows is
+    the same function; likewise a pruned MLP channel's ``down_proj`` row.
+    """
+    out: dict[Path, jax.Array] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not isinstance(var, nnx.LoRAParam):
+            out[tuple(path)] = var.get_value()
+    for path, lin in linears(model):
+        out[path + ("kernel",)] = lin.merged_kernel()
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.num_heads:
+            rows = jnp.repeat(attn.head_mask[...], attn.head_dim)[:, None]
+            k = ("layers", i, "self_attn", "o_proj", "kernel")
+            out[k] = jnp.where(rows, out[k], 0)
+        k = ("layers", i, "mlp", "down_proj", "kernel")
+        out[k] = jnp.where(mlp.channel_mask[...][:, None], out[k], 0)
+    return out
