@@ -1,5 +1,167 @@
-"""`jaxprune prune` (filled in by the pruning modules)."""
+"""`jaxprune prune`: LoRAPrune (iterative, during LoRA fine-tuning) and one-shot baselines
+(LLM-Pruner, magnitude, random) followed by the same LoRA recovery, then physical shrink.
+
+    RUN_DIR/ run.json, checkpoints/, metrics.jsonl, loss.png   (as finetune)
+             prune.json   method, ratio, parameter counts, fraction removed, per-layer widths
+             model/       the shrunk model (jaxprune checkpoint, LoRA merged)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..errors import UserError
+from .groups import excluded_layers_default
+
+METHODS = ("loraprune", "llm-pruner", "magnitude", "random")
 
 
 def add_prune_parser(sub) -> None:
-    pass
+    from ..train_cli import _with_config, add_run_args
+
+    p = sub.add_parser("prune", help="structured pruning: LoRAPrune or a one-shot baseline + LoRA recovery")
+    p.add_argument("model")
+    add_run_args(p, steps=200)
+    p.add_argument("--method", choices=METHODS, default="loraprune")
+    p.add_argument("--ratio", type=float, default=0.5, help="per-layer fraction of units pruned")
+    p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="q_head",
+                   help="attention unit: a whole KV group, or query heads (same count per group)")
+    p.add_argument("--exclude-layers", default="default",
+                   help="comma-separated layer indices never pruned, 'none', or 'default' "
+                        "(layers < int(0.1·L) and the last one)")
+    p.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
+    p.add_argument("--warmup-frac", type=float, default=0.1, help="LoRAPrune: fraction of steps before pruning")
+    p.add_argument("--cooldown-frac", type=float, default=0.1, help="LoRAPrune: final fine-tuning fraction")
+    p.add_argument("--beta", type=float, default=0.9, help="LoRAPrune: importance moving-average factor")
+    p.add_argument("--calib-samples", type=int, default=10, help="baselines: calibration sequences")
+    p.add_argument("--calib-len", type=int, default=64, help="baselines: calibration sequence length")
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help="baselines: LoRA recovery steps (default: --steps, the LoRAPrune budget)")
+    p.set_defaults(fn=_with_config(cmd_prune, p))
+
+
+def prunable_layers(num_layers: int, exclude: str) -> list[int]:
+    if exclude == "default":
+        excluded = set(excluded_layers_default(num_layers))
+    elif exclude in ("none", ""):
+        excluded = set()
+    else:
+        try:
+            excluded = {int(x) for x in str(exclude).split(",") if x.strip()}
+        except ValueError:
+            raise UserError(f"--exclude-layers {exclude!r}: expected comma-separated integers, "
+                            "'none' or 'default'") from None
+        bad = [i for i in excluded if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"--exclude-layers: layer {bad[0]} out of range 0..{num_layers - 1}")
+    return [i for i in range(num_layers) if i not in excluded]
+
+
+def taylor_importance_step(graphdef, cfg, unit):
+    """LLM-Pruner's importance step: base-weight gradients on a calibration batch [n, S] -> unit scores."""
+    from ..train import make_loss_fn
+    from .importance import taylor_importance
+
+    loss_fn = make_loss_fn(graphdef)
+
+    @jax.jit
+    def step(frozen, trainable, masks, batch):
+        grads = jax.grad(lambda fr: loss_fn(trainable, fr, masks, batch)[0])(frozen)
+        return taylor_importance(cfg, nnx.to_pure_dict(frozen), nnx.to_pure_dict(grads), unit)
+    return step
+
+
+def one_shot_scores(method: str, s, cfg, unit, args):
+    from .importance import magnitude_importance, random_importance
+
+    if method == "magnitude":
+        return magnitude_importance(cfg, nnx.to_pure_dict(s.frozen), unit)
+    if method == "random":
+        return random_importance(cfg, unit, args.seed)
+    calib = s.blocks.calibration(args.calib_samples, args.calib_len, seed=args.seed)
+    return taylor_importance_step(s.graphdef, cfg, unit)(s.frozen, s.trainable, s.masks, jnp.asarray(calib))
+
+
+def cmd_prune(args) -> dict:
+    from .. import checkpoint
+    from ..partition import combine, tree_size
+    from ..train import (LoopCallbacks, TrainCheckpoints, TrainState, make_eval_step, make_optimizer,
+                         make_train_step, plot_metrics, save_json_atomic, train_loop)
+    from ..train_cli import compute_dtype, loop_config, optim_config, prepare_run_dir, setup_lora_run
+    from .loraprune import importance_hook, init_importance
+    from .masks import structured_sparsity, update_structured_masks
+    from .schedule import CubicSchedule
+    from .shrink import describe_widths, shrink
+
+    if not 0.0 <= args.ratio < 1.0:
+        raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
+    if args.method != "loraprune" and args.recover_steps is not None:
+        args.steps = args.recover_steps
+    run_dir, prev = prepare_run_dir(args, "prune")
+    s = setup_lora_run(args)
+    cfg, unit = s.model.config, args.attn_unit
+    layers = prunable_layers(cfg.num_layers, args.exclude_layers)
+    optimizer = make_optimizer(optim_config(args))
+    lora_scale = args.lora_alpha / args.lora_rank
+
+    if args.method == "loraprune":
+        hook = importance_hook(cfg, unit, lora_scale, args.beta)
+        hook_state = init_importance(cfg, unit)
+        schedule = CubicSchedule(args.steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
+                                 every=args.prune_every)
+
+        def after_step(step, st):
+            t = step + 1
+            if schedule.is_prune_step(t):
+                scores = (st.hook_state.attn, st.hook_state.mlp)
+                st = st._replace(masks=update_structured_masks(st.masks, scores, schedule.ratio(t), cfg, unit,
+                                                               layers))
+            return st
+        masks = s.masks
+    else:
+        hook, hook_state, after_step = None, (), None
+        scores = one_shot_scores(args.method, s, cfg, unit, args)
+        masks = update_structured_masks(s.masks, scores, args.ratio, cfg, unit, layers)
+
+    state = TrainState(s.trainable, optimizer.init(s.trainable), hook_state, masks)
+    start = 0
+    if prev is not None:
+        ckpts = TrainCheckpoints(run_dir / "checkpoints")
+        if (latest := ckpts.latest_step()) is not None:
+            state, _ = ckpts.restore(latest, state)
+            start = latest
+        ckpts.close()
+
+    step_fn = make_train_step(s.graphdef, optimizer, grad_hook=hook, compute_dtype=compute_dtype(args))
+    eval_fn = make_eval_step(s.graphdef, compute_dtype(args))
+    callbacks = LoopCallbacks(after_step=after_step,
+                              describe=lambda st: {"sparsity": structured_sparsity(st.masks, cfg, layers)
+                                                   ["channels_pruned"]})
+    state = train_loop(state, s.frozen, step_fn, eval_fn, s.blocks, run_dir, loop_config(args), start_step=start,
+                       callbacks=callbacks)
+    plot_metrics(run_dir)
+
+    masked = combine(s.graphdef, s.frozen, state.trainable, state.masks)
+    small = shrink(masked)
+    checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
+                          extra_meta={"pruned_from": str(args.model), "method": args.method})
+    before, after = cfg.num_params(), small.config.num_params()
+    summary = {
+        "method": args.method, "ratio": args.ratio, "attn_unit": unit, "prunable_layers": layers,
+        "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
+        **structured_sparsity(state.masks, cfg, layers), "trainable_params": tree_size(state.trainable),
+        "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
+    }
+    save_json_atomic(run_dir / "prune.json", summary)
+    if not args.json:
+        print(f"pruned {args.method} ratio {args.ratio}: {before:,} -> {after:,} parameters "
+              f"({100 * summary['params_removed_fraction']:.1f}% of all removed); model in {run_dir / 'model'}",
+              file=sys.stderr)
+    return {k: v for k, v in summary.items() if k != "widths"}

@@ -1,0 +1,68 @@
+"""Structured units and how element scores reduce to them.
+
+Per decoder layer there are two groups of coupled modules:
+
+* attention: q, k, v, o. Unit = ``kv_group`` (a KV head with its query heads and their
+  o_proj columns) or ``q_head`` (one query head with its o_proj columns; every KV group
+  keeps the same number of query heads so the layer stays valid GQA).
+* MLP: gate, up, down. Unit = one intermediate channel.
+
+Layout reminder (ours, [in, out]): q/k/v/gate/up units are output *columns*; o/down units
+are input *rows*. (In HF's [out, in] layout these are rows and columns respectively.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+
+AttnUnit = Literal["kv_group", "q_head"]
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def reduce_attention(module: str, scores: jnp.ndarray, num_heads: int, num_kv_heads: int, head_dim: int,
+                     unit: AttnUnit) -> jnp.ndarray | None:
+    """Element scores of one attention module [in, out] -> per-unit vector, or None if the module
+    does not score this unit type (k/v for ``q_head``: shared by the heads of a group).
+
+    Returns [num_kv_heads] for ``kv_group`` and [num_heads] for ``q_head``.
+    """
+    if module in ("q_proj", "o_proj"):
+        per_col = scores.sum(axis=0) if module == "q_proj" else scores.sum(axis=1)  # [H*D]
+        per_head = per_col.reshape(num_heads, head_dim).sum(-1)
+        if unit == "q_head":
+            return per_head
+        return per_head.reshape(num_kv_heads, num_heads // num_kv_heads).sum(-1)
+    if unit == "q_head":
+        return None
+    return scores.sum(axis=0).reshape(num_kv_heads, head_dim).sum(-1)  # k_proj, v_proj
+
+
+def reduce_mlp(module: str, scores: jnp.ndarray) -> jnp.ndarray:
+    """Element scores of gate/up [in, m] or down [m, out] -> [m]."""
+    return scores.sum(axis=1) if module == "down_proj" else scores.sum(axis=0)
+
+
+def num_attention_units(num_heads: int, num_kv_heads: int, unit: AttnUnit) -> int:
+    return num_kv_heads if unit == "kv_group" else num_heads
+
+
+def head_mask_from_units(unit_mask: jnp.ndarray, num_heads: int, num_kv_heads: int, unit: AttnUnit):
+    """Unit keep-mask -> per-query-head keep-mask [num_heads]."""
+    if unit == "kv_group":
+        return jnp.repeat(unit_mask, num_heads // num_kv_heads)
+    return unit_mask
+
+
+def units_from_head_mask(head_mask, num_heads: int, num_kv_heads: int, unit: AttnUnit):
+    """Per-query-head keep-mask -> unit keep-mask (a KV group is kept if any of its heads is)."""
+    if unit == "kv_group":
+        return head_mask.reshape(num_kv_heads, num_heads // num_kv_heads).any(-1)
+    return head_mask
+
+
+def excluded_layers_default(num_layers: int) -> tuple[int, ...]:
+    """LoRAPrune's default: layers below int(0.1·L) and the last one are never pruned."""
+    return tuple(sorted(set(range(int(0.1 * num_layers))) | {num_layers - 1}))
