@@ -3,6 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export JAXPRUNE_CACHE ?= $(HOME)/.cache/jaxprune
+# XLA's persistent compilation cache: the second run of a test or the demo skips most compiles.
+export JAX_COMPILATION_CACHE_DIR ?= $(JAXPRUNE_CACHE)/xla-cache
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
 .PHONY: setup fixtures demo demo-quick test test-fast bench clean

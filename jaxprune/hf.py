@@ -139,13 +139,14 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[LlamaForCausalLM, ModelCon
 
 def load_tokenizer(path: Path):
     """The tokenizer of an HF dir, a jaxprune checkpoint dir or a GGUF file."""
+    path = Path(path)
+    if path.suffix != ".gguf" and not any((path / f).exists()
+                                          for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None  # checked before importing transformers (seconds of imports for nothing)
     from transformers import AutoTokenizer
 
-    path = Path(path)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -54,10 +54,12 @@ class Linear(nnx.Module):
         self.impl = "xla"
 
     # ---- LoRA ---------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
-        """Attach LoRA factors: A ~ U(±1/√in) (PEFT's kaiming-uniform, a=√5), B = 0, s = α / r."""
+    def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dtype=jnp.float32) -> None:
+        """Attach LoRA factors: A ~ U(±1/√in) (PEFT's kaiming-uniform, a=√5), B = 0, s = α / r.
+
+        The factors are fp32 master weights whatever the base dtype; they compute in x's dtype.
+        """
         bound = 1.0 / math.sqrt(self.in_features)
-        dtype = self.kernel[...].dtype
         self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, rank), dtype,
                                                        -bound, bound))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), dtype))
@@ -81,16 +83,19 @@ class Linear(nnx.Module):
         if self.weight_mask is not None:
             if self.impl == "pallas":
                 from jaxprune import kernels
-                a = self.lora_a[...] if self.has_lora else None
-                b = self.lora_b[...] if self.has_lora else None
-                y = kernels.masked_lowrank_matmul(x, self.kernel[...], a, b, self.weight_mask[...],
-                                                  self.lora_scale, impl="pallas")
+                w = self.kernel[...]
+                if self.has_lora:
+                    a, b, s = self.lora_a[...].astype(w.dtype), self.lora_b[...].astype(w.dtype), self.lora_scale
+                else:  # a rank-1 zero adapter: the kernel then computes x @ (W ⊙ M)
+                    a, b, s = jnp.zeros((w.shape[0], 1), w.dtype), jnp.zeros((1, w.shape[1]), w.dtype), 0.0
+                y = kernels.masked_lowrank_matmul(x, w, a, b, self.weight_mask[...], s, impl="pallas")
             else:
                 y = x @ self.merged_kernel()
         else:
             y = x @ self.kernel[...]
             if self.has_lora:
-                y = y + self.lora_scale * ((x @ self.lora_a[...]) @ self.lora_b[...])
+                a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+                y = y + self.lora_scale * ((x @ a) @ b)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

@@ -108,6 +108,9 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings
                                 else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs))
+        # Rematerialise each decoder layer in the backward pass (jax.checkpoint): activation memory
+        # drops from O(layers × activations) to O(layers × hidden states) for ~1.3x the compute.
+        self.remat = False
 
     @property
     def dtype(self):
@@ -125,7 +128,10 @@ class LlamaForCausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, cos, sin, None if caches is None else caches[i], cache_index)
+            if self.remat and caches is None:
+                x, c = _remat_layer(layer, x, cos, sin), None
+            else:
+                x, c = layer(x, cos, sin, None if caches is None else caches[i], cache_index)
             new_caches.append(c)
         return self.norm(x), (new_caches if caches is not None else None)
 
@@ -143,6 +149,16 @@ class LlamaForCausalLM(nnx.Module):
         return [KVCache(jnp.zeros((batch, max_len, l.self_attn.num_kv_heads, self.config.head_dim), self.dtype),
                         jnp.zeros((batch, max_len, l.self_attn.num_kv_heads, self.config.head_dim), self.dtype))
                 for l in self.layers]
+
+
+def _remat_layer(layer: DecoderLayer, x, cos, sin):
+    """``layer(x)`` under jax.checkpoint: only the layer's input is saved for the backward pass."""
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(state, x, cos, sin):
+        return nnx.merge(graphdef, state)(x, cos, sin)[0]
+    return run(state, x, cos, sin)
 
 
 def causal_lm_loss(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

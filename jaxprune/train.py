@@ -197,7 +197,7 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
         if not math.isfinite(loss):
             last = ckpts.latest_step()
             ckpts.close()
-            raise UserError(f"loss is {loss} at step {step}; stopped. Last good checkpoint: "
+            raise UserError(f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
                             f"{'step ' + str(last) if last is not None else 'none'} in {run_dir / 'checkpoints'}")
         if cb.after_step is not None:
             state = cb.after_step(step, state)
@@ -231,7 +231,14 @@ def validation_ppl(eval_step, state: TrainState, frozen, blocks, loop: LoopConfi
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
+        if rec["step"] <= step:
+            keep.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(l + "\n" for l in keep))
     os.replace(tmp, path)

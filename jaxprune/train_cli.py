@@ -64,10 +64,20 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise UserError(f"{path}: a recipe is a mapping of option: value")
+    options = {a.dest: a for a in parser._actions if a.option_strings}
     for key, value in recipe.items():
-        dest = key.replace("-", "_")
-        if not hasattr(args, dest) or dest in ("fn", "command"):
+        dest = str(key).replace("-", "_")
+        action = options.get(dest)
+        if action is None or dest in ("help", "config"):
             raise UserError(f"{path}: unknown key {key!r}")
+        # YAML reads `2e-4` as a string (YAML 1.1 floats need a dot): convert like the command line does
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
         if dest not in argv_flags:
             setattr(args, dest, value)
 
