@@ -32,6 +32,11 @@ def _cols(idx_units: np.ndarray, width: int) -> np.ndarray:
     return (idx_units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
 
 
+def _take(arrays: dict, key: tuple, idx: np.ndarray, axis: int) -> None:
+    if key in arrays:
+        arrays[key] = np.take(arrays[key], idx, axis=axis)
+
+
 def shrink(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """The masked model with its pruned heads and channels removed (LoRA merged)."""
     cfg = model.config
@@ -41,32 +46,21 @@ def shrink(model: LlamaForCausalLM) -> LlamaForCausalLM:
     for path, lin in linears(model):
         arrays[path + ("kernel",)] = np.asarray(lin.merged_kernel())
     heads, kvs, widths = [], [], []
-    for i, layer in enumerate(model.layers):
+    for i in range(cfg.num_layers):
         L = ("layers", i)
-        attn = L + ("self_attn",)
-        hm = np.asarray(arrays.pop(attn + ("head_mask",)))
+        hm = np.asarray(arrays.pop(L + ("self_attn", "head_mask")))
         q_heads, kv_heads = kept_indices(hm, cfg.kv_heads(i)) if len(hm) else (np.zeros(0, int),) * 2
         q_cols, kv_cols = _cols(q_heads, D), _cols(kv_heads, D)
-        for name, cols in (("q_proj", q_cols), ("k_proj", kv_cols), ("v_proj", kv_cols)):
+        ch = np.flatnonzero(np.asarray(arrays.pop(L + ("mlp", "channel_mask"))))
+        # (module, kept indices, axis of the unit in [in, out]: 1 = output columns, 0 = input rows)
+        for module, idx, axis in ((("self_attn", "q_proj"), q_cols, 1), (("self_attn", "k_proj"), kv_cols, 1),
+                                  (("self_attn", "v_proj"), kv_cols, 1), (("self_attn", "o_proj"), q_cols, 0),
+                                  (("mlp", "gate_proj"), ch, 1), (("mlp", "up_proj"), ch, 1),
+                                  (("mlp", "down_proj"), ch, 0)):
             for leaf in ("kernel", "weight_mask"):
-                if (k := attn + (name, leaf)) in arrays:
-                    arrays[k] = arrays[k][:, cols]
-            if (k := attn + (name, "bias")) in arrays:
-                arrays[k] = arrays[k][cols]
-        for leaf in ("kernel", "weight_mask"):
-            if (k := attn + ("o_proj", leaf)) in arrays:
-                arrays[k] = arrays[k][q_cols, :]
-        mlp = L + ("mlp",)
-        ch = np.flatnonzero(np.asarray(arrays.pop(mlp + ("channel_mask",))))
-        for name in ("gate_proj", "up_proj"):
-            for leaf in ("kernel", "weight_mask"):
-                if (k := mlp + (name, leaf)) in arrays:
-                    arrays[k] = arrays[k][:, ch]
-            if (k := mlp + (name, "bias")) in arrays:
-                arrays[k] = arrays[k][ch]
-        for leaf in ("kernel", "weight_mask"):
-            if (k := mlp + ("down_proj", leaf)) in arrays:
-                arrays[k] = arrays[k][ch, :]
+                _take(arrays, L + module + (leaf,), idx, axis)
+            if axis == 1:
+                _take(arrays, L + module + ("bias",), idx, 0)
         heads.append(len(q_heads))
         kvs.append(len(kv_heads))
         widths.append(len(ch))
