@@ -58,3 +58,115 @@ def run_cli(*args, check=False, timeout=600, env=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "jaxprune.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, check=check, env=e)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_with_tokenizer(tmp_path_factory, fixtures):
+    """A tiny random HF LLaMA dir with SmolLM2's tokenizer (vocab 49152), usable with the CLI.
+
+    Returns (dir, torch model).
+    """
+    import shutil
+
+    root = tmp_path_factory.mktemp("tiny-tok")
+    out, model = make_hf_llama(root, 0, vocab_size=49152, hidden_size=32, intermediate_size=48,
+                               num_attention_heads=4, num_key_value_heads=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fixtures.hf_dir / name, out / name)
+    return out, model
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory, fixtures):
+    """The first ~40k characters of the training text: enough for a few hundred 64-token blocks."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(fixtures.train_text.read_text()[:40_000])
+    return path
+
+
+# ---- added for the interop / parity tests -------------------------------------------------------
+def jax_logits(model, tokens):
+    """fp32 numpy logits of a jaxprune model, through one jitted forward (faster than eager on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+    return np.asarray(fwd(state, jnp.asarray(np.asarray(tokens), jnp.int32)), np.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_jax(fixtures):
+    """SmolLM2-135M as a jaxprune model read from the GGUF file (fp32; ~25 s, once per session)."""
+    from jaxprune.hf import load_gguf
+
+    model, _ = load_gguf(fixtures.gguf)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(fixtures):
+    """SmolLM2-135M as transformers' torch model (fp32) from the dequantised HF dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(fixtures.hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(fixtures):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(fixtures.hf_dir)
+
+
+def start_cli(*args, env=None):
+    """Start `python -m jaxprune.cli ...` in the background (Popen, text pipes); see ``finish_cli``."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "jaxprune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=e)
+
+
+def finish_cli(proc, timeout=600):
+    """Wait for a ``start_cli`` process -> CompletedProcess (text)."""
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# ---- added for the pruning tests -----------------------------------------------------------------
+def random_llama(cfg, seed: int = 0, *, std: float = 0.1, lora: dict | None = None, lora_b_std: float = 0.0):
+    """A jaxprune model of ``cfg`` filled from numpy random arrays (no per-op jit compiles: fast).
+
+    ``lora``: {linear path regex: (rank, alpha)} to attach LoRA factors too (A ~ N(0, std²),
+    B ~ N(0, lora_b_std²), so B = 0 by default like ``add_lora``). Norm weights are 1 + noise.
+    """
+    import re
+
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxprune.weights import abstract_model, linears, model_from_arrays, path_str
+
+    spec = {}
+    if lora:
+        for path, _ in linears(abstract_model(cfg)):
+            name = path_str(path)
+            for pattern, (r, alpha) in lora.items():
+                if name != "lm_head" and re.search(pattern, name):
+                    spec[name] = (r, alpha)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg, lora=spec))):
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        if dtype == jnp.bool_:
+            continue
+        scale = lora_b_std if path[-1] == "lora_b" else std
+        a = scale * rng.standard_normal(shape)
+        if path[-1] == "weight":  # RMSNorm
+            a = 1.0 + a
+        arrays[tuple(path)] = a.astype(np.float32)
+    return model_from_arrays(cfg, arrays, lora=spec)
