@@ -22,7 +22,7 @@ import yaml
 from .errors import UserError
 
 # Arguments that may differ on --resume without changing the trajectory.
-RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick"}
+RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv"}
 
 
 def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4) -> None:
@@ -175,7 +175,13 @@ def cmd_finetune(args) -> dict:
     from .weights import model_from_arrays
 
     run_dir, prev = prepare_run_dir(args, "finetune")
-    s = setup_lora_run(args)
+    model = None
+    if getattr(args, "keep_sparsity", False):  # element masks: kept from a checkpoint, else W != 0
+        from . import load
+        from .prune.posttraining import attach_sparsity_masks
+        model = load.load_model(args.model, args.dtype)
+        attach_sparsity_masks(model)
+    s = setup_lora_run(args, model)
     optimizer = make_optimizer(optim_config(args))
     state = TrainState(s.trainable, optimizer.init(s.trainable), (), s.masks)
     start = 0
@@ -221,11 +227,13 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("model")
     add_run_args(p, steps=200)
     p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights in RUN_DIR/model")
+    p.add_argument("--keep-sparsity", action="store_true",
+                   help="train through (W + s·A@B) ⊙ M: masks from the checkpoint, else M = (W != 0)")
     p.set_defaults(fn=_with_config(cmd_finetune, p))
 
 
 def _with_config(fn, parser):
     def run(args):
-        apply_config_file(args, parser, cli_dests(parser, sys.argv[1:]))
+        apply_config_file(args, parser, cli_dests(parser, getattr(args, "argv", sys.argv[1:])))
         return fn(args)
     return run

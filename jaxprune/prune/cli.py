@@ -20,7 +20,7 @@ from flax import nnx
 from ..errors import UserError
 from .groups import excluded_layers_default
 
-METHODS = ("loraprune", "llm-pruner", "magnitude", "random")
+METHODS = ("loraprune", "llm-pruner", "magnitude", "random", "wanda", "sparsegpt")
 
 
 def add_prune_parser(sub) -> None:
@@ -44,6 +44,8 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--calib-len", type=int, default=64, help="baselines: calibration sequence length")
     p.add_argument("--recover-steps", type=int, default=None,
                    help="baselines: LoRA recovery steps (default: --steps, the LoRAPrune budget)")
+    from .posttraining import add_posttraining_args
+    add_posttraining_args(p)  # wanda / sparsegpt / magnitude --sparsity: element masks, out = a checkpoint
     p.set_defaults(fn=_with_config(cmd_prune, p))
 
 
@@ -98,16 +100,19 @@ def cmd_prune(args) -> dict:
     from .loraprune import importance_hook, init_importance
     from .masks import structured_sparsity, update_structured_masks
     from .schedule import CubicSchedule
+    from .posttraining import cmd_prune_posttraining, is_posttraining
     from .shrink import describe_widths, shrink
 
+    if is_posttraining(args):
+        return cmd_prune_posttraining(args)
     if not 0.0 <= args.ratio < 1.0:
         raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
     if args.method != "loraprune" and args.recover_steps is not None:
         args.steps = args.recover_steps
-    run_dir, prev = prepare_run_dir(args, "prune")
     s = setup_lora_run(args)
     cfg, unit = s.model.config, args.attn_unit
     layers = prunable_layers(cfg.num_layers, args.exclude_layers)
+    run_dir, prev = prepare_run_dir(args, "prune")  # after the checks above: bad input leaves no run dir
     optimizer = make_optimizer(optim_config(args))
     lora_scale = args.lora_alpha / args.lora_rank
 
