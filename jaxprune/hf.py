@@ -143,10 +143,14 @@ def load_tokenizer(path: Path):
     if path.suffix != ".gguf" and not any((path / f).exists()
                                           for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None  # checked before importing transformers (seconds of imports for nothing)
-    from transformers import AutoTokenizer
-
     if path.suffix == ".gguf":
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if (path / "tokenizer.json").exists():
+        # The fast tokenizer alone: same ids as AutoTokenizer, without importing torch (seconds per CLI run).
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
 
 

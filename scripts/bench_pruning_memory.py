@@ -97,12 +97,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--remat", default="off,on", help="per-layer rematerialisation settings to measure")
+    ap.add_argument("--llama-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="base dtype of the LLaMA-7B shape (XLA:CPU upcasts bf16 dots to f32, which inflates "
+                         "temporaries on CPU; float32 avoids that distortion)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning_memory.json"))
     a = ap.parse_args()
     rows = []
     settings = [(name, remat == "on") for name in a.models.split(",") for remat in a.remat.split(",")]
     for name, remat in settings:
-        dtype = jnp.float32 if name.startswith("smollm2") else jnp.bfloat16
+        dtype = jnp.float32 if name.startswith("smollm2") else jnp.dtype(a.llama_dtype)
         r = measure(name, dtype, a.batch, a.seq, a.rank, remat)
         rows.append(r)
         gib = lambda b: b / 2**30  # noqa: E731

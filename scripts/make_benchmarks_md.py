@@ -84,8 +84,67 @@ def render_forward(data: dict) -> str:
     ])
 
 
+def _mib(b) -> str:
+    return f"{b / 2**20:,.0f}" if isinstance(b, (int, float)) else "?"
+
+
+def render_memory(data: dict) -> str:
+    rows = []
+    for key, label in (("full_ft", "full fine-tuning"), ("lora", f"LoRA r={data.get('lora_rank')}")):
+        r = data.get(key, {})
+        rows.append([label, f"{r.get('trainable_params', 0):,}", _mib(r.get("opt_state_bytes")), _mib(r.get("argument")),
+                     _mib(r.get("temp")), _mib(r.get("output")), _mib(r.get("total"))])
+    full, lora = data.get("full_ft", {}).get("total"), data.get("lora", {}).get("total")
+    ratio = f"{full / lora:.2f}x" if full and lora else "?"
+    return "\n".join([
+        f"One compiled train step (`memory_analysis()`), SmolLM2-135M {data.get('dtype')}, batch {data.get('batch')} "
+        f"x {data.get('seq_len')}, AdamW. MiB.", "",
+        table(["", "trainable params", "optimizer state", "arguments", "temporaries", "outputs", "total"], rows), "",
+        f"Full fine-tuning needs {ratio} the memory of LoRA; at this batch the activations (temporaries) dominate "
+        "both and are the same size, so LoRA saves the weight gradients and optimizer state only.",
+    ])
+
+
+def render_pruning_memory(data: dict) -> str:
+    rows = []
+    for r in data.get("results", []):
+        rows.append([r["model"], r["base_dtype"], "on" if r.get("remat") else "off", f"{r['batch']}x{r['seq_len']}",
+                     _mib(r["loraprune"]["total_bytes"]), _mib(r["llm_pruner_materialised"]["total_bytes"]),
+                     f"{r['ratio_vs_llm_pruner_materialised']:.2f}", _mib(r["llm_pruner_fused"]["total_bytes"]),
+                     f"{r['ratio_vs_llm_pruner_fused']:.2f}"])
+    return "\n".join([
+        "Compiled memory (arguments + temporaries + outputs − aliased, MiB) of the LoRAPrune step (forward, backward "
+        "w.r.t. LoRA, importance EMA, AdamW) vs the LLM-Pruner importance step (backward w.r.t. base weights), "
+        "AOT-compiled on ShapeDtypeStructs. `materialised` returns every base-weight gradient, as the official "
+        "PyTorch code holds every `.grad`; `fused` returns only unit scores.", "",
+        table(["shape", "base", "remat", "batch", "LoRAPrune", "LLM-Pruner materialised", "ratio",
+               "LLM-Pruner fused", "ratio"], rows),
+    ])
+
+
+def render_pruning(data: dict) -> str:
+    d = data.get("dense", {})
+    b = data.get("budget", {})
+    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "0%", "", "", "1.00x"]]
+    for r in data.get("results", []):
+        rows.append([r["method"], r["attn_unit"], r["ratio"], f"{r['ppl']:.2f}", f"{r['params_removed_fraction']:.1%}",
+                     f"{r['heads_pruned']:.0%}", f"{r['channels_pruned']:.0%}", f"{r['speedup_vs_dense']:.2f}x"])
+    return "\n".join([
+        f"SmolLM2-135M, {b.get('steps')} LoRA steps of {b.get('batch_size')} x {b.get('seq_len')} tokens for every "
+        f"method (LoRAPrune prunes during them; the baselines prune first, then recover), perplexity on "
+        f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}.", "",
+        table(["method", "attention unit", "ratio", "perplexity", "all params removed", "heads pruned",
+               "channels pruned", "forward speed vs dense"], rows),
+        "", f"Machine: {data.get('machine', {}).get('platform', '?')}, {data.get('machine', {}).get('cpus', '?')} CPUs.",
+    ])
+
+
 RENDERERS = {
     "forward.json": ("Forward throughput", render_forward),
+    "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
+    "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner", render_pruning_memory),
+    "pruning_memory_7b_fp32.json": ("Pruning-step memory, LLaMA-7B shape with an fp32 base", render_pruning_memory),
+    "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
 }
 
 
