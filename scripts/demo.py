@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "demo"))
     ap.add_argument("--eval-tokens", type=int, default=None)
     a = ap.parse_args()
-    steps = a.steps or (8 if a.quick else 120)
+    steps = a.steps or (8 if a.quick else 100)
     eval_tokens = a.eval_tokens or (2048 if a.quick else 16384)
 
     from jaxprune import load
