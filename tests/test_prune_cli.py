@@ -26,13 +26,16 @@ from conftest import finish_cli, jax_logits, start_cli
 HIDDEN, H, KV, D, M, VOCAB = 32, 4, 2, 8, 48, 49152
 COMMON = ("--seq-len", "32", "--batch-size", "2", "--no-progress", "--json")
 RUNS = {  # name: (method, ratio, extra args, expected (heads, kv heads, mlp) per layer)
-    "loraprune": ("loraprune", 0.5, ("--steps", "30", "--exclude-layers", "none"), [(2, 2, 24)] * 2),
+    "loraprune": ("loraprune", 0.5, ("--steps", "30", "--exclude-layers", "none", "--attn-unit", "q_head"),
+                  [(2, 2, 24)] * 2),
     "llm-pruner": ("llm-pruner", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none",
                                        "--attn-unit", "kv_group", "--calib-len", "32", "--calib-samples", "4"),
                    [(2, 1, 24)] * 2),                                 # int(0.5·2) = 1 of 2 KV groups
-    "magnitude": ("magnitude", 0.3, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none"),
+    "magnitude": ("magnitude", 0.3, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none",
+                                     "--attn-unit", "q_head"),
                   [(4, 2, 34)] * 2),                                  # int(0.3·2) = 0 heads, int(14.4) = 14 ch.
-    "random": ("random", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "1"),
+    "random": ("random", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "1",
+                               "--attn-unit", "q_head"),
                [(2, 2, 24), (4, 2, 48)]),                             # layer 1 excluded: non-uniform
 }
 
@@ -94,7 +97,7 @@ def _check_run(name, runs, tiny_hf_with_tokenizer):
     assert [(w["heads"], w["kv_heads"], w["mlp"]) for w in summary["widths"]] == widths
     layers = summary["prunable_layers"]
     # fractions over the prunable layers: int(ratio·n) / n per layer
-    unit_n = KV if "--attn-unit" in RUNS[name][2] else H // KV
+    unit_n = KV if "kv_group" in RUNS[name][2] else H // KV
     assert summary["heads_pruned"] == pytest.approx(int(ratio * unit_n) / unit_n)
     assert summary["channels_pruned"] == pytest.approx(int(ratio * M) / M)
     assert summary["trainable_params"] == 2 * 8 * sum(i + o for i, o in (

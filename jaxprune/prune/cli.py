@@ -31,7 +31,7 @@ def add_prune_parser(sub) -> None:
     add_run_args(p, steps=200)
     p.add_argument("--method", choices=METHODS, default="loraprune")
     p.add_argument("--ratio", type=float, default=0.5, help="per-layer fraction of units pruned")
-    p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="q_head",
+    p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
                    help="attention unit: a whole KV group, or query heads (same count per group)")
     p.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' "
@@ -87,7 +87,8 @@ def one_shot_scores(method: str, s, cfg, unit, args):
         return magnitude_importance(cfg, nnx.to_pure_dict(s.frozen), unit)
     if method == "random":
         return random_importance(cfg, unit, args.seed)
-    calib = s.blocks.calibration(args.calib_samples, args.calib_len, seed=args.seed)
+    length = min(args.calib_len, s.blocks.train.shape[1])  # --seq-len below 64 shortens the samples too
+    calib = s.blocks.calibration(args.calib_samples, length, seed=args.seed)
     return taylor_importance_step(s.graphdef, cfg, unit)(s.frozen, s.trainable, s.masks, jnp.asarray(calib))
 
 
