@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from .errors import UserError
+from .fileio import write_json_atomic, write_text_atomic
 from .model import causal_lm_loss
 from .partition import combine
 
@@ -239,9 +239,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if rec["step"] <= step:
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
 def plot_metrics(run_dir: Path) -> Path | None:
@@ -269,10 +267,7 @@ def plot_metrics(run_dir: Path) -> Path | None:
     return out
 
 
-def save_json_atomic(path: Path, obj: dict) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+save_json_atomic = write_json_atomic  # run.json, prune.json
 
 
 def config_dict(*objs) -> dict:

@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import yaml
 
@@ -172,7 +171,6 @@ def cmd_finetune(args) -> dict:
     from .partition import combine, tree_size
     from .train import (TrainCheckpoints, TrainState, make_eval_step, make_optimizer, make_train_step,
                         plot_metrics, train_loop)
-    from .weights import model_from_arrays
 
     run_dir, prev = prepare_run_dir(args, "finetune")
     model = None
@@ -206,7 +204,7 @@ def cmd_finetune(args) -> dict:
 
 def merge_lora(model):
     """A new model with s·A@B folded into W and weight masks applied (masks kept as Variables)."""
-    from .weights import linears, model_arrays, model_from_arrays, path_str, weight_mask_paths
+    from .weights import linears, model_arrays, model_from_arrays, weight_mask_paths
 
     arrays = {p: v for p, v in model_arrays(model).items() if "lora_a" not in p and "lora_b" not in p}
     for path, lin in linears(model):

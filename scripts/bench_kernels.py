@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jaxprune.fileio import write_json_atomic  # noqa: E402
+
 SHAPES = {"smollm2": [(576, 1536), (1536, 576), (576, 576)], "llama7b": [(4096, 11008), (4096, 4096)]}
 SPARSITIES = (0.5, 0.75, 0.9)
 CPU_NOTE = ("CPU backend: Pallas kernels run in interpret mode (a Python-level emulator), so only "
@@ -144,18 +145,6 @@ def check_point(k, n, sparsity, args) -> dict:
             "ok": all(e <= 1e-4 for e in errs.values())}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same directory + ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxprune.config import ModelConfig  # noqa: E402
+from jaxprune.fileio import write_json_atomic  # noqa: E402
 from jaxprune.fixtures import fixture_paths  # noqa: E402
 from jaxprune.layers import Mask  # noqa: E402
 from jaxprune.model import LlamaForCausalLM  # noqa: E402
@@ -148,10 +148,7 @@ def main(argv=None) -> int:
         t = record["lora_step_time"]
         print(f"LoRA step on {t['backend']} ({t['device']}): {t['step_s']} s/step, {t['tokens_per_s']} tokens/s "
               f"(first call {t['first_call_s']} s)")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, a.out)
+    write_json_atomic(a.out, record)
     print(f"wrote {a.out}")
     return 0
 

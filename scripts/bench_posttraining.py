@@ -17,7 +17,6 @@ Writes benchmarks/posttraining.json (after every run, atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,14 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jaxprune.fileio import write_json_atomic  # noqa: E402
+
 PATTERNS = ("unstructured", "2:4")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -81,7 +78,7 @@ def main() -> None:
                          "recover_batch_size": a.recover_batch_size, "eval_tokens": a.eval_tokens,
                          "eval_seq_len": 256},
               "dense": {"ppl": dense_ppl}, "results": []}
-    write_json(out, result)
+    write_json_atomic(out, result)
     for pattern in a.patterns.split(","):
         nm = parse_pattern(pattern)
         sparsity = 1 - nm[0] / nm[1] if nm else a.sparsity
@@ -108,7 +105,7 @@ def main() -> None:
                     row.update(ppl_recovered=ppl(recovered), recover_s=time.time() - t,
                                sparsity_after_recovery=sparsity_of(recovered))
             result["results"].append(row)
-            write_json(out, result)
+            write_json_atomic(out, result)
             rec = f"  recovered {row['ppl_recovered']:8.2f}" if "ppl_recovered" in row else ""
             print(f"{method:10s} {pattern:12s}: ppl {row['ppl']:8.2f}{rec}  sparsity {row['sparsity_measured']:.3f}  "
                   f"prune {row['prune_s']:.1f} s  peak {row['peak_compiled_bytes'] / 2**20:.1f} MiB", flush=True)

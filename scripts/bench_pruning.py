@@ -13,7 +13,6 @@ Writes benchmarks/pruning.json (after every run, atomically) and benchmarks/prun
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,14 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jaxprune.fileio import write_json_atomic  # noqa: E402
+
 RUNS = [("loraprune", "q_head"), ("loraprune", "kv_group"), ("llm-pruner", "q_head"), ("magnitude", "q_head"),
         ("random", "q_head")]
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def plot(rows, dense_ppl, path: Path) -> None:
@@ -106,7 +103,7 @@ def main() -> None:
                    "heads_pruned": summary["heads_pruned"], "channels_pruned": summary["channels_pruned"],
                    "tokens_per_s": tps, "speedup_vs_dense": tps / dense_tps, "wall_s": wall}
             result["results"].append(row)
-            write_json(out, result)
+            write_json_atomic(out, result)
             print(f"{method:10s} {unit:8s} ratio {ratio}: ppl {ppl:8.2f}  removed "
                   f"{row['params_removed_fraction']:.1%}  speed {row['speedup_vs_dense']:.2f}x  ({wall:.0f} s)",
                   flush=True)

@@ -17,7 +17,6 @@ Both steps are AOT-compiled on ``jax.ShapeDtypeStruct`` inputs and measured with
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxprune.config import ModelConfig  # noqa: E402
+from jaxprune.fileio import write_json_atomic  # noqa: E402
 from jaxprune.model import LlamaForCausalLM  # noqa: E402
 from jaxprune.partition import add_lora, partition  # noqa: E402
 from jaxprune.prune.cli import taylor_importance_step  # noqa: E402
@@ -117,10 +117,7 @@ def main() -> None:
     out = {"benchmark": "pruning_memory", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                       "jax": jax.__version__, "backend": jax.default_backend()},
            "results": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, a.out)
+    write_json_atomic(a.out, out)
     print(f"wrote {a.out}")
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jaxprune.fileio import write_text_atomic  # noqa: E402
 
 
 def _cell(v) -> str:
@@ -171,15 +172,6 @@ def build(bench_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:
@@ -188,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     a = p.parse_args(argv)
     out = Path(a.out)
-    write_atomic(out, build(Path(a.dir)))
+    write_text_atomic(out, build(Path(a.dir)))
     print(f"wrote {out}")
     return 0
 
