@@ -137,6 +137,8 @@ def render_pruning(data: dict) -> str:
         table(["method", "attention unit", "ratio", "perplexity", "all params removed", "heads pruned",
                "channels pruned", "forward speed vs dense"], rows),
         "", f"Machine: {data.get('machine', {}).get('platform', '?')}, {data.get('machine', {}).get('cpus', '?')} CPUs.",
+        *(["", "![perplexity vs parameters removed](benchmarks/pruning.png)"]
+          if (REPO / "benchmarks" / "pruning.png").exists() else []),
     ])
 
 
