@@ -137,8 +137,6 @@ def render_pruning(data: dict) -> str:
         table(["method", "attention unit", "ratio", "perplexity", "all params removed", "heads pruned",
                "channels pruned", "forward speed vs dense"], rows),
         "", f"Machine: {data.get('machine', {}).get('platform', '?')}, {data.get('machine', {}).get('cpus', '?')} CPUs.",
-        *(["", "![perplexity vs parameters removed](benchmarks/pruning.png)"]
-          if (REPO / "benchmarks" / "pruning.png").exists() else []),
     ])
 
 
@@ -148,6 +146,7 @@ RENDERERS = {
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner", render_pruning_memory),
     "pruning_memory_7b_fp32.json": ("Pruning-step memory, LLaMA-7B shape with an fp32 base", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
+    "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
 }
 
 
@@ -158,6 +157,9 @@ def render_file(path: Path) -> str:
         body = fn(data)
     except Exception as e:  # a broken file is reported, the other files still render
         body = f"_could not render {path.name}: {type(e).__name__}: {e}_"
+    plot = path.with_suffix(".png")
+    if plot.exists():  # a benchmark's plot sits next to its JSON under the same name
+        body += f"\n\n![{title}]({path.parent.name}/{plot.name})"
     return f"## {title}\n\nSource: `{path.parent.name}/{path.name}`\n\n{body}\n"
 
 
