@@ -204,11 +204,9 @@ def cmd_finetune(args) -> dict:
 
 def merge_lora(model):
     """A new model with s·A@B folded into W and weight masks applied (masks kept as Variables)."""
-    from .weights import linears, model_arrays, model_from_arrays, weight_mask_paths
+    from .weights import merged_arrays, model_from_arrays, weight_mask_paths
 
-    arrays = {p: v for p, v in model_arrays(model).items() if "lora_a" not in p and "lora_b" not in p}
-    for path, lin in linears(model):
-        arrays[path + ("kernel",)] = lin.merged_kernel()
+    arrays = merged_arrays(model)
     return model_from_arrays(model.config, arrays, dtype=model.dtype, weight_masks=weight_mask_paths(model))
 
 

@@ -77,6 +77,14 @@ def model_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def merged_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
+    """Every Variable but the LoRA factors, with each kernel replaced by ``(W + s·A@B) ⊙ M``."""
+    arrays = {p: v for p, v in model_arrays(model).items() if p[-1] not in ("lora_a", "lora_b")}
+    for path, lin in linears(model):
+        arrays[path + ("kernel",)] = lin.merged_kernel()
+    return arrays
+
+
 def lora_spec(model: nnx.Module) -> dict[str, tuple[int, float]]:
     """{linear path: (rank, alpha)} for the layers that carry LoRA."""
     return {path_str(p): (int(l.lora_a[...].shape[1]), l.lora_scale * int(l.lora_a[...].shape[1]))

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import LlamaForCausalLM
-from ..weights import linears, model_arrays, model_from_arrays, weight_mask_paths
+from ..weights import merged_arrays, model_from_arrays, weight_mask_paths
 
 
 def kept_indices(head_mask: np.ndarray, num_kv_heads: int):
@@ -41,10 +41,7 @@ def shrink(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """The masked model with its pruned heads and channels removed (LoRA merged)."""
     cfg = model.config
     D = cfg.head_dim
-    arrays = {p: np.asarray(v) for p, v in model_arrays(model).items()
-              if p[-1] not in ("lora_a", "lora_b")}
-    for path, lin in linears(model):
-        arrays[path + ("kernel",)] = np.asarray(lin.merged_kernel())
+    arrays = {p: np.asarray(v) for p, v in merged_arrays(model).items()}
     heads, kvs, widths = [], [], []
     for i in range(cfg.num_layers):
         L = ("layers", i)

@@ -19,15 +19,7 @@ from jaxprune.kernels import block_sparse as bs
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def compile_fast(fn, *args):
-    """``jax.jit(fn)(*args)`` compiled at XLA backend optimisation level 0: the interpret-mode kernels
-    compile ~2x faster and the tests only check numbers (all math is float32-accumulated either way)."""
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.abs(got - want).max(initial=0.0) / max(np.abs(want).max(initial=0.0), 1e-30))
+from conftest import compile_fast, rel_err  # noqa: E402
 
 
 def random_block_mask(rng, grid, sparsity: float) -> np.ndarray:
