@@ -51,14 +51,24 @@ def unnest(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
     return out
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Model checkpoints hold host-local arrays: the calling process reads / writes them alone
+    (under jax.distributed, orbax would otherwise wait for every process)."""
+    import jax
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+
+
 def save_pytree(directory: Path, tree) -> None:
-    """Save a pytree of arrays with orbax (blocking)."""
-    with ocp.StandardCheckpointer() as ckptr:
+    """Save a pytree of host-local arrays with orbax (blocking)."""
+    import jax
+    tree = jax.tree.map(np.asarray, tree)  # orbax refuses single-device jax arrays under jax.distributed
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
         ckptr.save(Path(directory).absolute(), tree)
 
 
 def restore_pytree(directory: Path, abstract=None):
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
         return ckptr.restore(Path(directory).absolute(), abstract)
 
 

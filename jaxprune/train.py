@@ -72,8 +72,12 @@ def make_loss_fn(graphdef, compute_dtype=None):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_hook: GradHook | None = None,
-                    compute_dtype=None, donate: bool = True):
-    """The jitted pure train step (see module docstring)."""
+                    compute_dtype=None, donate: bool = True, state_shardings=None):
+    """The jitted pure train step (see module docstring).
+
+    ``state_shardings``: (trainable, opt_state, hook_state) shardings the step returns its state with
+    (``state_shardings_of``); inputs carry their own shardings, so one compile serves every step.
+    """
     loss_fn = make_loss_fn(graphdef, compute_dtype)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -93,7 +97,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, hook_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+    out_shardings = None
+    if state_shardings is not None:
+        replicated = jax.tree.leaves(state_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+        out_shardings = (*state_shardings, jax.sharding.NamedSharding(replicated.mesh, jax.sharding.PartitionSpec()))
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else (), out_shardings=out_shardings)
 
 
 def make_eval_step(graphdef, compute_dtype=None):
@@ -114,6 +122,19 @@ class TrainState(NamedTuple):
     opt_state: Any
     hook_state: Any
     masks: Any
+
+
+def place_train_state(placement, optimizer, trainable, masks, hook_state=()) -> TrainState:
+    """A fresh TrainState on ``placement``'s mesh; the optimizer state is created sharded (never whole)."""
+    trainable, masks, hook_state = placement.put(trainable), placement.put(masks), placement.put(hook_state)
+    opt_shardings = placement.tree_shardings(jax.eval_shape(optimizer.init, trainable))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
+    return TrainState(trainable, opt_state, hook_state, masks)
+
+
+def state_shardings_of(state: TrainState):
+    """(trainable, opt_state, hook_state) shardings of a placed state, for ``make_train_step``."""
+    return jax.tree.map(lambda x: x.sharding, (state.trainable, state.opt_state, state.hook_state))
 
 
 def _leaves_dict(tree) -> dict[str, Any]:
@@ -138,7 +159,8 @@ class TrainCheckpoints:
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
         leaves, treedef = jax.tree.flatten(like)
-        abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in _leaves_dict(like).items()}
+        abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+                    for k, x in _leaves_dict(like).items()}  # restored onto ``like``'s mesh, whatever saved it
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         restored = [out.state[k] for k in sorted(out.state)]
@@ -173,27 +195,35 @@ class LoopCallbacks:
 
 
 def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir: Path, loop: LoopConfig, *,
-               start_step: int = 0, callbacks: LoopCallbacks | None = None) -> TrainState:
-    """Run steps [start_step, loop.steps): metrics JSONL, periodic validation, checkpoints, NaN guard."""
+               start_step: int = 0, callbacks: LoopCallbacks | None = None, placement=None) -> TrainState:
+    """Run steps [start_step, loop.steps): metrics JSONL, periodic validation, checkpoints, NaN guard.
+
+    ``placement`` (sharding.Placement): batches are laid out over its data×fsdp axes, each process
+    feeding only its own rows; logs and plots come from process 0, checkpoints from all processes.
+    """
+    from .sharding import is_main_process, scalar
+
     run_dir = Path(run_dir)
     cb = callbacks or LoopCallbacks()
+    main = is_main_process()
     ckpts = TrainCheckpoints(run_dir / "checkpoints", keep=loop.keep)
     metrics_file = run_dir / "metrics.jsonl"
-    if start_step == 0 and metrics_file.exists():
+    if main and start_step == 0 and metrics_file.exists():
         metrics_file.unlink()
-    else:  # resume: drop log lines past the checkpoint so the log matches the state
+    elif main:  # resume: drop log lines past the checkpoint so the log matches the state
         _truncate_metrics(metrics_file, start_step)
     tokens_per_step = loop.batch_size * loop.grad_accum * blocks.train.shape[1]
-    bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps, disable=not loop.progress,
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps,
+               disable=not (loop.progress and main), desc="train", unit="step", dynamic_ncols=True)
     t_last = time.perf_counter()
     for step in bar:
         batch = blocks.batch(step, loop.batch_size * loop.grad_accum).reshape(
             loop.grad_accum, loop.batch_size, -1)
+        batch = placement.put_batch(batch, 1) if placement is not None else jnp.asarray(batch)
         trainable, opt_state, hook_state, m = train_step(state.trainable, state.opt_state, state.hook_state, frozen,
-                                                         state.masks, jnp.asarray(batch), jnp.int32(step))
+                                                         state.masks, batch, jnp.int32(step))
         state = state._replace(trainable=trainable, opt_state=opt_state, hook_state=hook_state)
-        loss = float(m["loss"])
+        loss = scalar(m["loss"])
         if not math.isfinite(loss):
             last = ckpts.latest_step()
             ckpts.close()
@@ -202,16 +232,17 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
         if cb.after_step is not None:
             state = cb.after_step(step, state)
         now = time.perf_counter()
-        rec = {"step": step + 1, "loss": loss, "grad_norm": float(m["grad_norm"]),
+        rec = {"step": step + 1, "loss": loss, "grad_norm": scalar(m["grad_norm"]),
                "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
         t_last = now
         if cb.describe is not None:
             rec.update(cb.describe(state))
         done = step + 1
         if loop.val_every and (done % loop.val_every == 0 or done == loop.steps):
-            rec["val_ppl"] = validation_ppl(eval_step, state, frozen, blocks, loop)
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            rec["val_ppl"] = validation_ppl(eval_step, state, frozen, blocks, loop, placement)
+        if main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
                          if k in ("loss", "tokens_per_s", "val_ppl", "sparsity")})
         if done % loop.save_every == 0 or done == loop.steps:
@@ -220,11 +251,15 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
     return state
 
 
-def validation_ppl(eval_step, state: TrainState, frozen, blocks, loop: LoopConfig) -> float:
+def validation_ppl(eval_step, state: TrainState, frozen, blocks, loop: LoopConfig, placement=None) -> float:
+    from .sharding import scalar
+
     val = blocks.val[: loop.val_blocks]
     total = 0.0
     for i in range(0, len(val), loop.batch_size):
-        total += float(eval_step(state.trainable, frozen, state.masks, jnp.asarray(val[i:i + loop.batch_size])))
+        chunk = val[i:i + loop.batch_size]
+        tokens = placement.put_batch(chunk, 0, strict=False) if placement is not None else jnp.asarray(chunk)
+        total += scalar(eval_step(state.trainable, frozen, state.masks, tokens))
     return float(np.exp(total / (len(val) * (val.shape[1] - 1))))
 
 

@@ -15,13 +15,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import yaml
 
 from .errors import UserError
 
-# Arguments that may differ on --resume without changing the trajectory.
-RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv"}
+from .sharding import MESH_RESUME_FREE
+
+# Arguments that may differ on --resume without changing the trajectory (a checkpoint restores
+# onto whatever mesh the resumed run has).
+RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv",
+               *MESH_RESUME_FREE}
 
 
 def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4) -> None:
@@ -51,6 +56,8 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4) ->
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="base weight dtype")
+    from .sharding import add_mesh_args
+    add_mesh_args(p)
 
 
 def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser, argv_flags: set[str]) -> None:
@@ -91,7 +98,25 @@ def cli_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def prepare_run_dir(args, kind: str) -> tuple[Path, dict | None]:
-    """Create / validate RUN_DIR. Returns (run_dir, previous run.json on --resume)."""
+    """Create / validate RUN_DIR. Returns (run_dir, previous run.json on --resume).
+
+    Every process runs the checks (reads only, so all fail alike); process 0 alone writes."""
+    from .sharding import barrier, is_main_process
+    from .train import save_json_atomic
+
+    barrier("run_dir:enter")
+    run_dir, prev, record = _check_run_dir(args, kind)
+    barrier("run_dir:checked")
+    if prev is None and is_main_process():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir()
+        save_json_atomic(run_dir / "run.json", record)
+    barrier("run_dir:ready")
+    return run_dir, prev
+
+
+def _check_run_dir(args, kind: str) -> tuple[Path, dict | None, dict]:
     import json
 
     if not args.out:
@@ -108,17 +133,12 @@ def prepare_run_dir(args, kind: str) -> tuple[Path, dict | None]:
         if diff:
             k, (old, new) = next(iter(diff.items()))
             raise UserError(f"--resume with a different {k!r} ({old!r} -> {new!r}); runs must match to resume")
-        return run_dir, prev
-    if run_dir.exists():
-        if not args.overwrite:
-            raise UserError(f"{run_dir}: run dir already exists (pass --resume to continue or --overwrite)")
-        shutil.rmtree(run_dir)
+        return run_dir, prev, record
+    if run_dir.exists() and not args.overwrite:
+        raise UserError(f"{run_dir}: run dir already exists (pass --resume to continue or --overwrite)")
     if not run_dir.parent.exists():
         raise UserError(f"{run_dir.parent}: parent directory does not exist")
-    run_dir.mkdir()
-    from .train import save_json_atomic
-    save_json_atomic(run_dir / "run.json", record)
-    return run_dir, None
+    return run_dir, None, record
 
 
 @dataclass
@@ -149,6 +169,38 @@ def setup_lora_run(args, model=None) -> RunSetup:
     return RunSetup(model, tok, graphdef, frozen, trainable, masks, blocks, paths)
 
 
+def placed_state(args, s: RunSetup, placement, optimizer, run_dir: Path, prev, *, frozen=None, masks=None,
+                 hook_state=()):
+    """-> (frozen, TrainState, start step): everything on ``placement``'s mesh, restored from the latest
+    checkpoint on --resume (onto this run's mesh, whichever mesh saved it)."""
+    from .train import TrainCheckpoints, place_train_state
+
+    placement.head_dim = s.model.config.head_dim
+    frozen = placement.put(s.frozen) if frozen is None else frozen
+    state = place_train_state(placement, optimizer, s.trainable, s.masks if masks is None else masks, hook_state)
+    start = 0
+    if prev is not None:
+        ckpts = TrainCheckpoints(run_dir / "checkpoints")
+        if (latest := ckpts.latest_step()) is not None:
+            state, _ = ckpts.restore(latest, state)
+            start = latest
+        ckpts.close()
+    if (line := placement.report()) is not None and not getattr(args, "json", False):
+        from .sharding import log
+        log(line)
+    return frozen, state, start
+
+
+def final_model(graphdef, frozen, state):
+    """The trained model with every array gathered to this host (all processes take part)."""
+    from .partition import combine
+    from .sharding import to_host
+
+    frozen, trainable, masks = to_host((frozen, state.trainable, state.masks))
+    as_jax = lambda t: jax.tree.map(jnp.asarray, t)  # noqa: E731
+    return combine(graphdef, as_jax(frozen), as_jax(trainable), as_jax(masks))
+
+
 def optim_config(args):
     from .train import OptimConfig
     return OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, total_steps=args.steps,
@@ -168,10 +220,12 @@ def compute_dtype(args):
 
 def cmd_finetune(args) -> dict:
     from . import checkpoint
-    from .partition import combine, tree_size
-    from .train import (TrainCheckpoints, TrainState, make_eval_step, make_optimizer, make_train_step,
-                        plot_metrics, train_loop)
+    from .partition import tree_size
+    from .sharding import init_distributed, is_main_process, placement_from_args
+    from .train import make_eval_step, make_optimizer, make_train_step, plot_metrics, state_shardings_of, train_loop
 
+    init_distributed(args)
+    placement = placement_from_args(args, None)  # a bad --mesh fails before anything is written
     run_dir, prev = prepare_run_dir(args, "finetune")
     model = None
     if getattr(args, "keep_sparsity", False):  # element masks: kept from a checkpoint, else W != 0
@@ -181,23 +235,18 @@ def cmd_finetune(args) -> dict:
         attach_sparsity_masks(model)
     s = setup_lora_run(args, model)
     optimizer = make_optimizer(optim_config(args))
-    state = TrainState(s.trainable, optimizer.init(s.trainable), (), s.masks)
-    start = 0
-    if prev is not None:
-        ckpts = TrainCheckpoints(run_dir / "checkpoints")
-        latest = ckpts.latest_step()
-        if latest is not None:
-            state, _ = ckpts.restore(latest, state)
-            start = latest
-        ckpts.close()
-    step_fn = make_train_step(s.graphdef, optimizer, compute_dtype=compute_dtype(args))
+    frozen, state, start = placed_state(args, s, placement, optimizer, run_dir, prev)
+    step_fn = make_train_step(s.graphdef, optimizer, compute_dtype=compute_dtype(args),
+                              state_shardings=state_shardings_of(state))
     eval_fn = make_eval_step(s.graphdef, compute_dtype(args))
-    state = train_loop(state, s.frozen, step_fn, eval_fn, s.blocks, run_dir, loop_config(args), start_step=start)
-    plot_metrics(run_dir)
-    model = combine(s.graphdef, s.frozen, state.trainable, state.masks)
+    state = train_loop(state, frozen, step_fn, eval_fn, s.blocks, run_dir, loop_config(args), start_step=start,
+                       placement=placement)
+    model = final_model(s.graphdef, frozen, state)
     if args.merge:
         model = merge_lora(model)
-    checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
+    if is_main_process():
+        plot_metrics(run_dir)
+        checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
     metrics = _last_metrics(run_dir)
     return {"run_dir": str(run_dir), "trainable_params": tree_size(state.trainable), **metrics}
 

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# 8 CPU devices in every test process (and the CLI subprocesses it starts), for the sharding tests.
+# Commands without --mesh run on a one-device mesh (the same placement code path), as on a 1-CPU box.
+_flags = os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = _flags + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAXPRUNE_MESH", "data=1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 

@@ -77,9 +77,25 @@ def _case_pickle_weights_only(root, hf_dir, tok_dir):
     return ["convert", src, out_parent / "ckpt"], out_parent, "pytorch_model.bin"
 
 
+def _case_mesh_too_big(root, hf_dir, tok_dir):
+    out_parent = root / "runs"
+    (out_parent).mkdir()
+    (out_parent / "t.txt").write_text("To be, or not to be. " * 400)
+    return (["finetune", tok_dir, "--text", out_parent / "t.txt", "--out", out_parent / "run", "--mesh",
+             "data=4,tensor=4"], out_parent, "has 16 devices, but 8 are available")
+
+
+def _case_batch_not_divisible_by_mesh(root, hf_dir, tok_dir):
+    out_parent = root / "runs"
+    (out_parent).mkdir()
+    (out_parent / "t.txt").write_text("To be, or not to be. " * 400)
+    return (["prune", tok_dir, "--text", out_parent / "t.txt", "--out", out_parent / "run", "--mesh",
+             "fsdp=8", "--batch-size", "4"], out_parent, "batch size 4 does not divide")
+
+
 CASES = {f.__name__.removeprefix("_case_"): f for f in (
     _case_missing_path, _case_gpt2_config, _case_truncated_safetensors, _case_output_exists,
-    _case_text_too_short, _case_pickle_weights_only)}
+    _case_text_too_short, _case_pickle_weights_only, _case_mesh_too_big, _case_batch_not_divisible_by_mesh)}
 
 
 @pytest.fixture(scope="module")

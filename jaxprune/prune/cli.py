@@ -32,7 +32,8 @@ def add_prune_parser(sub) -> None:
                    help="attention unit: a whole KV group, or query heads (same count per group)")
     p.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' "
-                        "(layers < int(0.1·L) and the last one)")
+                        "(structured methods: layers < int(0.1·L) and the last one; element-wise "
+                        "--sparsity/--pattern, wanda, sparsegpt: none, as in their papers)")
     p.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
     p.add_argument("--warmup-frac", type=float, default=0.1, help="LoRAPrune: fraction of steps before pruning")
     p.add_argument("--cooldown-frac", type=float, default=0.1, help="LoRAPrune: final fine-tuning fraction")
@@ -77,24 +78,28 @@ def taylor_importance_step(graphdef, cfg, unit):
     return step
 
 
-def one_shot_scores(method: str, s, cfg, unit, args):
+def one_shot_scores(method: str, s, cfg, unit, args, placement, frozen):
+    """Unit scores of a one-shot baseline; ``frozen`` is the base already on ``placement``'s mesh."""
     from .importance import magnitude_importance, random_importance
 
     if method == "magnitude":
-        return magnitude_importance(cfg, nnx.to_pure_dict(s.frozen), unit)
+        return magnitude_importance(cfg, nnx.to_pure_dict(frozen), unit)
     if method == "random":
         return random_importance(cfg, unit, args.seed)
     length = min(args.calib_len, s.blocks.train.shape[1])  # --seq-len below 64 shortens the samples too
-    calib = s.blocks.calibration(args.calib_samples, length, seed=args.seed)
-    return taylor_importance_step(s.graphdef, cfg, unit)(s.frozen, s.trainable, s.masks, jnp.asarray(calib))
+    calib = placement.put_batch(s.blocks.calibration(args.calib_samples, length, seed=args.seed), 0, strict=False)
+    return taylor_importance_step(s.graphdef, cfg, unit)(frozen, placement.put(s.trainable),
+                                                         placement.put(s.masks), calib)
 
 
 def cmd_prune(args) -> dict:
     from .. import checkpoint
-    from ..partition import combine, tree_size
-    from ..train import (LoopCallbacks, TrainCheckpoints, TrainState, make_eval_step, make_optimizer,
-                         make_train_step, plot_metrics, save_json_atomic, train_loop)
-    from ..train_cli import compute_dtype, loop_config, optim_config, prepare_run_dir, setup_lora_run
+    from ..partition import tree_size
+    from ..sharding import init_distributed, is_main_process, placement_from_args, to_host
+    from ..train import (LoopCallbacks, make_eval_step, make_optimizer, make_train_step, plot_metrics,
+                         save_json_atomic, state_shardings_of, train_loop)
+    from ..train_cli import (compute_dtype, final_model, loop_config, optim_config, placed_state, prepare_run_dir,
+                             setup_lora_run)
     from .loraprune import importance_hook, init_importance
     from .masks import structured_sparsity, update_structured_masks
     from .schedule import CubicSchedule
@@ -107,12 +112,16 @@ def cmd_prune(args) -> dict:
         raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
     if args.method != "loraprune" and args.recover_steps is not None:
         args.steps = args.recover_steps
+    init_distributed(args)
+    placement = placement_from_args(args, None)
     s = setup_lora_run(args)
     cfg, unit = s.model.config, args.attn_unit
+    placement.head_dim = cfg.head_dim
     layers = prunable_layers(cfg.num_layers, args.exclude_layers)
     run_dir, prev = prepare_run_dir(args, "prune")  # after the checks above: bad input leaves no run dir
     optimizer = make_optimizer(optim_config(args))
     lora_scale = args.lora_alpha / args.lora_rank
+    frozen = placement.put(s.frozen)
 
     if args.method == "loraprune":
         hook = importance_hook(cfg, unit, lora_scale, args.beta)
@@ -120,50 +129,45 @@ def cmd_prune(args) -> dict:
         schedule = CubicSchedule(args.steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
                                  every=args.prune_every)
 
-        def after_step(step, st):
+        def after_step(step, st):  # on the host, between jitted steps; masks go back onto the mesh
             t = step + 1
             if schedule.is_prune_step(t):
-                scores = (st.hook_state.attn, st.hook_state.mlp)
-                st = st._replace(masks=update_structured_masks(st.masks, scores, schedule.ratio(t), cfg, unit,
-                                                               layers))
+                scores, masks = to_host(((st.hook_state.attn, st.hook_state.mlp), st.masks))
+                masks = update_structured_masks(masks, scores, schedule.ratio(t), cfg, unit, layers)
+                st = st._replace(masks=placement.put(masks))
             return st
         masks = s.masks
     else:
         hook, hook_state, after_step = None, (), None
-        scores = one_shot_scores(args.method, s, cfg, unit, args)
-        masks = update_structured_masks(s.masks, scores, args.ratio, cfg, unit, layers)
+        scores = to_host(one_shot_scores(args.method, s, cfg, unit, args, placement, frozen))
+        masks = update_structured_masks(to_host(s.masks), scores, args.ratio, cfg, unit, layers)
 
-    state = TrainState(s.trainable, optimizer.init(s.trainable), hook_state, masks)
-    start = 0
-    if prev is not None:
-        ckpts = TrainCheckpoints(run_dir / "checkpoints")
-        if (latest := ckpts.latest_step()) is not None:
-            state, _ = ckpts.restore(latest, state)
-            start = latest
-        ckpts.close()
+    frozen, state, start = placed_state(args, s, placement, optimizer, run_dir, prev, frozen=frozen, masks=masks,
+                                        hook_state=hook_state)
 
-    step_fn = make_train_step(s.graphdef, optimizer, grad_hook=hook, compute_dtype=compute_dtype(args))
+    step_fn = make_train_step(s.graphdef, optimizer, grad_hook=hook, compute_dtype=compute_dtype(args),
+                              state_shardings=state_shardings_of(state))
     eval_fn = make_eval_step(s.graphdef, compute_dtype(args))
     callbacks = LoopCallbacks(after_step=after_step,
-                              describe=lambda st: {"sparsity": structured_sparsity(st.masks, cfg, layers)
+                              describe=lambda st: {"sparsity": structured_sparsity(to_host(st.masks), cfg, layers)
                                                    ["channels_pruned"]})
-    state = train_loop(state, s.frozen, step_fn, eval_fn, s.blocks, run_dir, loop_config(args), start_step=start,
-                       callbacks=callbacks)
-    plot_metrics(run_dir)
-
-    masked = combine(s.graphdef, s.frozen, state.trainable, state.masks)
-    small = shrink(masked)
-    checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
-                          extra_meta={"pruned_from": str(args.model), "method": args.method})
+    state = train_loop(state, frozen, step_fn, eval_fn, s.blocks, run_dir, loop_config(args), start_step=start,
+                       callbacks=callbacks, placement=placement)
+    small = shrink(final_model(s.graphdef, frozen, state))
+    if is_main_process():
+        plot_metrics(run_dir)
+        checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
+                              extra_meta={"pruned_from": str(args.model), "method": args.method})
     before, after = cfg.num_params(), small.config.num_params()
     summary = {
         "method": args.method, "ratio": args.ratio, "attn_unit": unit, "prunable_layers": layers,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
-        **structured_sparsity(state.masks, cfg, layers), "trainable_params": tree_size(state.trainable),
+        **structured_sparsity(to_host(state.masks), cfg, layers), "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
     }
-    save_json_atomic(run_dir / "prune.json", summary)
-    if not args.json:
+    if is_main_process():
+        save_json_atomic(run_dir / "prune.json", summary)
+    if not args.json and is_main_process():
         print(f"pruned {args.method} ratio {args.ratio}: {before:,} -> {after:,} parameters "
               f"({100 * summary['params_removed_fraction']:.1f}% of all removed); model in {run_dir / 'model'}",
               file=sys.stderr)

@@ -1,0 +1,400 @@
+"""Device meshes, logical axis rules, and multi-host setup.
+
+Every array of a run (base weights, LoRA factors, masks, optimizer state, pruner state, batches) is
+placed by one function, ``tree_shardings``, from its *path* (``layers.3.self_attn.q_proj.lora_b``):
+
+    path --(LOGICAL_AXES regexes)--> logical axes ("lora_rank", "heads")
+         --(ShardingRules.axis_rules)--> mesh axes  PartitionSpec(None, "tensor")
+
+Optimizer state mirrors the parameter paths (``...mu.layers.3...q_proj.lora_b``), so it follows the
+same rules with no extra code. A leaf whose path matches one of ``ShardingRules.overrides`` (regex
+searched in the path, first match wins) takes that PartitionSpec instead (big_vision-style).
+
+The mesh always has the three axes ``data`` (pure data parallel), ``fsdp`` (data parallel whose
+weights are sharded along ``embed``) and ``tensor`` (heads, MLP channels, vocabulary); axes not
+named on the command line have size 1, so the same rules serve every mesh shape.
+
+Uneven dimensions (3 KV heads on tensor=2; MLP widths that differ per layer after pruning) never
+shard silently across a head or leave a remainder: such a dimension falls back to *replicated*
+along that mesh axis, and the fallback is reported (``Placement.fallbacks``; the CLI prints one
+line). Batches must divide by data×fsdp; a training batch that does not is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from .errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> candidate mesh axes, in order: a dimension shards over the longest prefix of its
+# candidates that are still free in this array (a mesh axis is used once per array), of size > 1,
+# and divide it. Dimensions claim axes in the order of this table, so ``embed`` takes ``fsdp`` first
+# and ``heads`` / ``mlp`` / ``vocab`` take ``tensor``, plus ``fsdp`` where no ``embed`` dimension took
+# it (e.g. LoRA's B [rank, heads·head_dim]): under pure FSDP every sizeable array is split.
+DEFAULT_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor", "fsdp"),
+    "heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
+    "lora_rank": (),
+    "norm": (),
+    "unit_mask": (),
+}
+
+# (in, out) logical axes of each linear, by its name in the path.
+LINEAR_AXES = {
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
+}
+_LINEAR = re.compile(r"(?:^|\.)(" + "|".join(LINEAR_AXES) + r")\.(kernel|weight_mask|lora_a|lora_b|bias)$")
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of the leaf at ``path`` (``.value`` suffix stripped); unknown -> all None."""
+    m = _LINEAR.search(path)
+    if m:
+        inp, out = LINEAR_AXES[m.group(1)]
+        axes = {"kernel": (inp, out), "weight_mask": (inp, out), "lora_a": (inp, "lora_rank"),
+                "lora_b": ("lora_rank", out), "bias": (out,)}[m.group(2)]
+    elif re.search(r"(?:^|\.)embed_tokens(\.embedding)?$", path):
+        axes = ("vocab", "embed")
+    elif re.search(r"(?:^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", path):
+        axes = ("norm",)
+    elif re.search(r"(?:^|\.)(head_mask|channel_mask)$", path):
+        axes = ("unit_mask",)
+    else:
+        axes = ()
+    return axes if len(axes) == ndim else (None,) * ndim
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Logical -> mesh axis rules plus per-path overrides ``[(regex, PartitionSpec)]``."""
+    axis_rules: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_AXIS_RULES))
+    overrides: tuple[tuple[str, P], ...] = ()
+
+    @classmethod
+    def from_strings(cls, axis_rules: list[str] | None = None, overrides: list[str] | None = None):
+        """``axis_rules``: ``LOGICAL=MESH[+MESH]|none``; ``overrides``: ``REGEX=AXES`` where AXES is
+        ``replicate`` or one comma-separated entry per dimension (``fsdp,none``, ``data+fsdp,tensor``)."""
+        rules = dict(DEFAULT_AXIS_RULES)
+        for item in axis_rules or []:
+            name, _, value = item.partition("=")
+            if not _ or name not in rules:
+                raise UserError(f"--axis-rule {item!r}: expected LOGICAL=MESH with LOGICAL one of "
+                                f"{', '.join(rules)}")
+            rules[name] = _mesh_axes(value, f"--axis-rule {item!r}")
+        parsed = []
+        for item in overrides or []:
+            pattern, _, value = item.rpartition("=")
+            if not _ or not pattern:
+                raise UserError(f"--shard-rule {item!r}: expected REGEX=AXES (e.g. 'lm_head=replicate')")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"--shard-rule {item!r}: bad regex ({e})") from None
+            if value.strip() == "replicate":
+                parsed.append((pattern, P()))
+            else:
+                dims = [_mesh_axes(v, f"--shard-rule {item!r}") for v in value.split(",")]
+                parsed.append((pattern, P(*[d if len(d) > 1 else (d[0] if d else None) for d in dims])))
+        return cls(rules, tuple(parsed))
+
+
+def _mesh_axes(value: str, what: str) -> tuple[str, ...]:
+    value = value.strip()
+    if value in ("none", "-", ""):
+        return ()
+    axes = tuple(a.strip() for a in value.split("+"))
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+        raise UserError(f"{what}: unknown mesh axis {bad[0]!r} (axes: {', '.join(MESH_AXES)})")
+    return axes
+
+
+# ---- meshes -------------------------------------------------------------------------------------
+def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` -> {data: 2, fsdp: 2, tensor: 2}; one size may be -1 (the rest).
+
+    Missing axes get size 1. The product must equal the number of devices, or (one process only)
+    be smaller: the mesh then takes the first devices.
+    """
+    n = jax.device_count() if num_devices is None else num_devices
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise UserError(f"--mesh {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+        if name in seen:
+            raise UserError(f"--mesh {spec!r}: axis {name!r} given twice")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UserError(f"--mesh {spec!r}: size of {name!r} is not an integer") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise UserError(f"--mesh {spec!r}: size of {name!r} must be positive (or -1 for the rest)")
+    wild = [k for k, v in sizes.items() if v == -1]
+    if len(wild) > 1:
+        raise UserError(f"--mesh {spec!r}: at most one axis may be -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if wild:
+        if n % known:
+            raise UserError(f"--mesh {spec!r}: {n} devices do not divide by {known}")
+        sizes[wild[0]] = n // known
+    total = math.prod(sizes.values())
+    if total > n or (total < n and jax.process_count() > 1):
+        raise UserError(f"--mesh {spec!r} has {math.prod(sizes.values())} devices, but {n} are available "
+                        f"({jax.process_count()} process(es) × {jax.local_device_count()} local)")
+    return sizes
+
+
+def make_mesh(spec: str | dict[str, int] | None = None) -> jax.sharding.Mesh:
+    """A mesh with axes (data, fsdp, tensor) over the first prod(sizes) devices; ``None`` -> all on ``data``."""
+    sizes = parse_mesh(spec or f"data={jax.device_count()}") if not isinstance(spec, dict) else spec
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=jax.devices()[: math.prod(shape)])
+
+
+def default_mesh_spec(batch_size: int) -> str:
+    """No --mesh: every device on ``data``, or (one process) the first gcd(devices, batch) devices when
+    the batch does not divide; that choice is said on stderr."""
+    n = jax.device_count()
+    if batch_size % n == 0 or jax.process_count() > 1:
+        return f"data={n}"
+    d = math.gcd(n, batch_size)
+    log(f"sharding: batch {batch_size} does not divide by {n} devices; using data={d} (the first {d}); "
+        "pass --mesh to choose")
+    return f"data={d}"
+
+
+def mesh_size(mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+# ---- placing pytrees ----------------------------------------------------------------------------
+@dataclass
+class Placement:
+    """A mesh + rules, and the fallbacks met while placing trees (for one report line)."""
+    mesh: jax.sharding.Mesh
+    rules: ShardingRules = field(default_factory=ShardingRules)
+    head_dim: int | None = None  # heads / kv_heads dims shard only on whole heads
+    fallbacks: list[str] = field(default_factory=list)
+
+    def spec(self, path: str, shape: tuple[int, ...]) -> P:
+        """The PartitionSpec of one leaf (see the module docstring)."""
+        for pattern, spec in self.rules.overrides:
+            if re.search(pattern, path):
+                self._check_override(path, shape, spec)
+                return spec
+        names = logical_axes(path, len(shape))
+        order = sorted(range(len(shape)), key=lambda d: self._priority(names[d]))
+        used: set[str] = set()
+        dims: list = [None] * len(shape)
+        for d in order:
+            name, size = names[d], shape[d]
+            if not name:
+                continue
+            cands = tuple(a for a in self.rules.axis_rules.get(name, ()) if a not in used and self.mesh.shape[a] > 1)
+            units = size // self.head_dim if name in ("heads", "kv_heads") and self.head_dim else size
+            axes = next((cands[:k] for k in range(len(cands), 0, -1) if units % mesh_size(self.mesh, cands[:k]) == 0),
+                        ())
+            if cands and not axes:
+                self.fallbacks.append(f"{path}: {units} {name} on {cands[0]}={self.mesh.shape[cands[0]]}")
+            used.update(axes)
+            dims[d] = axes[0] if len(axes) == 1 else (axes or None)
+        while dims and dims[-1] is None:
+            dims.pop()
+        return P(*dims)
+
+    def _priority(self, name) -> int:
+        keys = list(self.rules.axis_rules)
+        return keys.index(name) if name in keys else len(keys)
+
+    def _check_override(self, path, shape, spec):
+        if len(spec) > len(shape):
+            raise UserError(f"--shard-rule gives {len(spec)} axes for {path} of rank {len(shape)}")
+        for size, axes in zip(shape, spec):
+            n = mesh_size(self.mesh, (axes,) if isinstance(axes, str) else tuple(axes or ()))
+            if size % n:
+                raise UserError(f"--shard-rule: {path} dimension {size} does not divide by {n}")
+
+    def sharding(self, path: str, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(path, tuple(shape)))
+
+    def tree_shardings(self, tree):
+        """A pytree of NamedShardings matching ``tree`` (arrays or ShapeDtypeStructs)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: self.sharding(path_string(p), getattr(x, "shape", np.shape(x))), tree)
+
+    def put(self, tree):
+        """Place a pytree (host or device arrays, identical on every process) onto the mesh."""
+        return jax.tree.map(put_global, tree, self.tree_shardings(tree))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def batch_sharding(self, shape: tuple[int, ...], batch_dim: int, *, strict: bool = True) -> NamedSharding:
+        """Tokens [..., B, ...] split over the ``batch`` rule's mesh axes along ``batch_dim``.
+
+        A batch that does not divide: a UserError when ``strict`` (training), else replicated (eval).
+        """
+        axes = tuple(a for a in self.rules.axis_rules["batch"] if self.mesh.shape[a] > 1)
+        n = mesh_size(self.mesh, axes)
+        if shape[batch_dim] % n:
+            if strict:
+                raise UserError(f"batch size {shape[batch_dim]} does not divide by the {'×'.join(axes)} "
+                                f"mesh axes ({n} devices); pick a multiple of {n}")
+            return self.replicated()
+        dims = [None] * len(shape)
+        dims[batch_dim] = axes[0] if len(axes) == 1 else (axes or None)
+        return NamedSharding(self.mesh, P(*dims))
+
+    def put_batch(self, batch: np.ndarray, batch_dim: int, *, strict: bool = True) -> jax.Array:
+        """A global batch, identical on every process, as a global array (each process feeds only
+        the rows that live on its own devices)."""
+        return put_global(batch, self.batch_sharding(batch.shape, batch_dim, strict=strict))
+
+    def report(self) -> str | None:
+        """One line about replicated fallbacks, or None."""
+        if not self.fallbacks:
+            return None
+        uniq = sorted(set(self.fallbacks))
+        return (f"sharding: {len(uniq)} array(s) replicated along a mesh axis their dimension does not "
+                f"divide by, e.g. {uniq[0]}")
+
+
+def path_string(path) -> str:
+    """A jax key path -> ``layers.0.self_attn.q_proj.kernel`` (``.value`` of NNX Variables dropped)."""
+    s = jax.tree_util.keystr(path, simple=True, separator=".")
+    return s[: -len(".value")] if s.endswith(".value") else s
+
+
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` (the same full value on every process) as a global array with ``sharding``."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(tree):
+    """Every leaf as a full numpy array on every process (all-gathers across hosts when needed)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.sharding.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+def scalar(x) -> float:
+    """A replicated scalar as a float, on any process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return float(x.addressable_data(0))
+    return float(x)
+
+
+# ---- multi-host ---------------------------------------------------------------------------------
+def add_mesh_args(p) -> None:
+    """--mesh, sharding rule overrides and multi-host flags (shared by finetune / prune / pretrain)."""
+    g = p.add_argument_group("devices and hosts")
+    g.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. 'data=2,fsdp=2,tensor=2' or 'fsdp=-1' (default: $JAXPRUNE_MESH, "
+                        "else all devices on data)")
+    g.add_argument("--axis-rule", action="append", default=None, metavar="LOGICAL=MESH",
+                   help="map a logical axis to mesh axes, e.g. 'embed=none', 'batch=data+fsdp' (repeatable)")
+    g.add_argument("--shard-rule", action="append", default=None, metavar="REGEX=AXES",
+                   help="arrays whose path matches REGEX get AXES, e.g. 'lm_head=replicate', "
+                        "'embed_tokens=tensor,fsdp' (repeatable; first match wins)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)")
+    g.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+
+
+# options that may change on --resume without changing the trajectory
+MESH_RESUME_FREE = {"mesh", "axis_rule", "shard_rule", "distributed", "coordinator", "num_processes", "process_id"}
+
+
+def init_distributed(args) -> None:
+    """jax.distributed.initialize from the flags (explicit) or the environment (--distributed)."""
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if any(v is None for v in explicit) and not all(v is None for v in explicit):
+        raise UserError("multi-host: give all of --coordinator, --num-processes and --process-id, or none "
+                        "(with --distributed to auto-detect)")
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or _cpu_only():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _native_stdout_to_stderr()
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except Exception as e:  # jax raises RuntimeError/ValueError with long messages
+        raise UserError(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}") from None
+
+
+def _native_stdout_to_stderr() -> None:
+    """Gloo prints "[Gloo] Rank ... connected" on the C-level stdout; send native writes to stderr and
+    keep Python's ``sys.stdout`` on the real stdout, so ``--json`` output stays parseable."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1)
+
+
+def _cpu_only() -> bool:
+    """True when no accelerator plugin is importable (decided without starting a backend)."""
+    import importlib.util
+    return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
+
+
+def placement_from_args(args, head_dim: int | None = None) -> Placement:
+    """The run's Placement: mesh from --mesh (else $JAXPRUNE_MESH, else ``default_mesh_spec``) and the rules.
+
+    Checks here, before anything is written, that the batch [grad_accum, batch_size, seq_len] divides."""
+    rules = ShardingRules.from_strings(getattr(args, "axis_rule", None), getattr(args, "shard_rule", None))
+    spec = getattr(args, "mesh", None) or os.environ.get("JAXPRUNE_MESH") or default_mesh_spec(args.batch_size)
+    placement = Placement(make_mesh(spec), rules, head_dim)
+    placement.batch_sharding((args.grad_accum, args.batch_size, args.seq_len), 1)
+    return placement
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def log(msg: str) -> None:
+    """A line on stderr from process 0 only."""
+    if is_main_process():
+        print(msg, file=sys.stderr)
+
