@@ -246,3 +246,28 @@ def test_two_processes_equal_one_eight_device_process(tmp_path, tiny_hf_with_tok
     a, b = model_arrays(load_model(tmp_path / "two" / "model")), model_arrays(load_model(tmp_path / "one" / "model"))
     for k in b:
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-4, rtol=0, err_msg=str(k))
+
+
+def test_prune_on_a_mesh_equals_one_device(tmp_path, tiny_hf_with_tokenizer, small_text):
+    """LoRAPrune (importance hook in the sharded step, masks set on the host and put back on the mesh)
+    and LLM-Pruner (base-weight gradients on the sharded base) choose the same units on a 2×2×2 mesh."""
+    model_dir, _ = tiny_hf_with_tokenizer
+    common = ["--text", small_text, "--steps", "6", "--prune-every", "2", "--warmup-frac", "0.2",
+              "--batch-size", "8", "--seq-len", "32", "--lora-rank", "4", "--val-every", "0", "--save-every", "6",
+              "--exclude-layers", "none", "--no-progress", "--json"]
+    runs = {}
+    for method in ("loraprune", "llm-pruner"):
+        for mesh in ("data=1", "data=2,fsdp=2,tensor=2"):
+            runs[method, mesh] = start_cli("prune", model_dir, "--method", method, "--mesh", mesh, *common,
+                                           "--out", tmp_path / f"{method}-{mesh}")
+    done = {k: finish_cli(p, timeout=300) for k, p in runs.items()}
+    for k, r in done.items():
+        assert r.returncode == 0, (k, r.stderr[-2000:])
+    for method in ("loraprune", "llm-pruner"):
+        one = json.loads((tmp_path / f"{method}-data=1" / "prune.json").read_text())
+        mesh = json.loads((tmp_path / f"{method}-data=2,fsdp=2,tensor=2" / "prune.json").read_text())
+        assert one["widths"] == mesh["widths"] and one["heads_pruned"] == mesh["heads_pruned"] == 0.5
+        assert one["params_after"] == mesh["params_after"] < one["params_before"]
+        losses = [[json.loads(line)["loss"] for line in (tmp_path / f"{method}-{m}" / "metrics.jsonl")
+                   .read_text().splitlines()] for m in ("data=1", "data=2,fsdp=2,tensor=2")]
+        np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
