@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     from .prune.cli import add_prune_parser
     add_prune_parser(sub)
+    from .pretrain.cli import add_pretrain_parser
+    add_pretrain_parser(sub)
 
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object as the last line")

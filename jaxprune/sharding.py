@@ -288,7 +288,7 @@ def path_string(path) -> str:
 
 def put_global(x, sharding: NamedSharding) -> jax.Array:
     """``x`` (the same full value on every process) as a global array with ``sharding``."""
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
+    if isinstance(x, jax.Array):  # a local array, or a global one to reshard
         return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

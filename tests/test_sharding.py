@@ -271,3 +271,22 @@ def test_prune_on_a_mesh_equals_one_device(tmp_path, tiny_hf_with_tokenizer, sma
         losses = [[json.loads(line)["loss"] for line in (tmp_path / f"{method}-{m}" / "metrics.jsonl")
                    .read_text().splitlines()] for m in ("data=1", "data=2,fsdp=2,tensor=2")]
         np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
+
+
+def test_pretrain_on_a_mesh_equals_one_device(tmp_path, small_text):
+    """SLTrain (scatter-added sparse values, replicated) and SLoPe (custom_vjp, masks refreshed on the host
+    and put back on the mesh, adapters switched on mid-run) on a 2×2×2 mesh: the one-device trajectory."""
+    common = ["--text", small_text, "--steps", "6", "--batch-size", "8", "--seq-len", "32", "--hidden-size", "64",
+              "--intermediate-size", "128", "--num-layers", "2", "--lora-rank", "8", "--val-every", "0",
+              "--save-every", "6", "--mask-change-freq", "2", "--adapter-frac", "0.4", "--no-progress", "--json"]
+    runs = {(method, mesh): start_cli("pretrain", "--method", method, "--mesh", mesh, *common,
+                                      "--out", tmp_path / f"{method}-{mesh}")
+            for method in ("sltrain", "slope") for mesh in ("data=1", "data=2,fsdp=2,tensor=2")}
+    done = {k: finish_cli(p, timeout=300) for k, p in runs.items()}
+    for k, r in done.items():
+        assert r.returncode == 0, (k, r.stderr[-2000:])
+    for method in ("sltrain", "slope"):
+        losses = [[json.loads(line)["loss"] for line in (tmp_path / f"{method}-{m}" / "metrics.jsonl")
+                   .read_text().splitlines()] for m in ("data=1", "data=2,fsdp=2,tensor=2")]
+        assert len(losses[0]) == 6
+        np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)

@@ -1,0 +1,170 @@
+"""The four pretraining parameterisations of a random-init LLaMA, and what they share.
+
+    full     every weight dense and trainable (the full-rank baseline)
+    lowrank  targeted linears ``W = s·A@B``, A [in, r], B [r, out] (the pure low-rank baseline; B starts
+             random, not 0: see sltrain.py)
+    sltrain  targeted linears ``W = s·A@B + S`` (sltrain.py)
+    slope    targeted linears ``y = x @ (W ⊙ M)``, double-pruned backward, lazy adapters (slope.py)
+
+Embeddings, norms and ``lm_head`` stay dense and trainable in every method (as in both papers'
+code: SLTrain targets the ``attn`` / ``mlp`` linears only, SLoPe skips ``lm_head`` by aspect ratio).
+
+Pretraining trains every ``nnx.Param`` (``nnx.LoRAParam`` is a subclass), so :func:`partition_pretrain`
+splits with that filter; the result has the usual (frozen, trainable, masks) shape and the generic
+``train.make_train_step`` / ``TrainCheckpoints`` run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..layers import Linear, Mask
+from ..model import LlamaForCausalLM
+from ..partition import DEFAULT_LORA_TARGETS, tree_size
+from .sltrain import SparseLowRankLinear, sltrain_param_count
+from .slope import SLoPeLinear, aspect_ratio, slope_linears
+
+METHODS = ("full", "lowrank", "sltrain", "slope")
+BLOCKS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How the targeted linears are parameterised (``rank``/``alpha``: lowrank and sltrain;
+    ``delta``: sltrain; ``adapter_rank``/``max_aspect_ratio``: slope)."""
+
+    method: str = "full"
+    rank: int = 32
+    alpha: float = 8.0
+    delta: float = 0.03
+    targets: str = DEFAULT_LORA_TARGETS
+    adapter_rank: int = 16
+    max_aspect_ratio: float = 5.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method in ("lowrank", "sltrain") and self.rank < 1:
+            raise UserError(f"--lora-rank {self.rank}: must be >= 1")
+        if self.method == "sltrain" and not 0.0 < self.delta < 1.0:
+            raise UserError(f"--sparse-ratio {self.delta}: must be in (0, 1)")
+        if self.adapter_rank < 0:
+            raise UserError(f"--adapter-rank {self.adapter_rank}: must be >= 0")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise UserError(f"--targets {self.targets!r} is not a valid regex ({e})") from None
+
+
+def target_paths(cfg: ModelConfig, targets: str):
+    """(layer, block, name) of every decoder linear whose path ``layers.i.block.name`` matches."""
+    pattern = re.compile(targets)
+    return [(i, block, name) for i in range(cfg.num_layers) for block, names in BLOCKS for name in names
+            if pattern.search(f"layers.{i}.{block}.{name}")]
+
+
+def build_model(cfg: ModelConfig, mc: MethodConfig, *, seed: int = 0, dtype=jnp.float32) -> LlamaForCausalLM:
+    """A random-init model (``LlamaForCausalLM``'s N(0, 0.02) init) with the method's linears swapped in.
+
+    Deterministic in ``seed``: the same seed gives bitwise the same model (and SLTrain support).
+    """
+    if mc.method != "full" and not target_paths(cfg, mc.targets):
+        raise UserError(f"--targets {mc.targets!r} matches no decoder linear")
+    return _build(cfg, mc, seed, dtype)
+
+
+def _build(cfg: ModelConfig, mc: MethodConfig, seed: int, dtype) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    if mc.method == "full":
+        return model
+    rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))
+    for i, block, name in target_paths(cfg, mc.targets):
+        parent = getattr(model.layers[i], block)
+        old: Linear = getattr(parent, name)
+        setattr(parent, name, _swap(old, mc, rngs, dtype))
+    return model
+
+
+def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
+    if mc.method in ("lowrank", "sltrain"):
+        return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
+                                   delta=mc.delta if mc.method == "sltrain" else 0.0,
+                                   zero_b=mc.method == "sltrain", rngs=rngs,
+                                   use_bias=old.bias is not None, dtype=dtype)
+    if aspect_ratio(old.in_features, old.out_features) > mc.max_aspect_ratio:
+        return old  # SLoPe leaves very thin / wide layers dense
+    return SLoPeLinear(old, adapter_rank=mc.adapter_rank, rngs=rngs)
+
+
+def partition_pretrain(model: nnx.Module):
+    """-> graphdef, frozen (SLTrain supports), trainable (every nnx.Param), masks (Mask)."""
+    graphdef, trainable, masks, frozen = nnx.split(model, nnx.Param, Mask, ...)
+    return graphdef, frozen, trainable, masks
+
+
+def dense_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A plain dense model computing the same function: every linear's merged weight, masks folded."""
+    from ..weights import dense_arrays, model_from_arrays
+
+    return model_from_arrays(model.config, dense_arrays(model), dtype=model.dtype)
+
+
+def make_pretrain_optimizer(c, trainable) -> optax.GradientTransformation:
+    """``train.make_optimizer``'s AdamW + warmup-cosine + clipping, with no weight decay on SLoPe's
+    adapters (they must stay bitwise untouched while switched off)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
+    decay_mask = _decay_mask(trainable)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
+                       optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
+
+
+def _decay_mask(trainable):
+    """False for SLoPe's adapter factors (``lora_a`` / ``lora_b`` next to a dense ``kernel``), else True."""
+    flat = nnx.to_flat_state(trainable)
+    paths = {tuple(p) for p, _ in flat}
+    return nnx.from_flat_state([(p, v.replace(not (p[-1] in ("lora_a", "lora_b") and p[:-1] + ("kernel",) in paths)))
+                                for p, v in flat])
+
+
+# ---- parameter accounting -------------------------------------------------------------------
+def linear_param_count(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) -> dict:
+    """Parameters of the targeted linears: dense equivalent vs what the method stores.
+
+    ``stored``: full ``in·out``; lowrank ``r(in+out)``; sltrain ``r(in+out) + ⌊δ·in·out⌋``;
+    slope ``nnz(M)`` (half of ``in·out``) plus the adapters ``r(in+out)``.
+    """
+    dense = stored = 0
+    for i, block, name in target_paths(cfg, mc.targets):
+        lin = getattr(getattr(model.layers[i], block), name)
+        d_in, d_out = lin.in_features, lin.out_features
+        dense += d_in * d_out
+        if isinstance(lin, SparseLowRankLinear):
+            stored += sltrain_param_count(d_in, d_out, lin.lora_a[...].shape[1],
+                                          mc.delta if lin.sparse_values is not None else 0.0)
+        elif isinstance(lin, SLoPeLinear):
+            stored += int(np.asarray(lin.nm_mask[...]).sum())
+            if lin.has_lora:
+                stored += lin.lora_a[...].shape[1] * (d_in + d_out)
+        else:
+            stored += d_in * d_out
+    return {"dense": dense, "stored": stored}
+
+
+def param_summary(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) -> dict:
+    """Trainable scalars (what the optimizer holds), and the targeted linears' dense vs stored counts."""
+    _, _, trainable, _ = partition_pretrain(model)
+    lin = linear_param_count(model, cfg, mc)
+    n_train = tree_size(trainable)
+    pruned = sum(int((~np.asarray(l.nm_mask[...])).sum()) for _, l in slope_linears(model))
+    return {"trainable_params": n_train, "params_stored": n_train - pruned, "linear_params_dense": lin["dense"],
+            "linear_params_stored": lin["stored"], "dense_params": cfg.num_params()}
