@@ -77,7 +77,6 @@ def test_sharded_train_step_equals_single_device(mesh, single_device_run):
     for k, v in flat(want_tr).items():
         np.testing.assert_allclose(flat(tr)[k], v, atol=1e-5, rtol=0, err_msg=k)
     # the optimizer state stays sharded like the parameters it mirrors
-    assert specs(opt) == {k: v for k, v in specs(opt).items()}
     for k, spec in specs(tr).items():
         assert specs(opt)[f"1.0.mu.{k}"] == spec and specs(opt)[f"1.0.nu.{k}"] == spec, k
 
@@ -115,7 +114,8 @@ def test_every_leaf_follows_the_rules():
 def test_rule_overrides():
     cfg = tiny_config()
     _, frozen, trainable, _ = setup(cfg)
-    rules = ShardingRules.from_strings(["embed=none", "lora_rank=data"], ["lm_head=replicate", r"layers\.1\..*q_proj\.kernel=fsdp+data,tensor"])
+    rules = ShardingRules.from_strings(["embed=none", "lora_rank=data"],
+                                       ["lm_head=replicate", r"layers\.1\..*q_proj\.kernel=fsdp+data,tensor"])
     pl = Placement(make_mesh("data=2,fsdp=2,tensor=2"), rules, cfg.head_dim)
     got = {**specs(pl.put(frozen)), **specs(pl.put(trainable))}
     assert got["lm_head.kernel"] == P()
