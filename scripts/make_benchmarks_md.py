@@ -140,13 +140,80 @@ def render_pruning(data: dict) -> str:
     ])
 
 
+def render_posttraining(data: dict) -> str:
+    d, b, m = data.get("dense", {}), data.get("budget", {}), data.get("machine", {})
+    results = data.get("results", [])
+    rec = b.get("recover_steps", 0) > 0
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else ""  # noqa: E731
+    rows = [["dense", "", "0%", fmt(d.get("ppl")), fmt(d.get("ppl_recovered")), "", "", "", ""]]
+    for r in results:
+        rows.append([r["method"], r["pattern"], f"{r['sparsity_measured']:.1%}", fmt(r["ppl"]),
+                     fmt(r.get("ppl_recovered")),
+                     {True: "yes", False: "NO"}.get(r.get("zeros_are_masks"), ""),
+                     f"{r['prune_s']:.0f}", _mib(r["peak_compiled_bytes"]) if r.get("peak_compiled_bytes") else "–",
+                     r.get("damp_retries", "")])
+    order = []
+    for pattern in dict.fromkeys(r["pattern"] for r in results):
+        for key, label in (("ppl", "pruned"), ("ppl_recovered", "after recovery")):
+            rs = sorted((r for r in results if r["pattern"] == pattern and key in r), key=lambda r: r[key])
+            if rs:
+                order.append(f"- {pattern}, {label}: " + " < ".join(f"{r['method']} {r[key]:.1f}" for r in rs))
+    recovery = (f"then {b.get('recover_steps')} LoRA steps (`finetune --keep-sparsity --merge`, rank 8, "
+                f"{b.get('recover_batch_size')} x {b.get('recover_seq_len')} tokens) on the training plays; the dense "
+                "row's second number is the dense model after the same LoRA steps (the plays are in-domain, so "
+                "LoRA helps it too)" if rec else "no LoRA recovery")
+    return "\n".join([
+        f"{data.get('model', 'SmolLM2-135M')}: every linear of every decoder layer pruned in one shot, sequential "
+        f"calibration on {b.get('calib_samples')} sequences x {b.get('calib_len')} tokens from the training plays "
+        f"(magnitude uses none), {recovery}. Perplexity on the first {b.get('eval_tokens')} held-out tokens at seq-len "
+        f"{b.get('eval_seq_len')}. Peak memory: the largest compiled pruning pass (calibration capture, SparseGPT "
+        "sweep or layer forward), arguments + outputs + temporaries.", "",
+        table(["method", "pattern", "zeros", "perplexity", "after recovery", "zeros = mask after merge",
+               "prune s", "peak compiled MiB", "damp retries"], rows), "",
+        "Order by perplexity (papers: SparseGPT ≤ Wanda < magnitude):", "", *order, "",
+        *([f"Note: {data['note']}", ""] if data.get("note") else []),
+        *([f"Note added after the run: {data['note_after_run']}", ""] if data.get("note_after_run") else []),
+        f"Command: `{data.get('command', '?')}` ({data.get('wall_s', 0) / 60:.0f} min). Machine: "
+        f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs ({m.get('device', '?')}), load average "
+        f"{m.get('loadavg_start', 0):.1f} at start, {m.get('loadavg_end', 0):.1f} at end; {data.get('date', '')}.",
+    ])
+
+
+def render_pretrain(data: dict) -> str:
+    b, m = data.get("budget", {}), data.get("model", {})
+    rows = []
+    for r in data.get("results", []):
+        ratio = r.get("step_time_vs_full")
+        rows.append([r["method"], f"{r['trainable_params']:,}",
+                     f"{r['linear_params_stored']:,} / {r['linear_params_dense']:,}", _mib(r.get("opt_state_bytes")),
+                     _mib(r.get("step_memory", {}).get("total")), f"{ratio:.2f}x" if ratio else "?",
+                     f"{r['val_ppl']:.1f}", f"{r['heldout_ppl']:.1f}"])
+    return "\n".join([
+        f"A LLaMA from random init (hidden {m.get('hidden_size')}, MLP {m.get('intermediate_size')}, "
+        f"{m.get('num_layers')} layers, {m.get('num_heads')} heads, SmolLM2's 49,152-token vocabulary, tied "
+        f"embeddings), {b.get('steps')} steps of {b.get('batch_size')} x {b.get('seq_len')} tokens "
+        f"({b.get('tokens', 0):,} tokens) of the training plays at lr {b.get('lr')}, the same seeded batches for "
+        "every method. Validation perplexity on the held-out tail of the training stream; held-out perplexity "
+        f"on {data.get('eval', {}).get('max_tokens')} tokens of Hamlet, Macbeth and The Tempest (seq-len 128). "
+        "Linear params: what the method stores for the attention and MLP linears vs their dense count. "
+        "Memory in MiB (XLA `memory_analysis()` of the compiled step: arguments + outputs + temporaries); "
+        "step time is a ratio to full rank, timed round-robin in one process.", "",
+        table(["method", "trainable params", "linear params (stored / dense)", "optimizer state", "train step",
+               "step time", "val ppl", "held-out ppl"], rows),
+        "", f"Command: `{data.get('command', '?')}`. Machine: {data.get('machine', {}).get('platform', '?')}, "
+        f"{data.get('machine', {}).get('cpus', '?')} CPUs; {data.get('date', '')}.",
+    ])
+
+
 RENDERERS = {
+    "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner", render_pruning_memory),
     "pruning_memory_7b_fp32.json": ("Pruning-step memory, LLaMA-7B shape with an fp32 base", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
+    "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),
 }
 
 

@@ -4,6 +4,7 @@ sequential calibration, the `prune` CLI path, and sparsity-preserving LoRA recov
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import jax
@@ -86,6 +87,42 @@ def global_ls_reference(w, x, keep):
         k = np.flatnonzero(keep[:, j])
         out[k, j] = np.linalg.lstsq(x[:, k], x @ w[:, j], rcond=None)[0]
     return out
+
+
+def np_sparsegpt(w, h, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """SparseGPT as in the paper's Algorithm 1 / the authors' ``fasterprune``, in float64 and the paper's
+    [out, in] layout, without the lazy batching (every later input column is updated at once). One deviation
+    from the official code, on purpose: a block prunes exactly floor(s·size) entries (the official
+    ``tmp <= sorted[int(s·size)]`` prunes one more). Returns (Ŵ [in, out], keep-mask [in, out])."""
+    W = np.array(w, np.float64).T                          # [out, in]
+    H = np.array(h, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H = H + percdamp * np.mean(np.diag(H)) * np.eye(len(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T             # upper: H⁻¹ = UᵀU
+    d = np.diag(U)
+    cols = W.shape[1]
+    pruned = np.zeros(W.shape, bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if nm is None:
+            tmp = W[:, i1:i2] ** 2 / d[i1:i2] ** 2
+            order = np.argsort(tmp.reshape(-1), kind="stable")[:int(np.floor(sparsity * tmp.size + 1e-9))]
+            blk = np.zeros(tmp.size, bool)
+            blk[order] = True
+            pruned[:, i1:i2] = blk.reshape(tmp.shape)
+        for i in range(i1, i2):
+            if nm is not None and (i - i1) % nm[1] == 0:
+                n, m = nm
+                tmp = W[:, i:i + m] ** 2 / d[i:i + m] ** 2
+                low = np.argsort(tmp, axis=1, kind="stable")[:, :m - n]
+                np.put_along_axis(pruned[:, i:i + m], low, True, axis=1)
+            q = np.where(pruned[:, i], 0.0, W[:, i])
+            err = (W[:, i] - q) / U[i, i]
+            W[:, i:] -= np.outer(err, U[i, i:])             # OBS: compensate on the not-yet-pruned inputs
+            W[:, i] = q
+    return W.T, ~pruned.T
 
 
 # ---- masks ----------------------------------------------------------------------------------------
@@ -183,6 +220,21 @@ def test_sparsegpt_mask_selection_and_reconstruction(nm):
     assert err(got) < 0.8 * err(w * keep)
 
 
+@pytest.mark.parametrize("nm,blocksize", [(None, 8), (None, 16), ((2, 4), 8), ((4, 8), 16)],
+                         ids=["unstructured-lazy", "unstructured-one-block", "2:4", "4:8"])
+def test_sparsegpt_matches_numpy_reference_algorithm(nm, blocksize):
+    """Mask selection *and* OBS updates, dampening 0.01·mean(diag H) and a dead input, against ``np_sparsegpt``."""
+    w, x, _ = _problem(3, rows=16, cols=6)
+    x[:, 5] = 0.0  # a dead input: diag H = 0 there
+    h = 2 * x.T @ x / len(x)
+    got, keep, info = pt.sparsegpt(w, h, sparsity=0.5, nm=nm, blocksize=blocksize, backend="numpy")
+    want, want_keep = np_sparsegpt(w, h, 0.5, nm, blocksize)
+    np.testing.assert_array_equal(np.asarray(keep), want_keep)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    assert not np.asarray(keep)[5].any() and info["retries"] == 0  # the dead input is pruned everywhere
+    assert np.abs(want - w * want_keep).max() > 0.1  # the updates are not a no-op
+
+
 @pytest.mark.parametrize("backend", ["numpy", "jax"])
 def test_sparsegpt_failed_cholesky_retries_with_more_dampening(backend):
     w = np.ones((4, 3), np.float32)
@@ -274,13 +326,87 @@ def test_wanda_prunes_sequentially_with_inputs_from_pruned_layers():
     assert not np.array_equal(np_wanda_mask(w, x, 0.5)[0], np.asarray(model.layers[1].mlp.down_proj.weight_mask[...]))
 
 
-@pytest.mark.parametrize("method,nm", [("sparsegpt", (2, 4)), ("magnitude", (4, 8)), ("magnitude", None)])
+@pytest.mark.parametrize("method,nm", [("sparsegpt", (2, 4)), ("sparsegpt", None), ("wanda", (2, 4)),
+                                       ("magnitude", (4, 8)), ("magnitude", None)])
 def test_prune_model_patterns(method, nm):
-    """(SparseGPT unstructured at model level: its exact per-layer count is the unit test's; 4:8 is generic M.)"""
+    """Every method and pattern at model level: exact per-layer count / N:M in every group, masks in the pytree."""
     model = random_llama(CFG, seed=4)
     calib = np.random.default_rng(1).integers(0, CFG.vocab_size, (4, 16))
     pt.prune_model(model, calib, method=method, sparsity=0.5, nm=nm, progress=False)
     _check_pruned(model, 0.5, nm)
+
+
+@pytest.mark.parametrize("method,nm,excluded", [("sparsegpt", None, [1]), ("wanda", None, [1]),
+                                                ("wanda", (2, 4), [0, 2]), ("magnitude", None, [2])])
+def test_excluded_layers_keep_every_weight(method, nm, excluded):
+    """Excluded layers keep every weight bit for bit (all-ones masks); the others hit the exact sparsity; the
+    sequential calibration runs *through* an excluded layer (Wanda's layer-2 masks are computed on the input
+    pruned layer 0 -> dense layer 1 gives)."""
+    from jaxprune.rope import rope_tables
+
+    cfg = dataclasses.replace(CFG, num_layers=3)
+    dense = random_llama(cfg, seed=6)
+    model = random_llama(cfg, seed=6)
+    calib = np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 16))
+    report = pt.prune_model(model, calib, method=method, sparsity=0.5, nm=nm, batch_size=2, progress=False,
+                            layers=[i for i in range(3) if i not in excluded])
+    assert report["excluded_layers"] == excluded
+    masks = {".".join(map(str, p[:-1])) for p, _ in nnx.to_flat_state(partition(model)[3]) if p[-1] == "weight_mask"}
+    assert masks == {f"layers.{i}.{n}" for i in range(3) for n in LINEAR_NAMES}
+    zeros = total = 0
+    for i in range(3):
+        for mod, attr in pt.LINEARS:
+            lin, ref = (getattr(getattr(m.layers[i], mod), attr) for m in (model, dense))
+            keep, kernel = np.asarray(lin.weight_mask[...]), np.asarray(lin.kernel[...])
+            total += keep.size
+            if i in excluded:
+                assert keep.all(), (i, attr)
+                np.testing.assert_array_equal(kernel, np.asarray(ref.kernel[...]), err_msg=f"layer {i} {attr}")
+                continue
+            zeros += keep.size - keep.sum()
+            assert (kernel[~keep] == 0).all()
+            if nm:
+                r, c = keep.shape
+                assert (keep.reshape(r // nm[1], nm[1], c).sum(1) == nm[0]).all()
+            else:
+                assert keep.size - keep.sum() == int(np.floor(0.5 * keep.size)), (i, attr)
+                if method == "wanda":  # per output
+                    assert (keep.shape[0] - keep.sum(0) == keep.shape[0] // 2).all()
+            if method == "magnitude":
+                np.testing.assert_array_equal(keep, np_prune_lowest(np.abs(np.asarray(ref.kernel[...])),
+                                                                    keep.size // 2))
+    assert report["sparsity_measured"] == zeros / total == pt.sparsity_of(model)
+    assert 0 < report["sparsity_measured"] < 0.5
+    for i in excluded:
+        assert report["layers"][i] == {attr: 0.0 for _, attr in pt.LINEARS}
+
+    if method == "wanda" and excluded == [1]:
+        cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(16), (4, 16)), 16)
+        h = jnp.take(dense.embed_tokens[...], jnp.asarray(calib), axis=0)
+        h = model.layers[1](model.layers[0](h, cos, sin)[0], cos, sin)[0]  # pruned layer 0, then the dense layer 1
+        _GRAPHDEF[:] = [nnx.split(dense.layers[2])[0]]
+        xs = _jit_layer_inputs(nnx.split(dense.layers[2])[1], h, cos, sin)
+        for mod, attr in pt.LINEARS:
+            x = np.asarray(xs[pt.INPUT_OF[attr]], np.float64).reshape(-1, xs[pt.INPUT_OF[attr]].shape[-1])
+            w = np.asarray(getattr(getattr(dense.layers[2], mod), attr).kernel[...])
+            np.testing.assert_array_equal(np.asarray(getattr(getattr(model.layers[2], mod), attr).weight_mask[...]),
+                                          np_wanda_mask(w, x, 0.5)[0], err_msg=f"layer 2 {attr}")
+
+
+def test_posttraining_exclude_layers_default_is_none():
+    """--exclude-layers for element-wise methods: 'default' (the flag's default) and 'none' prune every layer (the
+    papers' protocol); indices exclude those; a bad index is a UserError."""
+    from jaxprune.errors import UserError
+    from jaxprune.prune.cli import prunable_layers
+
+    assert pt.posttraining_layers(30, "default") == pt.posttraining_layers(30, None) == list(range(30))
+    assert pt.posttraining_layers(30, "none") == list(range(30))
+    assert pt.posttraining_layers(30, "0,29") == list(range(1, 29))
+    assert prunable_layers(30, "default") == list(range(3, 29))  # structured pruning keeps its default
+    with pytest.raises(UserError, match="out of range"):
+        pt.posttraining_layers(4, "4")
+    with pytest.raises(UserError, match="out of range"):
+        pt.prune_model(random_llama(CFG), None, method="magnitude", sparsity=0.5, layers=[2], progress=False)
 
 
 # ---- CLI: prune -> checkpoint; finetune --keep-sparsity --merge -> zeros kept, logits equal -------------
@@ -362,3 +488,25 @@ def test_cli_sparsegpt_then_keep_sparsity_finetune_merge(tiny_hf_with_tokenizer,
         lin = getattr(getattr(hf_model.layers[path[1]], path[2]), path[3])
         assert isinstance(lin.weight_mask, Mask)
         np.testing.assert_array_equal(np.asarray(lin.weight_mask[...]), keep)
+
+
+def test_cli_wanda_exclude_layers(tiny_hf_with_tokenizer, small_text, tmp_path):
+    """`prune --method wanda --sparsity 0.5 --exclude-layers 1`: layer 1 is the input model's, bit for bit, with
+    all-ones masks; layer 0 prunes exactly half of every output's inputs."""
+    from jaxprune import load
+
+    model_dir, _ = tiny_hf_with_tokenizer
+    out = tmp_path / "pruned"
+    code, err = _main(["prune", model_dir, "--method", "wanda", "--sparsity", "0.5", "--exclude-layers", "1",
+                       "--calib", small_text, "--calib-samples", "4", "--calib-len", "32", "--out", out,
+                       "--no-progress"])
+    assert code == 0, err
+    assert "layers [1] excluded" in err
+    dense, pruned = load.load_model(model_dir), load.load_model(out)
+    for mod, attr in pt.LINEARS:
+        lin1, ref1 = (getattr(getattr(m.layers[1], mod), attr) for m in (pruned, dense))
+        assert np.asarray(lin1.weight_mask[...]).all()
+        np.testing.assert_array_equal(np.asarray(lin1.kernel[...]), np.asarray(ref1.kernel[...]))
+        keep = np.asarray(getattr(getattr(pruned.layers[0], mod), attr).weight_mask[...])
+        assert (keep.shape[0] - keep.sum(0) == keep.shape[0] // 2).all(), attr
+    assert pt.sparsity_of(pruned) == 0.25  # half of the weights of one of the two (equal) layers

@@ -1,9 +1,11 @@
 """Post-training element-wise pruning (issue 9): magnitude, Wanda, SparseGPT; unstructured or N:M.
 
-Every linear of every decoder layer (q, k, v, o, gate, up, down; never ``lm_head`` / embeddings)
-gets a boolean ``weight_mask`` (:class:`jaxprune.layers.Mask`, so it lands in the ``masks``
-pytree of ``partition(model)``) and its kernel is zeroed where the mask is 0, so the model
-computes ``x @ ((W + s·A@B) ⊙ M)`` and stays sparse through LoRA recovery and merging.
+Every linear (q, k, v, o, gate, up, down; never ``lm_head`` / embeddings) of every decoder layer not
+in ``--exclude-layers`` (default for these methods: none excluded, as in the papers) gets a boolean
+``weight_mask`` (:class:`jaxprune.layers.Mask`, so it lands in the ``masks`` pytree of
+``partition(model)``) and its kernel is zeroed where the mask is 0, so the model computes
+``x @ ((W + s·A@B) ⊙ M)`` and stays sparse through LoRA recovery and merging. An excluded layer
+keeps every weight and gets an all-ones mask.
 
 Layout. Our kernels are ``W [in, out]`` (``y = x @ W``). The papers write ``W [out, in]``
 (``y = W x``): their "row" (one output neuron) is our *column*, their input "column" j is
@@ -400,12 +402,57 @@ def set_weight_mask(lin: Linear, kernel: jax.Array, keep: jax.Array) -> None:
         lin.weight_mask.set_value(keep)
 
 
+def _prune_layer(layer, li: int, chunks, rope, *, method: str, sparsity: float, nm, blocksize: int, percdamp: float,
+                 warn, n_tokens: int, report: dict, measure: bool) -> tuple[dict, int]:
+    """Prune the seven linears of one decoder layer in place, calibrated on ``chunks`` (its input hidden
+    states; None for magnitude). Returns ({linear: sparsity}, peak compiled bytes of its passes if ``measure``)."""
+    peak = 0
+    stats = {}
+    if chunks is not None:
+        graphdef, state = nnx.split(layer)
+        for h in chunks:
+            cos, sin = rope(*h.shape[:2])
+            if measure and not stats:
+                peak = max(peak, _compiled_bytes(_capture, graphdef, state, h, cos, sin, method))
+            for k, v in _capture(graphdef, state, h, cos, sin, method).items():
+                v = np.asarray(v, np.float64)
+                stats[k] = stats[k] + v if k in stats else v
+    row, factors = {}, {}
+    for mod, attr in LINEARS:
+        lin = _linear(layer, mod, attr)
+        w = _kernel_f32(lin)
+        if w.size == 0:
+            continue
+        name = f"layers.{li}.{mod}.{attr}"
+        if method in ("magnitude", "wanda"):  # host numpy selection, no compiled pass
+            keep = (magnitude_mask(w, sparsity, nm) if method == "magnitude"
+                    else wanda_mask(w, stats[INPUT_OF[attr]], sparsity, nm))
+            new_w = w
+        else:
+            key = INPUT_OF[attr]
+            if key not in factors:  # one factorisation per input: q/k/v and gate/up share theirs
+                factors[key] = hessian_factor(2.0 * stats[key] / n_tokens, percdamp=percdamp, name=name, warn=warn)
+                report["damp_retries"] += factors[key].retries
+            new_w, keep, _ = sparsegpt(w, sparsity=sparsity, nm=nm, blocksize=blocksize, factor=factors[key])
+            if measure:
+                counts = tuple(_block_counts(w.shape[0], w.shape[1], blocksize, sparsity)) if nm is None else ()
+                bs = blocksize if nm is None or blocksize % nm[1] == 0 else (blocksize // nm[1] + 1) * nm[1]
+                peak = max(peak, _compiled_bytes(_sparsegpt_core, w, factors[key].u, jnp.asarray(keep),
+                                                 blocksize=bs, nm=nm, counts=counts, fixed=False))
+        set_weight_mask(lin, new_w, keep)
+        row[attr] = 1.0 - float(np.asarray(keep).mean())
+    return row, peak
+
+
 def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float, nm=None, batch_size: int = 8,
                 blocksize: int = 128, percdamp: float = 0.01, progress: bool = True, warn=None,
-                measure_memory: bool = False) -> dict:
+                measure_memory: bool = False, layers=None) -> dict:
     """Prune every decoder linear of ``model`` in place (sequentially, layer by layer). Returns a report.
 
     ``calib`` [n, S] int tokens (not needed for magnitude). LoRA factors, if any, must be merged first.
+    ``layers``: indices of the decoder layers to prune (None: all). The others keep every weight (an
+    all-ones ``weight_mask`` unless they have one already) and still run, unpruned, in the sequential
+    calibration, so a later layer is calibrated on what the final model feeds it.
     """
     from tqdm import tqdm
 
@@ -416,10 +463,16 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
     if any(l.has_lora for _, l in _all_linears(model)):
         raise UserError("post-training pruning needs a model without LoRA factors (merge them first)")
     needs_data = method != "magnitude"
+    num_layers = len(model.layers)
+    prune_set = set(range(num_layers)) if layers is None else {int(i) for i in layers}
+    if any(not 0 <= i < num_layers for i in prune_set):
+        raise UserError(f"layers to prune {sorted(prune_set)}: out of range 0..{num_layers - 1}")
     t0 = time.perf_counter()
     peak = 0
     report = {"method": method, "sparsity": sparsity, "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
-              "layers": [], "damp_retries": 0}
+              "layers": [], "damp_retries": 0,
+              "excluded_layers": [i for i in range(num_layers) if i not in prune_set]}
+    chunks, rope, n_tokens = None, None, 0
     if needs_data:
         calib = np.asarray(calib, np.int32)
         if calib.ndim != 2 or len(calib) == 0:
@@ -434,48 +487,25 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
                 pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
                 tables[(b, s)] = jax.jit(lambda p: rope_tables(model.config, p, s))(pos)
             return tables[(b, s)]
+    first = min(prune_set, default=-1)  # the compiled passes' memory is measured on the first pruned layer
     for li, layer in enumerate(tqdm(model.layers, desc=f"prune {method}", unit="layer", disable=not progress)):
-        stats = {}
-        if needs_data:
-            graphdef, state = nnx.split(layer)
-            acc: dict = {}
-            for h in chunks:
-                cos, sin = rope(*h.shape[:2])
-                if measure_memory and li == 0 and not acc:
-                    peak = max(peak, _compiled_bytes(_capture, graphdef, state, h, cos, sin, method))
-                for k, v in _capture(graphdef, state, h, cos, sin, method).items():
-                    v = np.asarray(v, np.float64)
-                    acc[k] = acc[k] + v if k in acc else v
-            stats = acc
-        row, factors = {}, {}
-        for mod, attr in LINEARS:
-            lin = _linear(layer, mod, attr)
-            w = _kernel_f32(lin)
-            if w.size == 0:
-                continue
-            name = f"layers.{li}.{mod}.{attr}"
-            if method in ("magnitude", "wanda"):  # host numpy selection, no compiled pass
-                keep = (magnitude_mask(w, sparsity, nm) if method == "magnitude"
-                        else wanda_mask(w, stats[INPUT_OF[attr]], sparsity, nm))
-                new_w = w
-            else:
-                key = INPUT_OF[attr]
-                if key not in factors:  # one factorisation per input: q/k/v and gate/up share theirs
-                    factors[key] = hessian_factor(2.0 * stats[key] / n_tokens, percdamp=percdamp, name=name,
-                                                  warn=warn)
-                    report["damp_retries"] += factors[key].retries
-                new_w, keep, _ = sparsegpt(w, sparsity=sparsity, nm=nm, blocksize=blocksize, factor=factors[key])
-                if measure_memory and li == 0:
-                    counts = tuple(_block_counts(w.shape[0], w.shape[1], blocksize, sparsity)) if nm is None else ()
-                    bs = blocksize if nm is None or blocksize % nm[1] == 0 else (blocksize // nm[1] + 1) * nm[1]
-                    peak = max(peak, _compiled_bytes(_sparsegpt_core, w, factors[key].u, jnp.asarray(keep),
-                                                     blocksize=bs, nm=nm, counts=counts, fixed=False))
-            set_weight_mask(lin, new_w, keep)
-            row[attr] = 1.0 - float(np.asarray(keep).mean())
+        measure = measure_memory and li == first
+        if li not in prune_set:  # excluded: every weight stays; an all-ones mask records "kept dense"
+            row = {}
+            for mod, attr in LINEARS:
+                lin = _linear(layer, mod, attr)
+                if lin.weight_mask is None:
+                    lin.weight_mask = Mask(jnp.ones(lin.kernel[...].shape, jnp.bool_))
+                row[attr] = 1.0 - float(np.asarray(lin.weight_mask[...]).mean())
+        else:
+            row, layer_peak = _prune_layer(layer, li, chunks, rope, method=method, sparsity=sparsity, nm=nm,
+                                           blocksize=blocksize, percdamp=percdamp, warn=warn, n_tokens=n_tokens,
+                                           report=report, measure=measure)
+            peak = max(peak, layer_peak)
         report["layers"].append(row)
-        if needs_data and li + 1 < len(model.layers):  # the pruned layer's output feeds the next layer
+        if needs_data and any(j > li for j in prune_set):  # this layer's (pruned) output feeds the next one
             graphdef, state = nnx.split(layer)
-            if measure_memory and li == 0:
+            if measure:
                 peak = max(peak, _compiled_bytes(_forward, graphdef, state, chunks[0], *rope(*chunks[0].shape[:2])))
             chunks = [_forward(graphdef, state, h, *rope(*h.shape[:2])) for h in chunks]
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
@@ -523,7 +553,8 @@ def add_posttraining_args(p) -> None:
     """Options of `jaxprune prune` for magnitude / wanda / sparsegpt element-wise pruning."""
     p.add_argument("--sparsity", type=float, default=None,
                    help="element-wise pruning: fraction of every decoder linear's weights set to zero "
-                        "(selects the unstructured path for magnitude; N:M patterns imply it)")
+                        "(selects the unstructured path for magnitude; N:M patterns imply it); every decoder "
+                        "layer is pruned unless --exclude-layers lists indices (its 'default' means none here)")
     p.add_argument("--pattern", default=None,
                    help="element-wise pattern: 'unstructured' (default) or N:M, e.g. 2:4, 4:8 (N kept of M)")
     p.add_argument("--calib", default=None, help="calibration text (.txt or dir; default: --text)")
@@ -535,6 +566,15 @@ def add_posttraining_args(p) -> None:
 def is_posttraining(args) -> bool:
     return (args.method in ("wanda", "sparsegpt") or getattr(args, "sparsity", None) is not None
             or getattr(args, "pattern", None) is not None)
+
+
+def posttraining_layers(num_layers: int, exclude) -> list[int]:
+    """The decoder layers element-wise pruning prunes for ``--exclude-layers``: comma-separated indices, 'none'
+    or 'default' -- which here means *no* layer excluded, the protocol of the Wanda and SparseGPT papers
+    (structured pruning's default keeps layers < int(0.1·L) and the last one dense; list them to get that)."""
+    from .cli import prunable_layers
+
+    return prunable_layers(num_layers, "none" if exclude in (None, "default") else exclude)
 
 
 def calibration_tokens(path, tokenizer, n: int, length: int, seed: int = 0) -> np.ndarray:
@@ -568,6 +608,7 @@ def cmd_prune_posttraining(args) -> dict:
     if args.method != "magnitude" and not calib_path:
         raise UserError(f"--method {args.method} needs calibration text: --calib FILE (or --text)")
     model = load.load_model(args.model, args.dtype)
+    layers = posttraining_layers(model.config.num_layers, getattr(args, "exclude_layers", None))
     if any(l.has_lora for _, l in _all_linears(model)):
         model = merge_lora(model)
     tok = load.load_tokenizer(args.model, required=args.method != "magnitude")
@@ -575,15 +616,16 @@ def cmd_prune_posttraining(args) -> dict:
     if args.method != "magnitude":
         calib = calibration_tokens(calib_path, tok, args.calib_samples, args.calib_len, args.seed)
     report = prune_model(model, calib, method=args.method, sparsity=sparsity, nm=nm, batch_size=args.calib_batch,
-                         blocksize=args.blocksize, percdamp=args.percdamp, progress=args.progress)
+                         blocksize=args.blocksize, percdamp=args.percdamp, progress=args.progress, layers=layers)
     meta = {"pruned_from": str(args.model), "method": args.method, "sparsity": sparsity,
-            "pattern": report["pattern"]}
+            "pattern": report["pattern"], "excluded_layers": report["excluded_layers"]}
     checkpoint.save_model(model, out, tokenizer=tok, overwrite=args.overwrite, extra_meta=meta)
     summary = {**meta, "model_dir": str(out), "sparsity_measured": report["sparsity_measured"],
                "seconds": report["seconds"], "damp_retries": report["damp_retries"],
                "calib_tokens": 0 if calib is None else int(calib.size)}
     if not args.json:
+        excl = report["excluded_layers"]
         print(f"pruned {args.method} {report['pattern']} sparsity {sparsity:g}: "
-              f"{100 * report['sparsity_measured']:.2f}% of decoder linear weights are zero; model in {out}",
-              file=sys.stderr)
+              f"{100 * report['sparsity_measured']:.2f}% of decoder linear weights are zero"
+              f"{f' (layers {excl} excluded, kept dense)' if excl else ''}; model in {out}", file=sys.stderr)
     return summary
