@@ -205,7 +205,27 @@ def render_pretrain(data: dict) -> str:
     ])
 
 
+def render_kernels(data: dict) -> str:
+    if data.get("mode") == "interpret-correctness":
+        rows = [[f"{c['shape'][0]}x{c['shape'][1]}", f"{c['sparsity']:.0%}",
+                 f"{c['max_rel_err']['block_sparse']:.1e}", f"{c['max_rel_err']['masked_lowrank']:.1e}",
+                 "yes" if c["ok"] else "NO"]
+                for c in data.get("checks", [])]
+        return "\n".join([
+            f"{data.get('note', '')}", "",
+            "**No timings**: no GPU/TPU was lent to the sessions so far; on one, `python scripts/bench_kernels.py` "
+            "times both kernels against dense `jnp.dot` and the XLA masked merge (aims: block-sparse at 90% >= 4x "
+            "over dense, masked low-rank >= 1.3x over the XLA merge).", "",
+            table(["K x N", "sparsity", "block-sparse max rel err", "masked low-rank max rel err", "ok"], rows), "",
+            f"Backend {data.get('backend')}, jax {data.get('jax')}.",
+        ])
+    return render_generic(data)
+
+
 RENDERERS = {
+    "kernels.json": ("Pallas kernels", render_kernels),
+    "pruning_ratio02_steps120.json": ("Structured pruning of SmolLM2-135M, ratio 0.2, 120-step budget",
+                                      render_pruning),
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
