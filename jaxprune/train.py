@@ -172,6 +172,18 @@ class TrainCheckpoints:
         self.manager.close()
 
 
+def restore_latest(run_dir: Path, state: TrainState) -> tuple[TrainState, int]:
+    """(state from RUN_DIR's latest checkpoint, its step), onto ``state``'s shardings; (state, 0) if none."""
+    ckpts = TrainCheckpoints(Path(run_dir) / "checkpoints")
+    try:
+        latest = ckpts.latest_step()
+        if latest is None:
+            return state, 0
+        return ckpts.restore(latest, state)[0], latest
+    finally:
+        ckpts.close()
+
+
 # ---- the loop ---------------------------------------------------------------
 @dataclass
 class LoopConfig:

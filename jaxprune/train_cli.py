@@ -173,22 +173,21 @@ def placed_state(args, s: RunSetup, placement, optimizer, run_dir: Path, prev, *
                  hook_state=()):
     """-> (frozen, TrainState, start step): everything on ``placement``'s mesh, restored from the latest
     checkpoint on --resume (onto this run's mesh, whichever mesh saved it)."""
-    from .train import TrainCheckpoints, place_train_state
+    from .train import place_train_state, restore_latest
 
     placement.head_dim = s.model.config.head_dim
     frozen = placement.put(s.frozen) if frozen is None else frozen
     state = place_train_state(placement, optimizer, s.trainable, s.masks if masks is None else masks, hook_state)
-    start = 0
-    if prev is not None:
-        ckpts = TrainCheckpoints(run_dir / "checkpoints")
-        if (latest := ckpts.latest_step()) is not None:
-            state, _ = ckpts.restore(latest, state)
-            start = latest
-        ckpts.close()
+    state, start = restore_latest(run_dir, state) if prev is not None else (state, 0)
+    report_fallbacks(args, placement)
+    return frozen, state, start
+
+
+def report_fallbacks(args, placement) -> None:
+    """The one stderr line about arrays replicated along an axis they do not divide by (not with --json)."""
     if (line := placement.report()) is not None and not getattr(args, "json", False):
         from .sharding import log
         log(line)
-    return frozen, state, start
 
 
 def final_model(graphdef, frozen, state):

@@ -121,9 +121,10 @@ def cmd_pretrain(args) -> dict:
     from ..data import Blocks, token_stream
     from ..partition import tree_bytes
     from ..sharding import init_distributed, is_main_process, placement_from_args
-    from ..train import (LoopCallbacks, TrainCheckpoints, make_eval_step, make_train_step, place_train_state,
-                         plot_metrics, save_json_atomic, state_shardings_of, train_loop)
-    from ..train_cli import _last_metrics, compute_dtype, final_model, loop_config, optim_config, prepare_run_dir
+    from ..train import (LoopCallbacks, make_eval_step, make_train_step, place_train_state, plot_metrics,
+                         restore_latest, save_json_atomic, state_shardings_of, train_loop)
+    from ..train_cli import (_last_metrics, compute_dtype, final_model, loop_config, optim_config, prepare_run_dir,
+                             report_fallbacks)
     from ..load import DTYPES
     from .methods import build_model, dense_model, make_pretrain_optimizer, param_summary, partition_pretrain
     from .slope import initial_masks, make_after_step
@@ -155,11 +156,8 @@ def cmd_pretrain(args) -> dict:
         frozen = restore_support(run_dir, frozen)
     frozen = placement.put(frozen)
     if prev is not None:
-        ckpts = TrainCheckpoints(run_dir / "checkpoints")
-        if (latest := ckpts.latest_step()) is not None:
-            state, _ = ckpts.restore(latest, state)
-            start = latest
-        ckpts.close()
+        state, start = restore_latest(run_dir, state)
+    report_fallbacks(args, placement)
 
     callbacks = None
     if schedule is not None:
