@@ -224,6 +224,7 @@ def render_kernels(data: dict) -> str:
 
 RENDERERS = {
     "kernels.json": ("Pallas kernels", render_kernels),
+    "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),
     "pruning_ratio02_steps120.json": ("Structured pruning of SmolLM2-135M, ratio 0.2, 120-step budget",
                                       render_pruning),
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
