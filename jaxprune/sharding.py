@@ -110,8 +110,13 @@ class ShardingRules:
                 parsed.append((pattern, P()))
             else:
                 dims = [_mesh_axes(v, f"--shard-rule {item!r}") for v in value.split(",")]
-                parsed.append((pattern, P(*[d if len(d) > 1 else (d[0] if d else None) for d in dims])))
+                parsed.append((pattern, P(*map(spec_entry, dims))))
         return cls(rules, tuple(parsed))
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """One PartitionSpec entry for a dimension split over ``axes``: None, ``"fsdp"`` or ``("tensor", "fsdp")``."""
+    return axes[0] if len(axes) == 1 else (axes or None)
 
 
 def _mesh_axes(value: str, what: str) -> tuple[str, ...]:
@@ -159,7 +164,7 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
         sizes[wild[0]] = n // known
     total = math.prod(sizes.values())
     if total > n or (total < n and jax.process_count() > 1):
-        raise UserError(f"--mesh {spec!r} has {math.prod(sizes.values())} devices, but {n} are available "
+        raise UserError(f"--mesh {spec!r} has {total} devices, but {n} are available "
                         f"({jax.process_count()} process(es) × {jax.local_device_count()} local)")
     return sizes
 
@@ -218,7 +223,7 @@ class Placement:
             if cands and not axes:
                 self.fallbacks.append(f"{path}: {units} {name} on {cands[0]}={self.mesh.shape[cands[0]]}")
             used.update(axes)
-            dims[d] = axes[0] if len(axes) == 1 else (axes or None)
+            dims[d] = spec_entry(axes)
         while dims and dims[-1] is None:
             dims.pop()
         return P(*dims)
@@ -263,7 +268,7 @@ class Placement:
                                 f"mesh axes ({n} devices); pick a multiple of {n}")
             return self.replicated()
         dims = [None] * len(shape)
-        dims[batch_dim] = axes[0] if len(axes) == 1 else (axes or None)
+        dims[batch_dim] = spec_entry(axes)
         return NamedSharding(self.mesh, P(*dims))
 
     def put_batch(self, batch: np.ndarray, batch_dim: int, *, strict: bool = True) -> jax.Array:
