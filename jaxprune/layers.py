@@ -12,6 +12,9 @@ Variable types decide which pytree a value lands in (see ``partition.py``):
     y = x @ W + s * (x @ A) @ B + b                + LoRA, A [in, r], B [r, out], s = alpha / r
     y = x @ ((W + s * A @ B) * M) + b              + elementwise mask M [in, out] (unstructured, N:M)
 
+W may be stored int8 with one scale per output column (``kernel_scale``, see ``quantize.py``):
+then ``W = q · s`` and the unmasked forward computes ``(x @ q) · s``.
+
 Structured masks (heads, MLP channels) live in the attention and MLP modules and
 act on activations, which is exact and cheap (see ``model.py``).
 """
@@ -32,8 +35,8 @@ class Mask(nnx.Variable):
 class Linear(nnx.Module):
     """``y = x @ ((W + s·A@B) ⊙ M) + b`` with every term optional but W.
 
-    Shapes: ``kernel`` [in, out], ``bias`` [out], ``lora_a`` [in, r], ``lora_b`` [r, out],
-    ``weight_mask`` [in, out] bool.
+    Shapes: ``kernel`` [in, out] (float, or int8 with ``kernel_scale`` [out]), ``bias`` [out],
+    ``lora_a`` [in, r], ``lora_b`` [r, out], ``weight_mask`` [in, out] bool.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
@@ -47,6 +50,7 @@ class Linear(nnx.Module):
         if use_bias and bias is None:
             bias = jnp.zeros((out_features,), dtype)
         self.bias = nnx.data(nnx.Param(jnp.asarray(bias, dtype)) if use_bias else None)
+        self.kernel_scale = nnx.data(None)  # [out] when ``kernel`` is int8 (quantize.quantize_base)
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
         self.lora_scale = 0.0
@@ -69,9 +73,16 @@ class Linear(nnx.Module):
     def has_lora(self) -> bool:
         return self.lora_a is not None
 
+    def base_kernel(self) -> jax.Array:
+        """W [in, out], dequantised (``q · s``, in the scale's dtype) when stored int8."""
+        if self.kernel_scale is None:
+            return self.kernel[...]
+        from .quantize import dequantize
+        return dequantize(self.kernel[...], self.kernel_scale[...])
+
     def merged_kernel(self) -> jax.Array:
         """``(W + s·A@B) ⊙ M``: [in, out]."""
-        w = self.kernel[...]
+        w = self.base_kernel()
         if self.has_lora:
             w = w + self.lora_scale * (self.lora_a[...] @ self.lora_b[...]).astype(w.dtype)
         if self.weight_mask is not None:
@@ -83,7 +94,7 @@ class Linear(nnx.Module):
         if self.weight_mask is not None:
             if self.impl == "pallas":
                 from jaxprune import kernels
-                w = self.kernel[...]
+                w = self.base_kernel()
                 if self.has_lora:
                     a, b, s = self.lora_a[...].astype(w.dtype), self.lora_b[...].astype(w.dtype), self.lora_scale
                 else:  # a rank-1 zero adapter: the kernel then computes x @ (W ⊙ M)
@@ -92,7 +103,10 @@ class Linear(nnx.Module):
             else:
                 y = x @ self.merged_kernel()
         else:
-            y = x @ self.kernel[...]
+            if self.kernel_scale is None:
+                y = x @ self.kernel[...]
+            else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
+                y = (x @ self.kernel[...].astype(x.dtype)) * self.kernel_scale[...].astype(x.dtype)
             if self.has_lora:
                 a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
                 y = y + self.lora_scale * ((x @ a) @ b)

@@ -59,7 +59,7 @@ LINEAR_AXES = {
     "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
 }
-_LINEAR = re.compile(r"(?:^|\.)(" + "|".join(LINEAR_AXES) + r")\.(kernel|weight_mask|lora_a|lora_b|bias)$")
+_LINEAR = re.compile(r"(?:^|\.)(" + "|".join(LINEAR_AXES) + r")\.(kernel|kernel_scale|weight_mask|lora_a|lora_b|bias)$")
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
@@ -68,7 +68,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     if m:
         inp, out = LINEAR_AXES[m.group(1)]
         axes = {"kernel": (inp, out), "weight_mask": (inp, out), "lora_a": (inp, "lora_rank"),
-                "lora_b": ("lora_rank", out), "bias": (out,)}[m.group(2)]
+                "lora_b": ("lora_rank", out), "bias": (out,), "kernel_scale": (out,)}[m.group(2)]
     elif re.search(r"(?:^|\.)embed_tokens(\.embedding)?$", path):
         axes = ("vocab", "embed")
     elif re.search(r"(?:^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", path):

@@ -29,8 +29,9 @@ RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "comma
                *MESH_RESUME_FREE}
 
 
-def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4) -> None:
-    """Arguments shared by every command that trains LoRA factors (finetune, prune)."""
+def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, frozen_base: bool = False) -> None:
+    """Arguments shared by every command that trains low-rank factors (finetune, prune, pretrain);
+    ``frozen_base`` adds the flags of commands whose base weights stay frozen (finetune, prune)."""
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); flags given on the command line override it")
     p.add_argument("--text", help="training text: a .txt file or a directory of them")
     p.add_argument("--out", help="run directory")
@@ -56,6 +57,12 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4) ->
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="base weight dtype")
+    if frozen_base:
+        from .quantize import QUANTIZE_CHOICES
+        p.add_argument("--quantize-base", choices=QUANTIZE_CHOICES, default="none",
+                       help="int8: store the frozen decoder linears as int8 with one fp32 scale per output "
+                            "channel (absmax/127, as the official LoRAPrune's load_in_8bit); ~1/4 of the fp32 "
+                            "base memory. Only for methods that never differentiate the base")
     from .sharding import add_mesh_args
     add_mesh_args(p)
 
@@ -162,6 +169,9 @@ def setup_lora_run(args, model=None) -> RunSetup:
     if not args.text:
         raise UserError("--text FILE is required")
     model = model if model is not None else load.load_model(args.model, args.dtype)
+    if getattr(args, "quantize_base", "none") == "int8":
+        from .quantize import quantize_base
+        quantize_base(model)
     tok = load.load_tokenizer(args.model)
     paths = add_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=args.targets, seed=args.seed)
     graphdef, frozen, trainable, masks = partition(model)
@@ -191,13 +201,17 @@ def report_fallbacks(args, placement) -> None:
 
 
 def final_model(graphdef, frozen, state):
-    """The trained model with every array gathered to this host (all processes take part)."""
+    """The trained model with every array gathered to this host (all processes take part); an int8
+    base comes back dequantised (float, as every saved model is)."""
     from .partition import combine
+    from .quantize import dequantize_base
     from .sharding import to_host
 
     frozen, trainable, masks = to_host((frozen, state.trainable, state.masks))
     as_jax = lambda t: jax.tree.map(jnp.asarray, t)  # noqa: E731
-    return combine(graphdef, as_jax(frozen), as_jax(trainable), as_jax(masks))
+    model = combine(graphdef, as_jax(frozen), as_jax(trainable), as_jax(masks))
+    dequantize_base(model)
+    return model
 
 
 def optim_config(args):
@@ -269,7 +283,7 @@ def _last_metrics(run_dir: Path) -> dict:
 def add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="LoRA fine-tuning on a frozen base")
     p.add_argument("model")
-    add_run_args(p, steps=200)
+    add_run_args(p, steps=200, frozen_base=True)
     p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights in RUN_DIR/model")
     p.add_argument("--keep-sparsity", action="store_true",
                    help="train through (W + s·A@B) ⊙ M: masks from the checkpoint, else M = (W != 0)")

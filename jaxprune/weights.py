@@ -78,8 +78,8 @@ def model_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
 
 
 def merged_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
-    """Every Variable but the LoRA factors, with each kernel replaced by ``(W + s·A@B) ⊙ M``."""
-    arrays = {p: v for p, v in model_arrays(model).items() if p[-1] not in ("lora_a", "lora_b")}
+    """Every Variable but the LoRA factors (and int8 scales), each kernel replaced by ``(W + s·A@B) ⊙ M``."""
+    arrays = {p: v for p, v in model_arrays(model).items() if p[-1] not in ("lora_a", "lora_b", "kernel_scale")}
     for path, lin in linears(model):
         arrays[path + ("kernel",)] = lin.merged_kernel()
     return arrays
@@ -103,7 +103,7 @@ def dense_arrays(model: LlamaForCausalLM) -> dict[Path, jax.Array]:
     """
     out: dict[Path, jax.Array] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if not isinstance(var, nnx.LoRAParam):
+        if not isinstance(var, nnx.LoRAParam) and path[-1] != "kernel_scale":
             out[tuple(path)] = var.get_value()
     for path, lin in linears(model):
         out[path + ("kernel",)] = lin.merged_kernel()

@@ -25,7 +25,7 @@ def add_prune_parser(sub) -> None:
 
     p = sub.add_parser("prune", help="structured pruning: LoRAPrune or a one-shot baseline + LoRA recovery")
     p.add_argument("model")
-    add_run_args(p, steps=200)
+    add_run_args(p, steps=200, frozen_base=True)
     p.add_argument("--method", choices=METHODS, default="loraprune")
     p.add_argument("--ratio", type=float, default=0.5, help="per-layer fraction of units pruned")
     p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
@@ -106,6 +106,9 @@ def cmd_prune(args) -> dict:
     from .posttraining import cmd_prune_posttraining, is_posttraining
     from .shrink import describe_widths, shrink
 
+    if args.quantize_base != "none" and (args.method != "loraprune" or is_posttraining(args)):
+        raise UserError(f"--quantize-base {args.quantize_base}: only --method loraprune keeps the base frozen "
+                        f"(--method {args.method} reads base-weight gradients or rewrites the weights)")
     if is_posttraining(args):
         return cmd_prune_posttraining(args)
     if not 0.0 <= args.ratio < 1.0:

@@ -41,6 +41,13 @@ def lora_merged_grad(a, b, grad_a, grad_b):
     return grad_a @ b + a @ grad_b - grad_a @ grad_b
 
 
+def base_kernel(module: dict) -> jnp.ndarray:
+    """A frozen module dict's W [in, out]; int8 kernels dequantised (``q · s``, see quantize.py)."""
+    if "kernel_scale" in module:
+        return module["kernel"].astype(jnp.float32) * module["kernel_scale"].astype(jnp.float32)
+    return module["kernel"]
+
+
 def _l2_normalise(v):
     return v / (jnp.linalg.norm(v) + 1e-12)
 
@@ -79,7 +86,7 @@ def lora_guided_importance(cfg: ModelConfig, trainable: dict, grads: dict, froze
             return None
         g = grads["layers"][i][block][module]
         a, b = t["lora_a"], t["lora_b"]
-        w = frozen["layers"][i][block][module]["kernel"]
+        w = base_kernel(frozen["layers"][i][block][module])
         merged = w + lora_scale * (a @ b).astype(w.dtype)
         return jnp.abs(lora_merged_grad(a, b, g["lora_a"], g["lora_b"]) * merged)
     return unit_scores(cfg, element, unit, normalise_modules=True)
@@ -97,7 +104,7 @@ def taylor_importance(cfg: ModelConfig, frozen: dict, base_grads: dict, unit: At
 def magnitude_importance(cfg: ModelConfig, frozen: dict, unit: AttnUnit) -> UnitScores:
     """L2 norm of each unit's weights across its coupled modules: sqrt(Σ W²)."""
     def element(i, block, module):
-        w = frozen["layers"][i][block][module]["kernel"]
+        w = base_kernel(frozen["layers"][i][block][module])
         return jnp.square(w.astype(jnp.float32))
     attn, mlp = unit_scores(cfg, element, unit, normalise_modules=False)
     return tuple(jnp.sqrt(a) for a in attn), tuple(jnp.sqrt(m) for m in mlp)

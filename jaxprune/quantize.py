@@ -1,0 +1,65 @@
+"""Int8 frozen base weights: per-output-channel absmax quantisation (LLM.int8's vector-wise scheme).
+
+For a kernel W [in, out] (our layout), one fp32 scale per output column j::
+
+    s_j = max_i |W[i, j]| / 127,    q[i, j] = round(W[i, j] / s_j) ∈ [-127, 127] (int8),    W ≈ q · s
+
+The official LoRAPrune's ``load_in_8bit`` (bitsandbytes ``Linear8bitLt``) stores the frozen base this
+way (``SCB`` is the absmax of each row of torch's [out, in] weight, i.e. of each of our output
+columns) and scores importance with the dequantised weight ``q · SCB / 127``
+(aim-uofa/LoRAPrune ``loraprune/utils.py``, ``compute_sensitivity``). Only the frozen kernels of the
+decoder linears are quantised; embeddings, norms, ``lm_head``, biases and LoRA factors stay float.
+A quantised base has no gradient, so only methods that never differentiate the base use it
+(LoRA fine-tuning, LoRAPrune). Rounding error per element is at most s_j / 2.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """W [in, out] float -> (q [in, out] int8, s [out] float32) with W ≈ q · s."""
+    w32 = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=0) / 127.0
+    q = jnp.round(w32 / jnp.where(scale > 0, scale, 1.0))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """(q [in, out] int8, s [out]) -> q · s [in, out] in the scale's dtype."""
+    return q.astype(scale.dtype) * scale
+
+
+def quantize_base(model: nnx.Module) -> list[str]:
+    """Quantise every decoder linear's kernel in place (``lm_head`` stays float); returns their paths."""
+    from .weights import linears, path_str
+
+    done = []
+    for path, lin in linears(model):
+        name = path_str(path)
+        if name == "lm_head" or lin.kernel_scale is not None:
+            continue
+        q, scale = quantize_int8(lin.kernel[...])
+        lin.kernel = nnx.Param(q)
+        lin.kernel_scale = nnx.Param(scale)
+        done.append(name)
+    return done
+
+
+def dequantize_base(model: nnx.Module) -> int:
+    """Undo ``quantize_base`` in place: kernels become ``q · s`` in the model's float dtype (the int8
+    rounding stays). Returns the number of linears changed. Saved models are always float."""
+    from .weights import linears
+
+    n = 0
+    for _, lin in linears(model):
+        if lin.kernel_scale is not None:
+            lin.kernel = nnx.Param(lin.base_kernel().astype(model.dtype))
+            lin.kernel_scale = nnx.data(None)
+            n += 1
+    return n
