@@ -106,7 +106,8 @@ class Linear(nnx.Module):
             if self.kernel_scale is None:
                 y = x @ self.kernel[...]
             else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
-                y = (x @ self.kernel[...].astype(x.dtype)) * self.kernel_scale[...].astype(x.dtype)
+                from .quantize import int8_matmul
+                y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
             if self.has_lora:
                 a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
                 y = y + self.lora_scale * ((x @ a) @ b)

@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both methods)")
+    ap.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
     a = ap.parse_args()
@@ -78,6 +80,7 @@ def main() -> None:
     result = {"benchmark": "pruning", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "budget": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
+                         "grad_accum": a.grad_accum, "prune_every": a.prune_every,
                          "eval_tokens": a.eval_tokens, "eval_seq_len": 256},
               "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps}, "results": []}
     for ratio in [float(r) for r in a.ratios.split(",")]:
@@ -87,7 +90,8 @@ def main() -> None:
                 run = Path(tmp) / "run"
                 argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
                         "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
-                        "--batch-size", str(a.batch_size), "--save-every", str(a.steps), "--val-every", "0",
+                        "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
+                        "--prune-every", str(a.prune_every), "--save-every", str(a.steps), "--val-every", "0",
                         "--out", str(run), "--json", "--no-progress"]
                 t = time.time()
                 args = build_parser().parse_args(argv)

@@ -107,19 +107,23 @@ def render_memory(data: dict) -> str:
 
 
 def render_pruning_memory(data: dict) -> str:
-    rows = []
-    for r in data.get("results", []):
-        rows.append([r["model"], r["base_dtype"], "on" if r.get("remat") else "off", f"{r['batch']}x{r['seq_len']}",
-                     _mib(r["loraprune"]["total_bytes"]), _mib(r["llm_pruner_materialised"]["total_bytes"]),
-                     f"{r['ratio_vs_llm_pruner_materialised']:.2f}", _mib(r["llm_pruner_fused"]["total_bytes"]),
-                     f"{r['ratio_vs_llm_pruner_fused']:.2f}"])
+    steps = {"loraprune": "LoRAPrune step", "llm_pruner_materialised": "LLM-Pruner, every ∂L/∂W held",
+             "llm_pruner_fused": "LLM-Pruner, scores only"}
+    rows = [[r["model"], steps.get(r["step"], r["step"]), r["base"], "on" if r["remat"] else "off",
+             _mib(r["argument_bytes"]), _mib(r["temp_bytes"]), _mib(r["output_bytes"] - r["alias_bytes"]),
+             _mib(r["total_bytes"]), f"{r['ratio_vs_reference']:.2f}x"] for r in data.get("results", [])]
+    m = data.get("machine", {})
     return "\n".join([
-        "Compiled memory (arguments + temporaries + outputs − aliased, MiB) of the LoRAPrune step (forward, backward "
-        "w.r.t. LoRA, importance EMA, AdamW) vs the LLM-Pruner importance step (backward w.r.t. base weights), "
-        "AOT-compiled on ShapeDtypeStructs. `materialised` returns every base-weight gradient, as the official "
-        "PyTorch code holds every `.grad`; `fused` returns only unit scores.", "",
-        table(["shape", "base", "remat", "batch", "LoRAPrune", "LLM-Pruner materialised", "ratio",
-               "LLM-Pruner fused", "ratio"], rows),
+        f"Compiled memory (`memory_analysis()`, MiB) of one step at batch {data.get('batch')} x "
+        f"{data.get('seq_len')} tokens, LoRA rank {data.get('lora_rank')}, AOT-compiled on ShapeDtypeStructs (no "
+        "weights allocated). LoRAPrune step: forward, backward w.r.t. LoRA, importance EMA and AdamW in one jit. "
+        "LLM-Pruner step: backward w.r.t. the base weights; the reference (1.00x) holds every base-weight "
+        "gradient with no remat, as the official PyTorch code does. int8: the frozen decoder linears stored as "
+        "int8 with one fp32 scale per output channel (`--quantize-base int8`, the official LoRAPrune's "
+        "`load_in_8bit`); LLM-Pruner differentiates the base, so it has no int8 variant.", "",
+        table(["shape", "step", "base", "remat", "arguments", "temporaries", "outputs", "total", "vs reference"],
+              rows),
+        "", f"Backend {m.get('backend')}, jax {m.get('jax')}, {m.get('cpus')} CPUs.",
     ])
 
 
@@ -230,8 +234,7 @@ RENDERERS = {
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
-    "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner", render_pruning_memory),
-    "pruning_memory_7b_fp32.json": ("Pruning-step memory, LLaMA-7B shape with an fp32 base", render_pruning_memory),
+    "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32)", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),

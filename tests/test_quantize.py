@@ -149,3 +149,17 @@ def test_int8_base_refused_where_the_base_is_differentiated_or_rewritten(tiny_hf
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "jaxprune prune: error: --quantize-base int8: only --method loraprune")
     assert not (tmp_path / "r").exists()
+
+
+def test_int8_matmul_gradient_wrt_x_is_the_dequantised_weights():
+    from jaxprune.quantize import int8_matmul
+
+    rng = np.random.default_rng(3)
+    q, s = quantize_int8(jnp.asarray(rng.standard_normal((16, 12)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+    w = dequantize(q, s)
+    got = jax.grad(lambda x: jnp.sum(int8_matmul(x, q, s) * dy))(x)
+    want = jax.grad(lambda x: jnp.sum((x @ w) * dy))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(jax.grad(lambda s: jnp.sum(int8_matmul(x, q, s)))(s)) == 0)  # frozen base

@@ -44,7 +44,8 @@ def lora_merged_grad(a, b, grad_a, grad_b):
 def base_kernel(module: dict) -> jnp.ndarray:
     """A frozen module dict's W [in, out]; int8 kernels dequantised (``q · s``, see quantize.py)."""
     if "kernel_scale" in module:
-        return module["kernel"].astype(jnp.float32) * module["kernel_scale"].astype(jnp.float32)
+        from ..quantize import dequantize
+        return dequantize(module["kernel"], module["kernel_scale"].astype(jnp.float32))
     return module["kernel"]
 
 
