@@ -163,3 +163,21 @@ def test_int8_matmul_gradient_wrt_x_is_the_dequantised_weights():
     want = jax.grad(lambda x: jnp.sum((x @ w) * dy))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(jax.grad(lambda s: jnp.sum(int8_matmul(x, q, s)))(s)) == 0)  # frozen base
+
+
+def test_int8_loraprune_step_never_holds_every_float_weight():
+    """Compiled memory of the LoRAPrune step: the int8 base cuts the arguments by ~3/4 of the float
+    kernels and adds less than one float kernel of temporaries (XLA must not hoist or share the float
+    copies of q across layers: that would add all of them, 24 MB here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_pruning_memory import compile_step, memory
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_layers=6, num_heads=4,
+                      num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    f32, i8 = (memory(compile_step("loraprune", cfg, jnp.float32, 1, 32, 4, False, q)) for q in (False, True))
+    kernel_bytes = 6 * 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 1024)
+    assert f32["argument_bytes"] - i8["argument_bytes"] >= 0.74 * kernel_bytes
+    assert i8["temp_bytes"] - f32["temp_bytes"] < 4 * 256 * 1024  # one float MLP kernel
