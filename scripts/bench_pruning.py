@@ -53,12 +53,14 @@ def plot(rows, dense_ppl, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--methods", default=",".join(f"{m}:{u}" for m, u in RUNS))
+    ap.add_argument("--methods", default=",".join(f"{m}:{u}" for m, u in RUNS),
+                    help="METHOD:UNIT[:int8], comma-separated (':int8' = --quantize-base int8, LoRAPrune only)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both methods)")
     ap.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
+    ap.add_argument("--seed", type=int, default=0, help="data order and LoRA init (both methods)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
     a = ap.parse_args()
@@ -80,18 +82,20 @@ def main() -> None:
     result = {"benchmark": "pruning", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "budget": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                         "grad_accum": a.grad_accum, "prune_every": a.prune_every,
+                         "grad_accum": a.grad_accum, "prune_every": a.prune_every, "seed": a.seed,
                          "eval_tokens": a.eval_tokens, "eval_seq_len": 256},
               "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps}, "results": []}
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for spec in a.methods.split(","):
-            method, unit = spec.split(":")
+            method, unit, *base = spec.split(":")  # loraprune:kv_group:int8 -> --quantize-base int8
+            quant = ["--quantize-base", base[0]] if base else []
             with tempfile.TemporaryDirectory() as tmp:
                 run = Path(tmp) / "run"
                 argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
                         "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
                         "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                        "--prune-every", str(a.prune_every), "--save-every", str(a.steps), "--val-every", "0",
+                        "--prune-every", str(a.prune_every), "--seed", str(a.seed), *quant,
+                        "--save-every", str(a.steps), "--val-every", "0",
                         "--out", str(run), "--json", "--no-progress"]
                 t = time.time()
                 args = build_parser().parse_args(argv)
@@ -101,14 +105,15 @@ def main() -> None:
             ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens,
                              progress=False)["ppl"]
             tps = forward_throughput(pruned, batch_size=4, seq_len=256)
-            row = {"method": method, "attn_unit": unit, "ratio": ratio, "ppl": ppl,
+            row = {"method": method, "attn_unit": unit, "base": base[0] if base else "float", "ratio": ratio,
+                   "ppl": ppl,
                    "params_after": summary["params_after"],
                    "params_removed_fraction": summary["params_removed_fraction"],
                    "heads_pruned": summary["heads_pruned"], "channels_pruned": summary["channels_pruned"],
                    "tokens_per_s": tps, "speedup_vs_dense": tps / dense_tps, "wall_s": wall}
             result["results"].append(row)
             write_json_atomic(out, result)
-            print(f"{method:10s} {unit:8s} ratio {ratio}: ppl {ppl:8.2f}  removed "
+            print(f"{method:10s} {unit:8s} {row['base']:5s} ratio {ratio}: ppl {ppl:8.2f}  removed "
                   f"{row['params_removed_fraction']:.1%}  speed {row['speedup_vs_dense']:.2f}x  ({wall:.0f} s)",
                   flush=True)
     plot(result["results"], dense_ppl, out.with_suffix(".png"))

@@ -132,12 +132,15 @@ def render_pruning(data: dict) -> str:
     b = data.get("budget", {})
     rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "0%", "", "", "1.00x"]]
     for r in data.get("results", []):
-        rows.append([r["method"], r["attn_unit"], r["ratio"], f"{r['ppl']:.2f}", f"{r['params_removed_fraction']:.1%}",
+        method = r["method"] + (f" ({r['base']} base)" if r.get("base", "float") != "float" else "")
+        rows.append([method, r["attn_unit"], r["ratio"], f"{r['ppl']:.2f}", f"{r['params_removed_fraction']:.1%}",
                      f"{r['heads_pruned']:.0%}", f"{r['channels_pruned']:.0%}", f"{r['speedup_vs_dense']:.2f}x"])
     return "\n".join([
-        f"SmolLM2-135M, {b.get('steps')} LoRA steps of {b.get('batch_size')} x {b.get('seq_len')} tokens for every "
+        f"SmolLM2-135M, {b.get('steps')} LoRA steps of {b.get('grad_accum', 1)} x {b.get('batch_size')} x "
+        f"{b.get('seq_len')} tokens (accumulation x batch x length) for every "
         f"method (LoRAPrune prunes during them; the baselines prune first, then recover), perplexity on "
-        f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}.", "",
+        f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}. LoRAPrune sets masks every "
+        f"{b.get('prune_every', 10)} steps; seed {b.get('seed', 0)}.", "",
         table(["method", "attention unit", "ratio", "perplexity", "all params removed", "heads pruned",
                "channels pruned", "forward speed vs dense"], rows),
         "", f"Machine: {data.get('machine', {}).get('platform', '?')}, {data.get('machine', {}).get('cpus', '?')} CPUs.",
@@ -229,6 +232,10 @@ def render_kernels(data: dict) -> str:
 RENDERERS = {
     "kernels.json": ("Pallas kernels", render_kernels),
     "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),
+    "pruning_steps200_seed1.json": ("Structured pruning of SmolLM2-135M, 200-step budget, second seed",
+                                    render_pruning),
+    "pruning_accum4_steps50.json": ("Structured pruning of SmolLM2-135M, 50 steps of 4 accumulated batches",
+                                    render_pruning),
     "pruning_ratio02_steps120.json": ("Structured pruning of SmolLM2-135M, ratio 0.2, 120-step budget",
                                       render_pruning),
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),

@@ -181,3 +181,38 @@ def test_int8_loraprune_step_never_holds_every_float_weight():
     kernel_bytes = 6 * 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 1024)
     assert f32["argument_bytes"] - i8["argument_bytes"] >= 0.74 * kernel_bytes
     assert i8["temp_bytes"] - f32["temp_bytes"] < 4 * 256 * 1024  # one float MLP kernel
+
+
+def test_int8_base_on_a_mesh_equals_one_device():
+    """Scales shard over their kernel's output axis (plus fsdp, which no embed dim claims in a 1-D array,
+    as for LoRA's B); a LoRAPrune step on data=2,fsdp=2,tensor=2 equals one device."""
+    from jaxprune.prune.loraprune import importance_hook, init_importance
+    from jaxprune.sharding import Placement, ShardingRules, make_mesh
+    from jaxprune.train import OptimConfig, make_optimizer, make_train_step, place_train_state, state_shardings_of
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    model = random_llama(cfg, 0, lora={ALL: (4, 8.0)}, lora_b_std=0.1)
+    quantize_base(model)
+    graphdef, frozen, trainable, masks = partition(model)
+    optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10))
+    hook, hook_state = importance_hook(cfg, "kv_group", 2.0), init_importance(cfg, "kv_group")
+    tokens = np.random.default_rng(0).integers(0, 64, (1, 8, 16))
+
+    step = make_train_step(graphdef, optimizer, grad_hook=hook, donate=False)
+    want_tr, _, want_hook, want_m = step(trainable, optimizer.init(trainable), hook_state, frozen, masks,
+                                         jnp.asarray(tokens), jnp.int32(0))
+
+    pl = Placement(make_mesh("data=2,fsdp=2,tensor=2"), ShardingRules(), cfg.head_dim)
+    fr = pl.put(frozen)
+    leaves = {".".join(str(k) for k in p): v for p, v in nnx.to_flat_state(fr)}
+    kernel, scale = leaves["layers.0.mlp.up_proj.kernel"], leaves["layers.0.mlp.up_proj.kernel_scale"]
+    assert kernel.dtype == jnp.int8
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor") and tuple(scale.sharding.spec) == (("tensor", "fsdp"),)
+    st = place_train_state(pl, optimizer, trainable, masks, hook_state)
+    step = make_train_step(graphdef, optimizer, grad_hook=hook, donate=False, state_shardings=state_shardings_of(st))
+    tr, _, hk, m = step(st.trainable, st.opt_state, st.hook_state, fr, st.masks, pl.put_batch(tokens, 1),
+                        jnp.int32(0))
+    np.testing.assert_allclose(float(m["loss"]), float(want_m["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((tr, hk)), jax.tree.leaves((want_tr, want_hook))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
