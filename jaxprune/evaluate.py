@@ -82,19 +82,30 @@ def perplexity(model, tokens: np.ndarray, *, seq_len: int = 512, batch_size: int
             "seq_len": seq_len, "tokens_per_s": fwd_tokens / max(elapsed, 1e-9)}
 
 
-def forward_throughput(model, *, batch_size: int = 4, seq_len: int = 256, iters: int = 5, seed: int = 0) -> float:
-    """Forward tokens / s of the jitted logits computation (compile excluded, median of ``iters``)."""
+def _timed_forward(model, batch_size: int, seq_len: int, seed: int):
+    """A compiled, warmed-up forward of ``model`` -> a function returning one call's seconds."""
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def fwd(state, x):
-        return nnx.merge(graphdef, state)(x)
-
+    fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     x = jax.random.randint(jax.random.key(seed), (batch_size, seq_len), 0, model.config.vocab_size)
     jax.block_until_ready(fwd(state, x))
-    times = []
-    for _ in range(iters):
+
+    def once() -> float:
         t = time.perf_counter()
         jax.block_until_ready(fwd(state, x))
-        times.append(time.perf_counter() - t)
-    return batch_size * seq_len / float(np.median(times))
+        return time.perf_counter() - t
+    return once
+
+
+def forward_throughput(model, *, batch_size: int = 4, seq_len: int = 256, iters: int = 5, seed: int = 0) -> float:
+    """Forward tokens / s of the jitted logits computation (compile excluded, median of ``iters``)."""
+    once = _timed_forward(model, batch_size, seq_len, seed)
+    return batch_size * seq_len / float(np.median([once() for _ in range(iters)]))
+
+
+def forward_speedup(model, baseline, *, batch_size: int = 4, seq_len: int = 256, rounds: int = 7,
+                    seed: int = 0) -> float:
+    """Forward speed of ``model`` over ``baseline``: the median over ``rounds`` of (baseline time /
+    model time), the two timed back to back each round so that load on the machine hits both alike."""
+    a = _timed_forward(model, batch_size, seq_len, seed)
+    b = _timed_forward(baseline, batch_size, seq_len, seed)
+    return float(np.median([b() / a() for _ in range(rounds)]))

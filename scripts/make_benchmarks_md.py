@@ -144,6 +144,7 @@ def render_pruning(data: dict) -> str:
         table(["method", "attention unit", "ratio", "perplexity", "all params removed", "heads pruned",
                "channels pruned", "forward speed vs dense"], rows),
         "", f"Machine: {data.get('machine', {}).get('platform', '?')}, {data.get('machine', {}).get('cpus', '?')} CPUs.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
     ])
 
 
@@ -232,6 +233,8 @@ def render_kernels(data: dict) -> str:
 RENDERERS = {
     "kernels.json": ("Pallas kernels", render_kernels),
     "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),
+    "pruning_speed.json": ("Forward speed of the pruned shapes (20-step runs: their perplexities mean nothing)",
+                           render_pruning),
     "pruning_steps200_seed1.json": ("Structured pruning of SmolLM2-135M, 200-step budget, second seed",
                                     render_pruning),
     "pruning_accum4_steps50.json": ("Structured pruning of SmolLM2-135M, 50 steps of 4 accumulated batches",
@@ -262,12 +265,13 @@ def render_file(path: Path) -> str:
 
 
 NOTES = """\
-Machine: the 2-core, 24 GiB CPU development box; no GPU was lent. The first round of numbers
-(2026-11-23) was taken while 3-4 other jobs shared the two cores (load average 5-13): wall-clock
-and tokens/s figures (forward throughput, step times, "forward speed vs dense") are noisy and
-should be re-measured on an idle machine. Perplexities and compiled-memory figures do not depend
-on load. Compiled memory comes from XLA:CPU, which upcasts bf16 dots to f32 (inflating bf16
-temporaries) and does not lower temporaries with per-layer remat; GPU/TPU figures will differ."""
+Machine: the 2-core, 24 GiB CPU development box; no GPU was lent. Many runs shared the two cores with
+other jobs: wall-clock and tokens/s figures in those files are noisy (files with a note say so). The
+forward-speed ratios to trust are in "Forward speed of the pruned shapes": taken on an idle machine,
+timed back to back with the dense model. Perplexities and compiled-memory figures do not depend on
+load. Compiled memory comes from XLA:CPU, which upcasts bf16 dots to f32 (so the pruning-memory
+benchmark runs in fp32) and drops the optimisation barriers that keep per-layer remat from being
+undone by CSE (so remat barely lowers temporaries here); GPU/TPU figures will differ."""
 
 
 def build(bench_dir: Path) -> str:
