@@ -39,6 +39,8 @@ class Linear(nnx.Module):
     ``lora_a`` [in, r], ``lora_b`` [r, out], ``weight_mask`` [in, out] bool.
     """
 
+    kernel_scale = None  # class default: subclasses that skip __init__ (SLTrain, SLoPe) are never int8
+
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None, kernel: jax.Array | None = None,
                  bias: jax.Array | None = None, init_std: float = 0.02):

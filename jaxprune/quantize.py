@@ -96,8 +96,8 @@ def dequantize_base(model: nnx.Module) -> int:
     from .weights import linears
 
     n = 0
-    for _, lin in linears(model):  # getattr: Linear subclasses (SLTrain, SLoPe) have no int8 form
-        if getattr(lin, "kernel_scale", None) is not None:
+    for _, lin in linears(model):
+        if lin.kernel_scale is not None:
             lin.kernel = nnx.Param(lin.base_kernel().astype(model.dtype))
             lin.kernel_scale = nnx.data(None)
             n += 1

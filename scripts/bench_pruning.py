@@ -104,8 +104,7 @@ def main() -> None:
                 pruned = load.load_model(run / "model")
             ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens,
                              progress=False)["ppl"]
-            tps = forward_throughput(pruned, batch_size=4, seq_len=256)
-            speedup = forward_speedup(pruned, dense, batch_size=4, seq_len=256)  # interleaved with dense
+            speedup, tps = forward_speedup(pruned, dense, batch_size=4, seq_len=256)  # interleaved with dense
             row = {"method": method, "attn_unit": unit, "base": base[0] if base else "float", "ratio": ratio,
                    "ppl": ppl,
                    "params_after": summary["params_after"],
