@@ -50,6 +50,7 @@ def main() -> None:
     dense_tps = forward_throughput(model, batch_size=4, seq_len=256)
 
     print(f"[demo] LoRAPrune: ratio {a.ratio}, {steps} steps of 4 x 128 tokens", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # runs/ does not exist in a fresh clone
     argv = ["prune", str(paths.hf_dir), "--method", "loraprune", "--ratio", str(a.ratio),
             "--text", str(paths.train_text), "--steps", str(steps), "--seq-len", "128", "--batch-size", "4",
             "--lr", "3e-4", "--save-every", str(max(steps // 2, 1)), "--val-every", str(max(steps // 4, 1)),

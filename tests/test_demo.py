@@ -15,7 +15,7 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_demo_quick(fixtures, tmp_path):
-    out = tmp_path / "demo"
+    out = tmp_path / "runs" / "demo"  # a parent that does not exist yet, as runs/ in a fresh clone
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
