@@ -15,13 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from .config import ModelConfig
 from .errors import UserError
-from .hf import check_output_dir, replace_dir
+from .fileio import check_output_dir, replace_dir
 from .model import LlamaForCausalLM
 from .weights import lora_spec, model_arrays, model_from_arrays, weight_mask_paths
 
@@ -54,14 +55,12 @@ def unnest(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
 def _this_process_only() -> ocp.options.MultiprocessingOptions:
     """Model checkpoints hold host-local arrays: the calling process reads / writes them alone
     (under jax.distributed, orbax would otherwise wait for every process)."""
-    import jax
     return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                               active_processes={jax.process_index()})
 
 
 def save_pytree(directory: Path, tree) -> None:
     """Save a pytree of host-local arrays with orbax (blocking)."""
-    import jax
     tree = jax.tree.map(np.asarray, tree)  # orbax refuses single-device jax arrays under jax.distributed
     with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
         ckptr.save(Path(directory).absolute(), tree)

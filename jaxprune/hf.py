@@ -7,7 +7,6 @@ bit-exact). ``.bin`` / pickle weights are refused: jaxprune never unpickles.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -15,9 +14,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from .config import ModelConfig
 from .errors import UserError
+from .fileio import check_output_dir, replace_dir
 from .model import LlamaForCausalLM
 from .weights import dense_arrays, model_from_arrays
 
@@ -71,8 +73,6 @@ def _arrays_from_hf_tensors(tensors: dict[str, np.ndarray]) -> dict[tuple, np.nd
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     tensors: dict[str, np.ndarray] = {}
     for f in files:
@@ -220,7 +220,6 @@ def pad_to_uniform(arrays: dict[tuple, np.ndarray], cfg: ModelConfig):
 def export_hf(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwrite: bool = False,
               dtype=None, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write an HF dir (config.json, model.safetensors[.index.json], tokenizer) atomically."""
-    from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
@@ -262,21 +261,3 @@ def _write_shards(tensors, directory: Path, shard_bytes: int, save_file) -> None
         weight_map.update({n: fname for n in shard})
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
-    if not out_dir.parent.exists():
-        raise UserError(f"{out_dir.parent}: parent directory does not exist")
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temp dir into place (the old one is removed only once the new one is complete)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

@@ -6,13 +6,17 @@ Variable types decide which pytree a value lands in (see ``partition.py``):
 * ``nnx.LoRAParam`` low-rank factors (and other trainable factors): the optimizer's
 * ``Mask``          boolean masks: owned by the pruner
 
+Every Variable that should be sharded carries its **logical axes** as NNX metadata, given where
+it is created (``logical_axes=("embed", "mlp")``, as MaxText's ``layers/linears.py`` does);
+``sharding.py`` maps those names to mesh axes. A Variable without them is replicated.
+
 ``Linear`` covers the variants the methods need, in our ``[in, out]`` layout::
 
     y = x @ W + b                                  dense
     y = x @ W + s * (x @ A) @ B + b                + LoRA, A [in, r], B [r, out], s = alpha / r
     y = x @ ((W + s * A @ B) * M) + b              + elementwise mask M [in, out] (unstructured, N:M)
 
-W may be stored int8 with one scale per output column (``kernel_scale``, see ``quantize.py``):
+W may be stored int8 with one scale per output column (``kernel_scale``, see ``ops/int8.py``):
 then ``W = q · s`` and the unmasked forward computes ``(x @ q) · s``.
 
 Structured masks (heads, MLP channels) live in the attention and MLP modules and
@@ -27,9 +31,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import kernels
+from .ops.int8 import dequantize, int8_matmul
+
+AXES_KEY = "logical_axes"  #: the NNX metadata key holding a Variable's logical axis names
+Axes = tuple  # tuple[str | None, ...]: one logical name (or None) per dimension
+
 
 class Mask(nnx.Variable):
     """A boolean mask owned by the pruner; ``True`` keeps a unit."""
+
+
+def with_axes(variable_type, value, axes: Axes | None):
+    """``variable_type(value)`` carrying ``axes`` as its logical-axes metadata (none when ``axes`` is None)."""
+    return variable_type(value) if axes is None else variable_type(value, **{AXES_KEY: tuple(axes)})
+
+
+def logical_axes_of(variable) -> Axes | None:
+    """The logical axes a Variable was created with, or None."""
+    return variable.get_metadata().get(AXES_KEY) if isinstance(variable, nnx.Variable) else None
 
 
 class Linear(nnx.Module):
@@ -37,21 +57,27 @@ class Linear(nnx.Module):
 
     Shapes: ``kernel`` [in, out] (float, or int8 with ``kernel_scale`` [out]), ``bias`` [out],
     ``lora_a`` [in, r], ``lora_b`` [r, out], ``weight_mask`` [in, out] bool.
+    ``axes`` = (in, out) logical axis names, e.g. ``("embed", "mlp")``; every Variable of the layer
+    takes its dimensions' names from them. ``with_kernel=False`` builds a layer whose weight is
+    composed from other factors (SLTrain); it must then override ``merged_kernel`` and ``__call__``.
     """
 
-    kernel_scale = None  # class default: subclasses that skip __init__ (SLTrain, SLoPe) are never int8
-
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
-                 dtype=jnp.float32, rngs: nnx.Rngs | None = None, kernel: jax.Array | None = None,
-                 bias: jax.Array | None = None, init_std: float = 0.02):
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None] = (None, None),
+                 use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 kernel: jax.Array | None = None, bias: jax.Array | None = None, init_std: float = 0.02,
+                 with_kernel: bool = True):
         self.in_features, self.out_features = in_features, out_features
-        if kernel is None:
-            rngs = rngs or nnx.Rngs(0)
-            kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), dtype)
-        self.kernel = nnx.Param(jnp.asarray(kernel, dtype))
+        self.axes = tuple(axes)
+        if not with_kernel:
+            self.kernel = nnx.data(None)
+        else:
+            if kernel is None:
+                rngs = rngs or nnx.Rngs(0)
+                kernel = init_std * jax.random.normal(rngs.params(), (in_features, out_features), dtype)
+            self.kernel = with_axes(nnx.Param, jnp.asarray(kernel, dtype), self.axes)
         if use_bias and bias is None:
             bias = jnp.zeros((out_features,), dtype)
-        self.bias = nnx.data(nnx.Param(jnp.asarray(bias, dtype)) if use_bias else None)
+        self.bias = nnx.data(with_axes(nnx.Param, jnp.asarray(bias, dtype), self.axes[1:]) if use_bias else None)
         self.kernel_scale = nnx.data(None)  # [out] when ``kernel`` is int8 (quantize.quantize_base)
         self.lora_a = nnx.data(None)
         self.lora_b = nnx.data(None)
@@ -66,20 +92,42 @@ class Linear(nnx.Module):
         The factors are fp32 master weights whatever the base dtype; they compute in x's dtype.
         """
         bound = 1.0 / math.sqrt(self.in_features)
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, rank), dtype,
-                                                       -bound, bound))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), dtype))
-        self.lora_scale = float(alpha) / float(rank)
+        self.set_lora(jax.random.uniform(rngs.params(), (self.in_features, rank), dtype, -bound, bound),
+                      jnp.zeros((rank, self.out_features), dtype), float(alpha) / float(rank))
+
+    def set_lora(self, a: jax.Array, b: jax.Array, scale: float) -> None:
+        """Install factors A [in, r], B [r, out] (trainable ``nnx.LoRAParam``) with scale s."""
+        self.lora_a = with_axes(nnx.LoRAParam, a, (self.axes[0], "lora_rank"))
+        self.lora_b = with_axes(nnx.LoRAParam, b, ("lora_rank", self.axes[1]))
+        self.lora_scale = float(scale)
 
     @property
     def has_lora(self) -> bool:
         return self.lora_a is not None
 
+    # ---- stored forms of W ----------------------------------------------------
+    def set_int8_kernel(self, q: jax.Array, scale: jax.Array) -> None:
+        """Store W as int8 ``q`` [in, out] with one scale per output column ``scale`` [out]."""
+        self.kernel = with_axes(nnx.Param, q, self.axes)
+        self.kernel_scale = with_axes(nnx.Param, scale, self.axes[1:])
+
+    def set_float_kernel(self, w: jax.Array) -> None:
+        """Store W [in, out] as a float kernel (drops an int8 scale)."""
+        self.kernel = with_axes(nnx.Param, w, self.axes)
+        self.kernel_scale = nnx.data(None)
+
+    def set_weight_mask(self, keep: jax.Array) -> None:
+        """Install (or replace) the element mask M [in, out] (True keeps a weight)."""
+        keep = jnp.asarray(keep, jnp.bool_)
+        if self.weight_mask is None:
+            self.weight_mask = with_axes(Mask, keep, self.axes)
+        else:
+            self.weight_mask.set_value(keep)
+
     def base_kernel(self) -> jax.Array:
         """W [in, out], dequantised (``q · s``, in the scale's dtype) when stored int8."""
         if self.kernel_scale is None:
             return self.kernel[...]
-        from .quantize import dequantize
         return dequantize(self.kernel[...], self.kernel_scale[...])
 
     def merged_kernel(self) -> jax.Array:
@@ -95,7 +143,6 @@ class Linear(nnx.Module):
         """x [..., in] -> [..., out]."""
         if self.weight_mask is not None:
             if self.impl == "pallas":
-                from jaxprune import kernels
                 w = self.base_kernel()
                 if self.has_lora:
                     a, b, s = self.lora_a[...].astype(w.dtype), self.lora_b[...].astype(w.dtype), self.lora_scale
@@ -108,7 +155,6 @@ class Linear(nnx.Module):
             if self.kernel_scale is None:
                 y = x @ self.kernel[...]
             else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
-                from .quantize import int8_matmul
                 y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
             if self.has_lora:
                 a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
@@ -123,7 +169,8 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, dtype=jnp.float32, weight: jax.Array | None = None):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype) if weight is None else jnp.asarray(weight, dtype))
+        self.weight = with_axes(nnx.Param, jnp.ones((dim,), dtype) if weight is None else jnp.asarray(weight, dtype),
+                                ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype

@@ -20,8 +20,25 @@ import optax
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import Linear, Mask, RMSNorm
+from .layers import Linear, Mask, RMSNorm, with_axes
 from .rope import apply_rope, rope_tables
+
+#: The decoder layer's linears as (block, name), in order, with their (in, out) logical axes: the one
+#: place the rest of the library (pruning, pretraining, shrink, LoRA targets) reads them from.
+LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
+    ("self_attn", "q_proj"): ("embed", "heads"), ("self_attn", "k_proj"): ("embed", "kv_heads"),
+    ("self_attn", "v_proj"): ("embed", "kv_heads"), ("self_attn", "o_proj"): ("heads", "embed"),
+    ("mlp", "gate_proj"): ("embed", "mlp"), ("mlp", "up_proj"): ("embed", "mlp"), ("mlp", "down_proj"): ("mlp", "embed"),
+}
+DECODER_LINEARS: tuple[tuple[str, str], ...] = tuple(LINEAR_AXES)
+ATTN_LINEARS: tuple[str, ...] = tuple(name for block, name in DECODER_LINEARS if block == "self_attn")
+MLP_LINEARS: tuple[str, ...] = tuple(name for block, name in DECODER_LINEARS if block == "mlp")
+LM_HEAD_AXES = ("embed", "vocab")
+
+
+def decoder_linear(layer: "DecoderLayer", block: str, name: str) -> Linear:
+    """``layer.<block>.<name>``, e.g. ``decoder_linear(layer, "mlp", "up_proj")``."""
+    return getattr(getattr(layer, block), name)
 
 
 class KVCache(NamedTuple):
@@ -35,11 +52,11 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.heads(layer), cfg.kv_heads(layer), cfg.head_dim
         h, q, kv = cfg.hidden_size, self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = Linear(h, q, use_bias=b, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, kv, use_bias=b, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, kv, use_bias=b, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(q, h, use_bias=b, dtype=dtype, rngs=rngs)
-        self.head_mask = Mask(jnp.ones((self.num_heads,), jnp.bool_))
+        sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        for name in ATTN_LINEARS:
+            setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["self_attn", name], use_bias=b, dtype=dtype,
+                                       rngs=rngs))
+        self.head_mask = with_axes(Mask, jnp.ones((self.num_heads,), jnp.bool_), ("unit_mask",))
 
     def __call__(self, x, cos, sin, cache: KVCache | None = None, cache_index=None):
         """x [B, S, hidden] -> ([B, S, hidden], new cache or None)."""
@@ -72,10 +89,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         h, m, b = cfg.hidden_size, cfg.mlp_width(layer), cfg.mlp_bias
-        self.gate_proj = Linear(h, m, use_bias=b, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, m, use_bias=b, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(m, h, use_bias=b, dtype=dtype, rngs=rngs)
-        self.channel_mask = Mask(jnp.ones((m,), jnp.bool_))
+        sizes = {"gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+        for name in MLP_LINEARS:
+            setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["mlp", name], use_bias=b, dtype=dtype,
+                                       rngs=rngs))
+        self.channel_mask = with_axes(Mask, jnp.ones((m,), jnp.bool_), ("unit_mask",))
 
     def __call__(self, x):
         """x [B, S, hidden] -> [B, S, hidden]: ``down((silu(gate x) * up x) ⊙ mask)``."""
@@ -102,12 +120,13 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
         self.config = cfg
-        self.embed_tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
-                                                               dtype))
+        self.embed_tokens = with_axes(nnx.Param, 0.02 * jax.random.normal(rngs.params(),
+                                                                            (cfg.vocab_size, cfg.hidden_size), dtype),
+                                      ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings
-                                else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs))
+                                else Linear(cfg.hidden_size, cfg.vocab_size, axes=LM_HEAD_AXES, dtype=dtype, rngs=rngs))
         # Rematerialise each decoder layer in the backward pass (jax.checkpoint): activation memory
         # drops from O(layers × activations) to O(layers × hidden states) for ~1.3x the compute.
         self.remat = False

@@ -16,9 +16,11 @@ from flax import nnx
 
 from .errors import UserError
 from .layers import Mask
+from .model import DECODER_LINEARS
 from .weights import linears, path_str
 
-DEFAULT_LORA_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+#: every decoder linear (``model.DECODER_LINEARS``), as a regex over layer paths
+DEFAULT_LORA_TARGETS = "|".join(name for _, name in DECODER_LINEARS)
 
 
 def partition(model: nnx.Module):

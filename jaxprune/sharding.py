@@ -1,14 +1,18 @@
 """Device meshes, logical axis rules, and multi-host setup.
 
 Every array of a run (base weights, LoRA factors, masks, optimizer state, pruner state, batches) is
-placed by one function, ``tree_shardings``, from its *path* (``layers.3.self_attn.q_proj.lora_b``):
+placed by one function, ``tree_shardings``. Each NNX Variable carries the logical axes it was
+created with (``layers.py``: ``Linear(..., axes=("embed", "heads"))`` gives ``lora_b`` the axes
+``("lora_rank", "heads")``); the rules map them to mesh axes::
 
-    path --(LOGICAL_AXES regexes)--> logical axes ("lora_rank", "heads")
+    Variable metadata  logical_axes=("lora_rank", "heads")
          --(ShardingRules.axis_rules)--> mesh axes  PartitionSpec(None, "tensor")
 
-Optimizer state mirrors the parameter paths (``...mu.layers.3...q_proj.lora_b``), so it follows the
-same rules with no extra code. A leaf whose path matches one of ``ShardingRules.overrides`` (regex
-searched in the path, first match wins) takes that PartitionSpec instead (big_vision-style).
+Optimizer state is built by ``jax.tree.map`` over the parameters, so Adam's ``mu`` / ``nu`` keep the
+Variables (and their axes) and follow the same rules with no extra code. Arrays without logical
+axes (pruner state, scalars) are replicated. A leaf whose *path* (``layers.3.self_attn.q_proj.lora_b``)
+matches one of ``ShardingRules.overrides`` (regex searched in the path, first match wins) takes that
+PartitionSpec instead (big_vision-style).
 
 The mesh always has the three axes ``data`` (pure data parallel), ``fsdp`` (data parallel whose
 weights are sharded along ``embed``) and ``tensor`` (heads, MLP channels, vocabulary); axes not
@@ -22,6 +26,7 @@ line). Batches must divide by data×fsdp; a training batch that does not is refu
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -30,9 +35,12 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .errors import UserError
+from .layers import logical_axes_of
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -52,33 +60,6 @@ DEFAULT_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "unit_mask": (),
 }
-
-# (in, out) logical axes of each linear, by its name in the path.
-LINEAR_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
-}
-_LINEAR = re.compile(r"(?:^|\.)(" + "|".join(LINEAR_AXES) + r")\.(kernel|kernel_scale|weight_mask|lora_a|lora_b|bias)$")
-
-
-def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of the leaf at ``path`` (``.value`` suffix stripped); unknown -> all None."""
-    m = _LINEAR.search(path)
-    if m:
-        inp, out = LINEAR_AXES[m.group(1)]
-        axes = {"kernel": (inp, out), "weight_mask": (inp, out), "lora_a": (inp, "lora_rank"),
-                "lora_b": ("lora_rank", out), "bias": (out,), "kernel_scale": (out,)}[m.group(2)]
-    elif re.search(r"(?:^|\.)embed_tokens(\.embedding)?$", path):
-        axes = ("vocab", "embed")
-    elif re.search(r"(?:^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", path):
-        axes = ("norm",)
-    elif re.search(r"(?:^|\.)(head_mask|channel_mask)$", path):
-        axes = ("unit_mask",)
-    else:
-        axes = ()
-    return axes if len(axes) == ndim else (None,) * ndim
-
 
 @dataclass(frozen=True)
 class ShardingRules:
@@ -202,13 +183,13 @@ class Placement:
     head_dim: int | None = None  # heads / kv_heads dims shard only on whole heads
     fallbacks: list[str] = field(default_factory=list)
 
-    def spec(self, path: str, shape: tuple[int, ...]) -> P:
-        """The PartitionSpec of one leaf (see the module docstring)."""
+    def spec(self, path: str, shape: tuple[int, ...], axes: tuple | None = None) -> P:
+        """The PartitionSpec of one leaf at ``path`` with logical ``axes`` (see the module docstring)."""
         for pattern, spec in self.rules.overrides:
             if re.search(pattern, path):
                 self._check_override(path, shape, spec)
                 return spec
-        names = logical_axes(path, len(shape))
+        names = tuple(axes) if axes is not None and len(axes) == len(shape) else (None,) * len(shape)
         order = sorted(range(len(shape)), key=lambda d: self._priority(names[d]))
         used: set[str] = set()
         dims: list = [None] * len(shape)
@@ -240,13 +221,16 @@ class Placement:
             if size % n:
                 raise UserError(f"--shard-rule: {path} dimension {size} does not divide by {n}")
 
-    def sharding(self, path: str, shape) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(path, tuple(shape)))
+    def sharding(self, path: str, shape, axes: tuple | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(path, tuple(shape), axes))
 
     def tree_shardings(self, tree):
-        """A pytree of NamedShardings matching ``tree`` (arrays or ShapeDtypeStructs)."""
-        return jax.tree_util.tree_map_with_path(
-            lambda p, x: self.sharding(path_string(p), getattr(x, "shape", np.shape(x))), tree)
+        """A pytree of NamedShardings matching ``tree`` (arrays or ShapeDtypeStructs), from each leaf's
+        Variable metadata (its logical axes) and path (the overrides)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        axes = leaf_logical_axes(tree)
+        return jax.tree_util.tree_unflatten(treedef, [
+            self.sharding(path_string(p), getattr(x, "shape", np.shape(x)), a) for (p, x), a in zip(flat, axes)])
 
     def put(self, tree):
         """Place a pytree (host or device arrays, identical on every process) onto the mesh."""
@@ -285,6 +269,19 @@ class Placement:
                 f"divide by, e.g. {uniq[0]}")
 
 
+def leaf_logical_axes(tree) -> list[tuple | None]:
+    """The logical axes of every array leaf of ``tree`` (in ``jax.tree.leaves`` order): the metadata of the
+    NNX Variable holding it, or None."""
+    out: list = []
+
+    def visit(node):
+        axes = logical_axes_of(node)
+        out.extend([axes] * len(jax.tree.leaves(node)))
+        return node
+    jax.tree.map(visit, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return out
+
+
 def path_string(path) -> str:
     """A jax key path -> ``layers.0.self_attn.q_proj.kernel`` (``.value`` of NNX Variables dropped)."""
     s = jax.tree_util.keystr(path, simple=True, separator=".")
@@ -301,7 +298,6 @@ def put_global(x, sharding: NamedSharding) -> jax.Array:
 
 def to_host(tree):
     """Every leaf as a full numpy array on every process (all-gathers across hosts when needed)."""
-    from jax.experimental import multihost_utils
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -320,32 +316,22 @@ def scalar(x) -> float:
 
 
 # ---- multi-host ---------------------------------------------------------------------------------
-def add_mesh_args(p) -> None:
-    """--mesh, sharding rule overrides and multi-host flags (shared by finetune / prune / pretrain)."""
-    g = p.add_argument_group("devices and hosts")
-    g.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. 'data=2,fsdp=2,tensor=2' or 'fsdp=-1' (default: $JAXPRUNE_MESH, "
-                        "else all devices on data)")
-    g.add_argument("--axis-rule", action="append", default=None, metavar="LOGICAL=MESH",
-                   help="map a logical axis to mesh axes, e.g. 'embed=none', 'batch=data+fsdp' (repeatable)")
-    g.add_argument("--shard-rule", action="append", default=None, metavar="REGEX=AXES",
-                   help="arrays whose path matches REGEX get AXES, e.g. 'lm_head=replicate', "
-                        "'embed_tokens=tensor,fsdp' (repeatable; first match wins)")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)")
-    g.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+@dataclass(frozen=True)
+class MeshConfig:
+    """Where a run goes: the mesh, rule changes, and the multi-host setup (``--mesh`` and friends)."""
+    mesh: str | None = None
+    axis_rules: tuple[str, ...] = ()
+    shard_rules: tuple[str, ...] = ()
+    distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
-# options that may change on --resume without changing the trajectory
-MESH_RESUME_FREE = {"mesh", "axis_rule", "shard_rule", "distributed", "coordinator", "num_processes", "process_id"}
-
-
-def init_distributed(args) -> None:
+def init_distributed(mc: MeshConfig) -> None:
     """jax.distributed.initialize from the flags (explicit) or the environment (--distributed)."""
-    explicit = [args.coordinator, args.num_processes, args.process_id]
-    if not args.distributed and all(v is None for v in explicit):
+    explicit = [mc.coordinator, mc.num_processes, mc.process_id]
+    if not mc.distributed and all(v is None for v in explicit):
         return
     if any(v is None for v in explicit) and not all(v is None for v in explicit):
         raise UserError("multi-host: give all of --coordinator, --num-processes and --process-id, or none "
@@ -356,7 +342,7 @@ def init_distributed(args) -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _native_stdout_to_stderr()
     try:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        jax.distributed.initialize(mc.coordinator, mc.num_processes, mc.process_id)
     except Exception as e:  # jax raises RuntimeError/ValueError with long messages
         raise UserError(f"jax.distributed.initialize failed: {str(e).splitlines()[0]}") from None
 
@@ -372,18 +358,16 @@ def _native_stdout_to_stderr() -> None:
 
 def _cpu_only() -> bool:
     """True when no accelerator plugin is importable (decided without starting a backend)."""
-    import importlib.util
     return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu"))
 
 
-def placement_from_args(args, head_dim: int | None = None) -> Placement:
-    """The run's Placement: mesh from --mesh (else $JAXPRUNE_MESH, else ``default_mesh_spec``) and the rules.
-
-    Checks here, before anything is written, that the batch [grad_accum, batch_size, seq_len] divides."""
-    rules = ShardingRules.from_strings(getattr(args, "axis_rule", None), getattr(args, "shard_rule", None))
-    spec = getattr(args, "mesh", None) or os.environ.get("JAXPRUNE_MESH") or default_mesh_spec(args.batch_size)
+def placement_for(mc: MeshConfig, batch_shape: tuple[int, int, int], head_dim: int | None = None) -> Placement:
+    """The run's Placement: mesh from ``mc.mesh`` (else $JAXPRUNE_MESH, else ``default_mesh_spec``) and the
+    rules. Checks here, before anything is written, that the batch [grad_accum, batch_size, seq_len] divides."""
+    rules = ShardingRules.from_strings(list(mc.axis_rules), list(mc.shard_rules))
+    spec = mc.mesh or os.environ.get("JAXPRUNE_MESH") or default_mesh_spec(batch_shape[1])
     placement = Placement(make_mesh(spec), rules, head_dim)
-    placement.batch_sharding((args.grad_accum, args.batch_size, args.seq_len), 1)
+    placement.batch_sharding(tuple(batch_shape), 1)
     return placement
 
 
@@ -394,7 +378,6 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
     """All processes wait here (no-op on one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 

@@ -29,6 +29,7 @@ from .errors import UserError
 from .fileio import write_json_atomic, write_text_atomic
 from .model import causal_lm_loss
 from .partition import combine
+from .sharding import is_main_process, scalar
 
 
 @dataclass
@@ -137,7 +138,9 @@ def state_shardings_of(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, (state.trainable, state.opt_state, state.hook_state))
 
 
-def _leaves_dict(tree) -> dict[str, Any]:
+def leaves_dict(tree) -> dict[str, Any]:
+    """Every leaf of ``tree`` under a sortable key ("00000", "00001", ...): how orbax stores a pytree whose
+    structure comes from the live state."""
     return {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(tree))}
 
 
@@ -151,7 +154,7 @@ class TrainCheckpoints:
 
     def save(self, step: int, state: TrainState, extra: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_leaves_dict(state)), extra=ocp.args.JsonSave(extra)), force=True)
+            state=ocp.args.StandardSave(leaves_dict(state)), extra=ocp.args.JsonSave(extra)), force=True)
         self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
@@ -160,7 +163,7 @@ class TrainCheckpoints:
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict]:
         leaves, treedef = jax.tree.flatten(like)
         abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-                    for k, x in _leaves_dict(like).items()}  # restored onto ``like``'s mesh, whatever saved it
+                    for k, x in leaves_dict(like).items()}  # restored onto ``like``'s mesh, whatever saved it
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         restored = [out.state[k] for k in sorted(out.state)]
@@ -213,8 +216,6 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
     ``placement`` (sharding.Placement): batches are laid out over its data×fsdp axes, each process
     feeding only its own rows; logs and plots come from process 0, checkpoints from all processes.
     """
-    from .sharding import is_main_process, scalar
-
     run_dir = Path(run_dir)
     cb = callbacks or LoopCallbacks()
     main = is_main_process()
@@ -264,8 +265,6 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
 
 
 def validation_ppl(eval_step, state: TrainState, frozen, blocks, loop: LoopConfig, placement=None) -> float:
-    from .sharding import scalar
-
     val = blocks.val[: loop.val_blocks]
     total = 0.0
     for i in range(0, len(val), loop.batch_size):

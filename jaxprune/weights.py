@@ -18,7 +18,7 @@ from .errors import UserError
 from .layers import Linear, Mask
 from .model import LlamaForCausalLM
 
-Path = tuple
+KeyPath = tuple  #: an NNX key path, e.g. ('layers', 3, 'self_attn', 'q_proj', 'kernel')
 
 
 def linears(model: nnx.Module):
@@ -28,7 +28,7 @@ def linears(model: nnx.Module):
             yield tuple(path), node
 
 
-def path_str(path: Path) -> str:
+def path_str(path: KeyPath) -> str:
     return ".".join(str(p) for p in path)
 
 
@@ -43,12 +43,12 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32, lora: Mapping[str, tuple
             if lora and name in lora:
                 lin.add_lora(int(lora[name][0]), float(lora[name][1]), rngs)
             if weight_masks and name in weight_masks:
-                lin.weight_mask = Mask(jnp.ones(lin.kernel[...].shape, jnp.bool_))
+                lin.set_weight_mask(jnp.ones((lin.in_features, lin.out_features), jnp.bool_))
         return m
     return nnx.eval_shape(build)
 
 
-def model_from_arrays(cfg: ModelConfig, arrays: Mapping[Path, np.ndarray], *, dtype=jnp.float32,
+def model_from_arrays(cfg: ModelConfig, arrays: Mapping[KeyPath, np.ndarray], *, dtype=jnp.float32,
                       lora=None, weight_masks=None, source: str = "weights") -> LlamaForCausalLM:
     """Fill a model of ``cfg`` from ``arrays`` (path -> array). Masks not given start all-True.
 
@@ -72,12 +72,12 @@ def model_from_arrays(cfg: ModelConfig, arrays: Mapping[Path, np.ndarray], *, dt
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def model_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
+def model_arrays(model: nnx.Module) -> dict[KeyPath, jax.Array]:
     """Every Variable of the model as path -> array."""
     return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def merged_arrays(model: nnx.Module) -> dict[Path, jax.Array]:
+def merged_arrays(model: nnx.Module) -> dict[KeyPath, jax.Array]:
     """Every Variable but the LoRA factors (and int8 scales), each kernel replaced by ``(W + s·A@B) ⊙ M``."""
     arrays = {p: v for p, v in model_arrays(model).items() if p[-1] not in ("lora_a", "lora_b", "kernel_scale")}
     for path, lin in linears(model):
@@ -95,13 +95,13 @@ def weight_mask_paths(model: nnx.Module) -> list[str]:
     return [path_str(p) for p, l in linears(model) if l.weight_mask is not None]
 
 
-def dense_arrays(model: LlamaForCausalLM) -> dict[Path, jax.Array]:
+def dense_arrays(model: LlamaForCausalLM) -> dict[KeyPath, jax.Array]:
     """Base-only arrays with LoRA merged and every mask folded into the weights (exact).
 
     A pruned head's output is zero before ``o_proj``, so zeroing its ``o_proj`` input rows is
     the same function; likewise a pruned MLP channel's ``down_proj`` row.
     """
-    out: dict[Path, jax.Array] = {}
+    out: dict[KeyPath, jax.Array] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if not isinstance(var, nnx.LoRAParam) and path[-1] != "kernel_scale":
             out[tuple(path)] = var.get_value()
@@ -116,3 +116,9 @@ def dense_arrays(model: LlamaForCausalLM) -> dict[Path, jax.Array]:
         k = ("layers", i, "mlp", "down_proj", "kernel")
         out[k] = jnp.where(mlp.channel_mask[...][:, None], out[k], 0)
     return out
+
+
+def merge_lora(model: nnx.Module) -> LlamaForCausalLM:
+    """A new model with s·A@B folded into W and weight masks applied (masks kept as Variables)."""
+    return model_from_arrays(model.config, merged_arrays(model), dtype=model.dtype,
+                             weight_masks=weight_mask_paths(model))

@@ -20,8 +20,6 @@ Usage: ``python scripts/bench_kernels.py [--quick] [--out benchmarks/kernels.jso
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import platform
 import sys
 import time
@@ -34,28 +32,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jaxprune import kernels as K  # noqa: E402
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 
 SHAPES = {"smollm2": [(576, 1536), (1536, 576), (576, 576)], "llama7b": [(4096, 11008), (4096, 4096)]}
 SPARSITIES = (0.5, 0.75, 0.9)
 CPU_NOTE = ("CPU backend: Pallas kernels run in interpret mode (a Python-level emulator), so only "
             "correctness is checked here; kernel timings need a GPU or TPU.")
-
-
-def import_kernels():
-    """``jaxprune.kernels`` (installed package) or ``<repo>/kernels`` loaded under that name."""
-    try:
-        return importlib.import_module("jaxprune.kernels")
-    except ImportError:
-        sys.path.insert(0, str(REPO))
-        parent = importlib.import_module("jaxprune")
-        spec = importlib.util.spec_from_file_location(
-            "jaxprune.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["jaxprune.kernels"] = mod
-        spec.loader.exec_module(mod)
-        parent.kernels = mod
-        return mod
 
 
 def time_fn(fn, *args, iters: int) -> float:
@@ -79,7 +62,6 @@ def block_mask(rng, grid, sparsity):
 
 def problem(k, n, tokens, sparsity, block, rank, dtype, seed=0):
     """Operands for one (shape, sparsity) point; masks are block masks so both kernels see the same."""
-    K = import_kernels()
     rng = np.random.default_rng(seed)
     arr = lambda *s: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), dtype)  # noqa: E731
     grid = (-(-k // block[0]), -(-n // block[1]))
@@ -92,7 +74,6 @@ def problem(k, n, tokens, sparsity, block, rank, dtype, seed=0):
 
 def variants(p, scale=0.5):
     """Name -> (forward fn, args, differentiable argnums) for one problem."""
-    K = import_kernels()
     x, w, a, b, mask, bsm = (p[k] for k in ("x", "w", "a", "b", "mask", "bsm"))
     return {
         "dense": (lambda x, w: x @ w, (x, w), (0, 1)),

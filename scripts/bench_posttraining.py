@@ -132,7 +132,8 @@ def main() -> None:
     from jaxprune.cli import main as cli_main
     from jaxprune.evaluate import perplexity, tokenize_text
     from jaxprune.fixtures import fixture_paths
-    from jaxprune.prune.posttraining import calibration_tokens, parse_pattern, prune_model, sparsity_of
+    from jaxprune.prune.posttraining import calibration_tokens, prune_model, sparsity_of
+    from jaxprune.prune.select import parse_pattern
 
     paths = fixture_paths()
     tok = load.load_tokenizer(paths.hf_dir)

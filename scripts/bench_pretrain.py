@@ -39,8 +39,8 @@ METHODS = ("full", "lowrank", "sltrain", "slope")
 
 def pretrain_args(argv: list[str]):
     """`jaxprune pretrain` arguments exactly as the CLI reads them (recipe applied, flags win)."""
-    from jaxprune.pretrain.cli import add_pretrain_parser
-    from jaxprune.train_cli import apply_config_file, cli_dests
+    from jaxprune.commands.pretrain import add_pretrain_parser
+    from jaxprune.commands.common import apply_config_file, cli_dests
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
@@ -66,14 +66,14 @@ def step_setup(args):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune.pretrain.cli import load_tokenizer, method_config, model_config
+    from jaxprune.commands.pretrain import load_tokenizer, method_config, model_config
     from jaxprune.pretrain.methods import build_model, make_pretrain_optimizer, partition_pretrain
     from jaxprune.train import make_train_step
-    from jaxprune.train_cli import optim_config
+    from jaxprune.commands.common import train_config
 
     cfg = model_config(args, load_tokenizer(args.tokenizer))
     graphdef, frozen, trainable, masks = partition_pretrain(build_model(cfg, method_config(args), seed=args.seed))
-    optimizer = make_pretrain_optimizer(optim_config(args), trainable)
+    optimizer = make_pretrain_optimizer(train_config(args).optim(), trainable)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.batch_size, args.seq_len)),
                         jnp.int32)
     return make_train_step(graphdef, optimizer), [trainable, optimizer.init(trainable), (), frozen, masks, batch]

@@ -37,7 +37,7 @@ from jaxprune.config import ModelConfig  # noqa: E402
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 from jaxprune.model import LlamaForCausalLM  # noqa: E402
 from jaxprune.partition import add_lora, partition  # noqa: E402
-from jaxprune.prune.cli import taylor_importance_step  # noqa: E402
+from jaxprune.prune.llm_pruner import taylor_importance_step  # noqa: E402
 from jaxprune.prune.loraprune import importance_hook, init_importance  # noqa: E402
 from jaxprune.quantize import quantize_base  # noqa: E402
 from jaxprune.train import OptimConfig, make_loss_fn, make_optimizer, make_train_step  # noqa: E402

@@ -19,35 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ensure_jaxprune_kernels() -> None:
-    """Make ``jaxprune.kernels`` importable in a source checkout without an editable install.
-
-    ``kernels/`` is mapped to ``jaxprune.kernels`` by pyproject's ``package-dir``; without the
-    install that mapping is missing, so load ``<repo>/kernels`` under that name (never as a
-    top-level ``kernels``: that name belongs to the HF kernels hub).
-    """
-    import importlib
-    import importlib.util
-
-    try:
-        importlib.import_module("jaxprune.kernels")
-        return
-    except ImportError:
-        pass
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    parent = importlib.import_module("jaxprune")
-    spec = importlib.util.spec_from_file_location("jaxprune.kernels", REPO / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(REPO / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["jaxprune.kernels"] = module
-    spec.loader.exec_module(module)
-    parent.kernels = module
-
-
-_ensure_jaxprune_kernels()
-
-
 def make_hf_llama(tmp_path: Path, seed: int = 0, **overrides):
     """Save a tiny random transformers LlamaForCausalLM (fp32) to tmp_path; return (dir, torch model)."""
     import torch

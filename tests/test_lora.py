@@ -14,7 +14,7 @@ from jaxprune.config import ModelConfig
 from jaxprune.layers import Linear
 from jaxprune.model import LlamaForCausalLM
 from jaxprune.partition import add_lora, combine, partition, tree_size
-from jaxprune.train_cli import merge_lora
+from jaxprune.weights import merge_lora
 from jaxprune.weights import linears, lora_spec
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,

@@ -18,6 +18,7 @@ from jaxprune.config import ModelConfig
 from jaxprune.layers import Mask
 from jaxprune.partition import partition
 from jaxprune.prune import posttraining as pt
+from jaxprune.prune import select, sparsegpt, wanda
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8)
@@ -131,21 +132,21 @@ def test_magnitude_masks_exact_counts_and_nm():
     w = rng.standard_normal((16, 12)).astype(np.float32)
     w[0, :3] = 0.0  # ties
     for s in (0.5, 0.3, 0.0):
-        keep = np.asarray(pt.magnitude_mask(w, s))
+        keep = np.asarray(select.magnitude_mask(w, s))
         assert keep.size - keep.sum() == int(np.floor(s * w.size + 1e-9))
         np.testing.assert_array_equal(keep, np_prune_lowest(np.abs(w), int(np.floor(s * w.size + 1e-9))))
     for n, m in ((2, 4), (4, 8), (1, 4)):
-        keep = np.asarray(pt.magnitude_mask(w, 1 - n / m, (n, m)))
+        keep = np.asarray(select.magnitude_mask(w, 1 - n / m, (n, m)))
         assert (keep.reshape(16 // m, m, 12).sum(1) == n).all()
         np.testing.assert_array_equal(keep, np_nm(np.abs(w), n, m))
-    assert pt.parse_pattern("2:4") == (2, 4) and pt.parse_pattern("unstructured") is None
-    assert pt.resolve_sparsity(None, (2, 4)) == 0.5
+    assert select.parse_pattern("2:4") == (2, 4) and select.parse_pattern("unstructured") is None
+    assert select.resolve_sparsity(None, (2, 4)) == 0.5
     from jaxprune.errors import UserError
     for bad in ("4:2", "x", "0:4"):
         with pytest.raises(UserError):
-            pt.parse_pattern(bad)
+            select.parse_pattern(bad)
     with pytest.raises(UserError):
-        pt.resolve_sparsity(0.7, (2, 4))
+        select.resolve_sparsity(0.7, (2, 4))
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)], ids=["unstructured", "2:4", "4:8"])
@@ -154,9 +155,9 @@ def test_wanda_scores_and_masks_match_numpy(nm):
     w = rng.standard_normal((24, 10)).astype(np.float32)
     x = (rng.standard_normal((50, 24)) * rng.uniform(0.1, 3, 24)).astype(np.float32)
     want_keep, want_scores = np_wanda_mask(w, x, 0.5, nm)
-    scores = np.asarray(pt.wanda_scores(w, (x.astype(np.float64) ** 2).sum(0)))
+    scores = np.asarray(wanda.wanda_scores(w, (x.astype(np.float64) ** 2).sum(0)))
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
-    keep = np.asarray(pt.wanda_mask(w, (x.astype(np.float64) ** 2).sum(0), 0.5, nm))
+    keep = np.asarray(wanda.wanda_mask(w, (x.astype(np.float64) ** 2).sum(0), 0.5, nm))
     np.testing.assert_array_equal(keep, want_keep)
     if nm is None:  # per output: every column prunes floor(0.5·24) = 12
         assert (keep.sum(0) == 12).all()
@@ -182,13 +183,13 @@ def test_sparsegpt_update_is_sequential_least_squares(blocksize):
     prefix = np.ones((rows, cols), bool)
     for j, k in enumerate([3, 6, 1, 9, 5]):  # column j: its first k inputs pruned
         prefix[:k, j] = False
-    got, keep, _ = pt.sparsegpt(w, h, keep=prefix, percdamp=0.0, blocksize=blocksize)
+    got, keep, _ = sparsegpt.sparsegpt(w, h, keep=prefix, percdamp=0.0, blocksize=blocksize)
     np.testing.assert_array_equal(np.asarray(keep), prefix)
     want = global_ls_reference(w, x, prefix)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
 
     rnd = np.random.default_rng(5).random((rows, cols)) > 0.5
-    got, _, _ = pt.sparsegpt(w, h, keep=rnd, percdamp=0.0, blocksize=blocksize)
+    got, _, _ = sparsegpt.sparsegpt(w, h, keep=rnd, percdamp=0.0, blocksize=blocksize)
     want = sequential_obs_reference(w, x, rnd)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
     assert (np.asarray(got)[~rnd] == 0).all()
@@ -199,7 +200,7 @@ def test_sparsegpt_update_is_sequential_least_squares(blocksize):
 @pytest.mark.parametrize("nm", [None, (2, 4)], ids=["unstructured", "2:4"])
 def test_sparsegpt_mask_selection_and_reconstruction(nm):
     w, x, h = _problem(1, rows=16, cols=6)
-    got, keep, info = pt.sparsegpt(w, h, sparsity=0.5, nm=nm, blocksize=8)
+    got, keep, info = sparsegpt.sparsegpt(w, h, sparsity=0.5, nm=nm, blocksize=8)
     keep, got = np.asarray(keep), np.asarray(got)
     assert keep.sum() == w.size // 2 and info["retries"] == 0
     if nm:
@@ -227,7 +228,7 @@ def test_sparsegpt_matches_numpy_reference_algorithm(nm, blocksize):
     w, x, _ = _problem(3, rows=16, cols=6)
     x[:, 5] = 0.0  # a dead input: diag H = 0 there
     h = 2 * x.T @ x / len(x)
-    got, keep, info = pt.sparsegpt(w, h, sparsity=0.5, nm=nm, blocksize=blocksize, backend="numpy")
+    got, keep, info = sparsegpt.sparsegpt(w, h, sparsity=0.5, nm=nm, blocksize=blocksize, backend="numpy")
     want, want_keep = np_sparsegpt(w, h, 0.5, nm, blocksize)
     np.testing.assert_array_equal(np.asarray(keep), want_keep)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
@@ -240,13 +241,13 @@ def test_sparsegpt_failed_cholesky_retries_with_more_dampening(backend):
     w = np.ones((4, 3), np.float32)
     h = np.diag([1.0, 1.0, 1.0, -0.05])  # indefinite: λ = 0.01·mean(diag) is not enough, 10x is
     lines = []
-    got, keep, info = pt.sparsegpt(w, h, sparsity=0.5, blocksize=4, warn=lines.append, name="t", backend=backend)
+    got, keep, info = sparsegpt.sparsegpt(w, h, sparsity=0.5, blocksize=4, warn=lines.append, name="t", backend=backend)
     assert info["retries"] == 1 and len(lines) == 1 and "warning" in lines[0] and "retrying" in lines[0]
     assert np.isfinite(np.asarray(got)).all() and np.asarray(keep).sum() == 6
     # the host (float64) and jitted (fp32) factorisations agree
     _, x, h = _problem(2)
-    u_np = np.asarray(pt.hessian_factor(h, backend="numpy").u)
-    u_jax = np.asarray(pt.hessian_factor(h, backend="jax").u)
+    u_np = np.asarray(sparsegpt.hessian_factor(h, backend="numpy").u)
+    u_jax = np.asarray(sparsegpt.hessian_factor(h, backend="jax").u)
     np.testing.assert_allclose(u_jax, u_np, rtol=1e-4, atol=1e-5)
 
 
@@ -397,7 +398,7 @@ def test_posttraining_exclude_layers_default_is_none():
     """--exclude-layers for element-wise methods: 'default' (the flag's default) and 'none' prune every layer (the
     papers' protocol); indices exclude those; a bad index is a UserError."""
     from jaxprune.errors import UserError
-    from jaxprune.prune.cli import prunable_layers
+    from jaxprune.prune.groups import prunable_layers
 
     assert pt.posttraining_layers(30, "default") == pt.posttraining_layers(30, None) == list(range(30))
     assert pt.posttraining_layers(30, "none") == list(range(30))

@@ -87,7 +87,7 @@ def sltrain_run(tmp_path_factory, common):
 def sltrain_model_at(run_dir, step):
     """The SLTrain model of the run at ``step``: rebuilt from run.json and the checkpointed trainable."""
     from jaxprune.partition import combine
-    from jaxprune.pretrain.cli import load_tokenizer, method_config, model_config
+    from jaxprune.commands.pretrain import load_tokenizer, method_config, model_config
     from jaxprune.pretrain.methods import build_model, make_pretrain_optimizer, partition_pretrain
     from jaxprune.train import OptimConfig, TrainCheckpoints, TrainState
     import argparse
@@ -120,7 +120,7 @@ def test_sltrain_recipe_run_counts_and_support(sltrain_run):
     # the support: saved once, equal to the rebuilt one, and the trained weights live on it at steps 2 and 4
     from flax import nnx
 
-    from jaxprune.pretrain.cli import restore_support
+    from jaxprune.pretrain.sltrain import restore_support
     from jaxprune.pretrain.methods import partition_pretrain
 
     at2, at4 = sltrain_model_at(run_dir, 2), sltrain_model_at(run_dir, 4)

@@ -14,7 +14,7 @@ from jaxprune.config import ModelConfig
 from jaxprune.layers import Linear
 from jaxprune.weights import linears
 from jaxprune.partition import partition
-from jaxprune.prune.importance import lora_guided_importance, lora_merged_grad
+from jaxprune.prune.loraprune import lora_guided_importance, lora_merged_grad
 from jaxprune.prune.loraprune import ImportanceState, ema_update, importance_hook, init_importance
 from jaxprune.train import make_loss_fn, make_train_step
 
@@ -243,7 +243,7 @@ def test_loraprune_step_forms_no_base_weight_gradient():
     (iii) the outputs of the compiled step (trainable, opt_state, hook_state, metrics) hold no leaf of
          a frozen matrix's shape, and the hook state equals the EMA of the hand-computed importance.
     """
-    from jaxprune.prune.cli import taylor_importance_step
+    from jaxprune.prune.llm_pruner import taylor_importance_step
 
     graphdef, frozen, trainable, masks, batch = _unique_setup()
     shapes = _frozen_matrix_shapes(frozen)

@@ -13,8 +13,9 @@ from flax import nnx
 from jaxprune.config import ModelConfig
 from jaxprune.layers import Linear, Mask
 from jaxprune.partition import partition, tree_bytes
-from jaxprune.prune.importance import lora_guided_importance
-from jaxprune.quantize import dequantize, dequantize_base, quantize_base, quantize_int8
+from jaxprune.ops.int8 import dequantize, int8_matmul, quantize_int8
+from jaxprune.prune.loraprune import lora_guided_importance
+from jaxprune.quantize import dequantize_base, quantize_base
 
 from conftest import jax_logits, random_llama, run_cli
 
@@ -152,7 +153,6 @@ def test_int8_base_refused_where_the_base_is_differentiated_or_rewritten(tiny_hf
 
 
 def test_int8_matmul_gradient_wrt_x_is_the_dequantised_weights():
-    from jaxprune.quantize import int8_matmul
 
     rng = np.random.default_rng(3)
     q, s = quantize_int8(jnp.asarray(rng.standard_normal((16, 12)), jnp.float32))

@@ -28,13 +28,13 @@ from flax import nnx
 from ..config import ModelConfig
 from ..errors import UserError
 from ..layers import Linear, Mask
-from ..model import LlamaForCausalLM
+from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..partition import DEFAULT_LORA_TARGETS, tree_size
+from ..weights import dense_arrays, model_from_arrays
 from .sltrain import SparseLowRankLinear, sltrain_param_count
 from .slope import SLoPeLinear, aspect_ratio, slope_linears
 
 METHODS = ("full", "lowrank", "sltrain", "slope")
-BLOCKS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class MethodConfig:
 def target_paths(cfg: ModelConfig, targets: str):
     """(layer, block, name) of every decoder linear whose path ``layers.i.block.name`` matches."""
     pattern = re.compile(targets)
-    return [(i, block, name) for i in range(cfg.num_layers) for block, names in BLOCKS for name in names
+    return [(i, block, name) for i in range(cfg.num_layers) for block, name in DECODER_LINEARS
             if pattern.search(f"layers.{i}.{block}.{name}")]
 
 
@@ -99,7 +99,7 @@ def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
         return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
                                    delta=mc.delta if mc.method == "sltrain" else 0.0,
                                    zero_b=mc.method == "sltrain", rngs=rngs,
-                                   use_bias=old.bias is not None, dtype=dtype)
+                                   use_bias=old.bias is not None, dtype=dtype, axes=old.axes)
     if aspect_ratio(old.in_features, old.out_features) > mc.max_aspect_ratio:
         return old  # SLoPe leaves very thin / wide layers dense
     return SLoPeLinear(old, adapter_rank=mc.adapter_rank, rngs=rngs)
@@ -113,8 +113,6 @@ def partition_pretrain(model: nnx.Module):
 
 def dense_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """A plain dense model computing the same function: every linear's merged weight, masks folded."""
-    from ..weights import dense_arrays, model_from_arrays
-
     return model_from_arrays(model.config, dense_arrays(model), dtype=model.dtype)
 
 

@@ -39,6 +39,8 @@ from flax import nnx
 
 from ..errors import UserError
 from ..layers import Linear, Mask
+from ..ops.nm import nm_keep_mask
+from ..partition import combine
 
 N, M = 2, 4  # 2:4
 
@@ -48,15 +50,7 @@ def nm_mask(w: jax.Array, axis: int, n: int = N, m: int = M) -> jax.Array:
 
     Ties go to the earlier entry (stable sort), so the mask is a deterministic function of ``w``.
     """
-    wt = jnp.moveaxis(jnp.abs(w), axis, -1)
-    d = wt.shape[-1]
-    if d % m:
-        raise UserError(f"{n}:{m} sparsity needs a dimension divisible by {m}, got {d}")
-    groups = wt.reshape(*wt.shape[:-1], d // m, m)
-    order = jnp.argsort(-groups, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)  # rank 0 = largest in the group
-    keep = (rank < n).reshape(wt.shape)
-    return jnp.moveaxis(keep, -1, axis)
+    return nm_keep_mask(jnp.abs(w), n, m, axis=axis, keep_ties="earlier")
 
 
 @jax.jit
@@ -104,28 +98,20 @@ class SLoPeLinear(Linear):
     """
 
     def __init__(self, base: Linear, *, adapter_rank: int, rngs: nnx.Rngs):
-        self.in_features, self.out_features = base.in_features, base.out_features
-        for d in (self.in_features, self.out_features):
+        for d in (base.in_features, base.out_features):
             if d % M:
-                raise UserError(f"slope: layer {self.in_features}x{self.out_features} needs both dims "
+                raise UserError(f"slope: layer {base.in_features}x{base.out_features} needs both dims "
                                 f"divisible by {M} for {N}:{M} sparsity")
         w = base.kernel[...]
-        self.kernel = nnx.Param(w)
-        self.bias = base.bias
-        self.weight_mask = nnx.data(None)  # the (W + s·A@B) ⊙ M mask of finetuning: not used here
-        self.impl = "xla"
+        super().__init__(base.in_features, base.out_features, axes=base.axes, kernel=w, dtype=w.dtype,
+                         use_bias=base.bias is not None, bias=None if base.bias is None else base.bias[...])
         fwd = forward_mask(w)
         self.nm_mask = Mask(fwd)
         self.backward_mask = Mask(double_pruned_mask(w, fwd))
         self.adapter_on = Mask(jnp.asarray(False))
         if adapter_rank > 0:
-            self.lora_a = nnx.LoRAParam(jax.random.normal(rngs.params(), (self.in_features, adapter_rank), w.dtype))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((adapter_rank, self.out_features), w.dtype))
-            self.lora_scale = 1.0 / adapter_rank
-        else:
-            self.lora_a = nnx.data(None)
-            self.lora_b = nnx.data(None)
-            self.lora_scale = 0.0
+            self.set_lora(jax.random.normal(rngs.params(), (self.in_features, adapter_rank), w.dtype),
+                          jnp.zeros((adapter_rank, self.out_features), w.dtype), 1.0 / adapter_rank)
 
     def sparse_kernel(self) -> jax.Array:
         """``W ⊙ M``: the weight the forward pass uses. [in, out]"""
@@ -204,8 +190,6 @@ class SLoPeSchedule:
 
 def make_mask_updater(graphdef):
     """(trainable, frozen, masks, forward, backward, adapters_on) -> new masks, jitted and pure."""
-    from ..partition import combine
-
     def update(trainable, frozen, masks, forward: bool, backward: bool, adapters_on: bool):
         model = combine(graphdef, frozen, trainable, masks)
         if forward or backward:

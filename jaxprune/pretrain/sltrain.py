@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..checkpoint import restore_pytree, save_pytree
+from ..errors import UserError
 from ..layers import Linear
+from ..train import leaves_dict
 
 
 class SparseValues(nnx.LoRAParam):
@@ -78,18 +82,15 @@ class SparseLowRankLinear(Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, delta: float,
-                 rngs: nnx.Rngs, zero_b: bool = True, use_bias: bool = False, dtype=jnp.float32):
-        self.in_features, self.out_features = in_features, out_features
-        self.kernel = nnx.data(None)
-        self.bias = nnx.data(nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None)
-        self.weight_mask = nnx.data(None)
-        self.impl = "xla"
+                 rngs: nnx.Rngs, zero_b: bool = True, use_bias: bool = False, dtype=jnp.float32,
+                 axes: tuple[str | None, str | None] = (None, None)):
+        super().__init__(in_features, out_features, axes=axes, use_bias=use_bias, dtype=dtype, with_kernel=False)
         bound = 1.0 / math.sqrt(in_features)
-        self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), dtype, -bound, bound))
+        a = jax.random.uniform(rngs.params(), (in_features, rank), dtype, -bound, bound)
         b = 1.0 / math.sqrt(rank)
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype) if zero_b else
-                                    jax.random.uniform(rngs.params(), (rank, out_features), dtype, -b, b))
-        self.lora_scale = float(alpha) / float(rank)
+        b = (jnp.zeros((rank, out_features), dtype) if zero_b else
+             jax.random.uniform(rngs.params(), (rank, out_features), dtype, -b, b))
+        self.set_lora(a, b, float(alpha) / float(rank))
         if delta > 0:
             self.sparse_index = nnx.data(SparseIndex(sample_support(rngs.params(), in_features, out_features,
                                                                     delta)))
@@ -117,3 +118,22 @@ class SparseLowRankLinear(Linear):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+# ---- the support on disk (a run's only frozen arrays) ------------------------------------------
+def save_support(run_dir: Path, frozen) -> None:
+    """SLTrain's supports (the only frozen arrays of a pretraining run) next to the checkpoints."""
+    if jax.tree.leaves(frozen):
+        save_pytree(run_dir / "support", leaves_dict(frozen))
+
+
+def restore_support(run_dir: Path, frozen):
+    """``frozen`` with every leaf read back from RUN_DIR/support: the support never changes on resume."""
+    leaves, treedef = jax.tree.flatten(frozen)
+    if not leaves:
+        return frozen
+    if not (run_dir / "support").exists():
+        raise UserError(f"{run_dir}: support/ is missing; cannot resume an SLTrain run without it")
+    saved = restore_pytree(run_dir / "support", {k: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                                                 for k, x in leaves_dict(frozen).items()})
+    return jax.tree.unflatten(treedef, [jnp.asarray(saved[k]) for k in sorted(saved)])

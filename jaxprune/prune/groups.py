@@ -17,9 +17,14 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from ..errors import UserError
+from ..model import ATTN_LINEARS, MLP_LINEARS
+
 AttnUnit = Literal["kv_group", "q_head"]
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ATTN_MODULES = ATTN_LINEARS  # q, k, v, o
+MLP_MODULES = MLP_LINEARS  # gate, up, down
+#: where a unit sits in each module's [in, out] kernel: 1 = output columns, 0 = input rows
+UNIT_AXIS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 0, "gate_proj": 1, "up_proj": 1, "down_proj": 0}
 
 
 def reduce_attention(module: str, scores: jnp.ndarray, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -66,3 +71,22 @@ def units_from_head_mask(head_mask, num_heads: int, num_kv_heads: int, unit: Att
 def excluded_layers_default(num_layers: int) -> tuple[int, ...]:
     """LoRAPrune's default: layers below int(0.1·L) and the last one are never pruned."""
     return tuple(sorted(set(range(int(0.1 * num_layers))) | {num_layers - 1}))
+
+
+def prunable_layers(num_layers: int, exclude: str) -> list[int]:
+    """The layers structured pruning may touch for ``--exclude-layers``: 'default' (LoRAPrune's
+    ``excluded_layers_default``), 'none', or comma-separated indices never pruned."""
+    if exclude == "default":
+        excluded = set(excluded_layers_default(num_layers))
+    elif exclude in ("none", ""):
+        excluded = set()
+    else:
+        try:
+            excluded = {int(x) for x in str(exclude).split(",") if x.strip()}
+        except ValueError:
+            raise UserError(f"--exclude-layers {exclude!r}: expected comma-separated integers, "
+                            "'none' or 'default'") from None
+        bad = [i for i in excluded if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"--exclude-layers: layer {bad[0]} out of range 0..{num_layers - 1}")
+    return [i for i in range(num_layers) if i not in excluded]

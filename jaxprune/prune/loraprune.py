@@ -1,26 +1,65 @@
-"""LoRAPrune: importance moving average inside the train step, masks set by the cubic schedule.
+"""LoRAPrune (Zhang et al. 2023, arXiv 2305.18403; aim-uofa/LoRAPrune ``loraprune/utils.py``):
+structured pruning guided by LoRA, during LoRA fine-tuning of a frozen base.
 
-    hook = importance_hook(cfg, unit, lora_scale)          # a train.GradHook
+Importance (eq. 6-8). With the merged weight W' = W + s·A@B (ours: A [in, r], B [r, out]) and one
+SGD step of size 1 on the LoRA factors, the change of the merged weight is
+s·[(A − ∇A)(B − ∇B) − AB], so its gradient is estimated from LoRA alone as
+
+    G = ∇A·B + A·∇B − ∇A·∇B          (up to the factor s, which per-module normalisation removes)
+
+and the element importance is the first-order Taylor term ``|G ⊙ W'|``. Elements are summed per
+unit in each module, each module's vector is L2-normalised, and the modules of a group
+(q, k, v, o / gate, up, down) are summed. No gradient of a base weight is ever formed.
+
+Moving average (eq. 9): ``Ḡ ← β·Ḡ + (1 − β)·Ĝ`` with β = 0.9; an update whose scores hold a
+NaN / inf is skipped. It is an ``(init, update)`` pair in the style of optax transformations
+(:func:`lora_importance_ema`), run inside the jitted train step as a ``train.GradHook``::
+
+    hook = importance_hook(cfg, unit, lora_scale)                 # reads LoRA factors and their grads
     step = make_train_step(graphdef, optimizer, grad_hook=hook)
-    ... after step t: if schedule.is_prune_step(t): masks = update_structured_masks(masks, ema, s(t), ...)
+    after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)   # between steps
 
-The hook runs in the same jit as the LoRA update and reads only LoRA factors, their
-gradients and the frozen weights: no second backward, no base-weight gradient.
-Moving average (LoRAPrune eq. 9): ``Ḡ ← β·Ḡ + (1 − β)·Ĝ`` with β = 0.9; an update whose
-scores hold a NaN / inf is skipped.
+Masks follow the cubic schedule (``schedule.py``): at every prune step the lowest-scored units of
+each prunable layer are masked (``masks.update_structured_masks``); pruned sets only grow.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import ModelConfig
+from ..sharding import to_host
 from .groups import AttnUnit, num_attention_units
-from .importance import lora_guided_importance
+from .importance import UnitScores, base_kernel, unit_scores
+from .masks import update_structured_masks
+from .schedule import CubicSchedule
+
+
+def lora_merged_grad(a, b, grad_a, grad_b):
+    """Estimated gradient of the merged weight, [in, out]: ``∇A·B + A·∇B − ∇A·∇B``."""
+    return grad_a @ b + a @ grad_b - grad_a @ grad_b
+
+
+def lora_guided_importance(cfg: ModelConfig, trainable: dict, grads: dict, frozen: dict, unit: AttnUnit,
+                           lora_scale: float) -> UnitScores:
+    """LoRAPrune's unit importance from LoRA factors and their gradients only (see module doc).
+
+    ``lora_scale`` is s = α / r, used to form the merged weight W' = W + s·A@B.
+    """
+    def element(i, block, module):
+        t = trainable["layers"][i][block].get(module)
+        if t is None or "lora_a" not in t:
+            return None
+        g = grads["layers"][i][block][module]
+        a, b = t["lora_a"], t["lora_b"]
+        w = base_kernel(frozen["layers"][i][block][module])
+        merged = w + lora_scale * (a @ b).astype(w.dtype)
+        return jnp.abs(lora_merged_grad(a, b, g["lora_a"], g["lora_b"]) * merged)
+    return unit_scores(cfg, element, unit, normalise_modules=True)
 
 
 class ImportanceState(NamedTuple):
@@ -46,10 +85,45 @@ def ema_update(state: ImportanceState, scores, beta: float) -> ImportanceState:
                            state.updates + ok.astype(jnp.int32))
 
 
-def importance_hook(cfg: ModelConfig, unit: AttnUnit, lora_scale: float, beta: float = 0.9):
-    """A train.GradHook that folds LoRA-guided importance into an ImportanceState."""
-    def hook(state: ImportanceState, trainable, grads, frozen, masks, step):
+class ImportanceTransform(NamedTuple):
+    """An optax-style pair: ``init() -> state``; ``update(state, trainable, grads, frozen) -> state``
+    (pure nested dicts or nnx.State; jit-friendly)."""
+    init: Callable[[], ImportanceState]
+    update: Callable[..., ImportanceState]
+
+
+def lora_importance_ema(cfg: ModelConfig, unit: AttnUnit, lora_scale: float, beta: float = 0.9
+                        ) -> ImportanceTransform:
+    """LoRA-guided importance folded into a moving average (eq. 9)."""
+    def init() -> ImportanceState:
+        return init_importance(cfg, unit)
+
+    def update(state: ImportanceState, trainable, grads, frozen) -> ImportanceState:
         scores = lora_guided_importance(cfg, nnx.to_pure_dict(trainable), nnx.to_pure_dict(grads),
                                         nnx.to_pure_dict(frozen), unit, lora_scale)
         return ema_update(state, scores, beta)
+    return ImportanceTransform(init, update)
+
+
+def importance_hook(cfg: ModelConfig, unit: AttnUnit, lora_scale: float, beta: float = 0.9):
+    """``lora_importance_ema``'s update as a ``train.GradHook`` (runs in the same jit as the LoRA step)."""
+    tx = lora_importance_ema(cfg, unit, lora_scale, beta)
+
+    def hook(state: ImportanceState, trainable, grads, frozen, masks, step):
+        return tx.update(state, trainable, grads, frozen)
     return hook
+
+
+def scheduled_mask_update(cfg: ModelConfig, unit: AttnUnit, layers: Sequence[int], schedule: CubicSchedule,
+                          place: Callable = lambda tree: tree):
+    """The train loop's ``after_step(step, state) -> state``: at each of the schedule's prune steps, the
+    masks of ``layers`` grow to ``schedule.ratio(t)`` by the moving-average scores (on the host, between
+    jitted steps); ``place`` puts the new masks back onto the mesh."""
+    def after_step(step: int, st):
+        t = step + 1
+        if schedule.is_prune_step(t):
+            scores, masks = to_host(((st.hook_state.attn, st.hook_state.mlp), st.masks))
+            masks = update_structured_masks(masks, scores, schedule.ratio(t), cfg, unit, layers)
+            st = st._replace(masks=place(masks))
+        return st
+    return after_step

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from ..model import LlamaForCausalLM
+from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..weights import merged_arrays, model_from_arrays, weight_mask_paths
+from .groups import UNIT_AXIS
 
 
 def kept_indices(head_mask: np.ndarray, num_kv_heads: int):
@@ -49,15 +50,14 @@ def shrink(model: LlamaForCausalLM) -> LlamaForCausalLM:
         q_heads, kv_heads = kept_indices(hm, cfg.kv_heads(i)) if len(hm) else (np.zeros(0, int),) * 2
         q_cols, kv_cols = _cols(q_heads, D), _cols(kv_heads, D)
         ch = np.flatnonzero(np.asarray(arrays.pop(L + ("mlp", "channel_mask"))))
-        # (module, kept indices, axis of the unit in [in, out]: 1 = output columns, 0 = input rows)
-        for module, idx, axis in ((("self_attn", "q_proj"), q_cols, 1), (("self_attn", "k_proj"), kv_cols, 1),
-                                  (("self_attn", "v_proj"), kv_cols, 1), (("self_attn", "o_proj"), q_cols, 0),
-                                  (("mlp", "gate_proj"), ch, 1), (("mlp", "up_proj"), ch, 1),
-                                  (("mlp", "down_proj"), ch, 0)):
+        kept = {"q_proj": q_cols, "k_proj": kv_cols, "v_proj": kv_cols, "o_proj": q_cols,
+                "gate_proj": ch, "up_proj": ch, "down_proj": ch}
+        for block, name in DECODER_LINEARS:  # units are output columns (axis 1) or input rows (axis 0)
+            idx, axis = kept[name], UNIT_AXIS[name]
             for leaf in ("kernel", "weight_mask"):
-                _take(arrays, L + module + (leaf,), idx, axis)
+                _take(arrays, L + (block, name, leaf), idx, axis)
             if axis == 1:
-                _take(arrays, L + module + ("bias",), idx, 0)
+                _take(arrays, L + (block, name, "bias"), idx, 0)
         heads.append(len(q_heads))
         kvs.append(len(kv_heads))
         widths.append(len(ch))

@@ -13,16 +13,28 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
+from .. import checkpoint
+from ..config import ModelConfig
+from ..data import Blocks, token_stream
 from ..errors import UserError
-from .methods import METHODS, MethodConfig
+from ..fileio import write_json_atomic
+from ..fixtures import fixture_paths
+from ..hf import load_tokenizer as hf_tokenizer
+from ..load import DTYPES
+from ..partition import tree_bytes
+from ..pretrain.methods import (METHODS, MethodConfig, build_model, dense_model, make_pretrain_optimizer,
+                                param_summary, partition_pretrain)
+from ..pretrain.slope import SLoPeSchedule, initial_masks, make_after_step
+from ..pretrain.sltrain import restore_support, save_support
+from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training
+from ..sharding import init_distributed, is_main_process, placement_for
+from ..train import LoopCallbacks
+from .common import add_run_args, mesh_config, run_record, train_config, with_config
 
 
 def add_pretrain_parser(sub) -> None:
-    from ..train_cli import _with_config, add_run_args
-
     p = sub.add_parser("pretrain", help="pretrain a tiny LLaMA from random init: full, lowrank, sltrain or slope")
     add_run_args(p, steps=200, lr=3e-3)
     # add_run_args' LoRA flags name the low-rank factors here: --lora-rank r, --lora-alpha α (s = α / r),
@@ -49,7 +61,7 @@ def add_pretrain_parser(sub) -> None:
     g.add_argument("--mask-refresh-frac", type=float, default=0.1,
                    help="fraction of initial steps during which the forward 2:4 mask is refreshed too")
     g.add_argument("--max-aspect-ratio", type=float, default=5.0, help="layers thinner than this stay dense")
-    p.set_defaults(fn=_with_config(cmd_pretrain, p))
+    p.set_defaults(fn=with_config(cmd_pretrain, p))
 
 
 def method_config(args) -> MethodConfig:
@@ -58,14 +70,10 @@ def method_config(args) -> MethodConfig:
 
 
 def slope_schedule(args):
-    from .slope import SLoPeSchedule
     return SLoPeSchedule(args.steps, args.mask_change_freq, args.mask_refresh_frac, args.adapter_frac)
 
 
 def load_tokenizer(path):
-    from ..fixtures import fixture_paths
-    from ..hf import load_tokenizer as hf_tokenizer
-
     p = Path(path) if path else fixture_paths().hf_dir
     if not p.is_dir():
         raise UserError(f"{p}: no such tokenizer dir" + ("" if path else
@@ -78,8 +86,6 @@ def load_tokenizer(path):
 
 def model_config(args, tokenizer):
     """The random-init model's ModelConfig; the vocabulary is the tokenizer's."""
-    from ..config import ModelConfig
-
     for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
@@ -92,47 +98,12 @@ def model_config(args, tokenizer):
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def save_support(run_dir: Path, frozen) -> None:
-    """SLTrain's supports (the only frozen arrays of a pretraining run) next to the checkpoints."""
-    from ..checkpoint import save_pytree
-    from ..train import _leaves_dict
-
-    if jax.tree.leaves(frozen):
-        save_pytree(run_dir / "support", _leaves_dict(frozen))
-
-
-def restore_support(run_dir: Path, frozen):
-    """``frozen`` with every leaf read back from RUN_DIR/support: the support never changes on resume."""
-    from ..checkpoint import restore_pytree
-    from ..train import _leaves_dict
-
-    leaves, treedef = jax.tree.flatten(frozen)
-    if not leaves:
-        return frozen
-    if not (run_dir / "support").exists():
-        raise UserError(f"{run_dir}: support/ is missing; cannot resume an SLTrain run without it")
-    saved = restore_pytree(run_dir / "support", {k: jax.ShapeDtypeStruct(x.shape, x.dtype)
-                                                 for k, x in _leaves_dict(frozen).items()})
-    return jax.tree.unflatten(treedef, [jnp.asarray(saved[k]) for k in sorted(saved)])
-
-
-def cmd_pretrain(args) -> dict:
-    from .. import checkpoint
-    from ..data import Blocks, token_stream
-    from ..partition import tree_bytes
-    from ..sharding import init_distributed, is_main_process, placement_from_args
-    from ..train import (LoopCallbacks, make_eval_step, make_train_step, place_train_state, plot_metrics,
-                         restore_latest, save_json_atomic, state_shardings_of, train_loop)
-    from ..train_cli import (_last_metrics, compute_dtype, final_model, loop_config, optim_config, prepare_run_dir,
-                             report_fallbacks)
-    from ..load import DTYPES
-    from .methods import build_model, dense_model, make_pretrain_optimizer, param_summary, partition_pretrain
-    from .slope import initial_masks, make_after_step
-
-    init_distributed(args)
-    placement = placement_from_args(args)  # a bad --mesh or batch fails before anything is written
-    mc = method_config(args)
-    schedule = slope_schedule(args) if mc.method == "slope" else None
+def cmd_pretrain(args: argparse.Namespace) -> dict:
+    run_cfg, mc = train_config(args), mesh_config(args)
+    init_distributed(mc)
+    placement = placement_for(mc, run_cfg.batch_shape)  # a bad --mesh or batch fails before anything is written
+    method = method_config(args)
+    schedule = slope_schedule(args) if method.method == "slope" else None
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be >= 1")
     if not args.text:
@@ -140,54 +111,46 @@ def cmd_pretrain(args) -> dict:
     tok = load_tokenizer(args.tokenizer)
     cfg = model_config(args, tok)
     blocks = Blocks.from_stream(token_stream(args.text, tok), args.seq_len, seed=args.seed)
-    model = build_model(cfg, mc, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
-    summary = param_summary(model, cfg, mc)
+    model = build_model(cfg, method, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
+    summary = param_summary(model, cfg, method)
     graphdef, frozen, trainable, masks = partition_pretrain(model)
-    run_dir, prev = prepare_run_dir(args, "pretrain")  # after the checks above: bad input leaves no run dir
-
-    optimizer = make_pretrain_optimizer(optim_config(args), trainable)
-    placement.head_dim = cfg.head_dim
-    state = place_train_state(placement, optimizer, trainable, masks)
-    start = 0
+    run_dir, prev = prepare_run_dir(run_cfg.out, run_record(args, "pretrain"), resume=run_cfg.resume,
+                                    overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir
     if prev is None:
         if is_main_process():
             save_support(run_dir, frozen)
     else:
         frozen = restore_support(run_dir, frozen)
-    frozen = placement.put(frozen)
-    if prev is not None:
-        state, start = restore_latest(run_dir, state)
-    report_fallbacks(args, placement)
 
-    callbacks = None
+    job = TrainJob(graphdef, frozen, trainable, masks, blocks, make_pretrain_optimizer(run_cfg.optim(), trainable),
+                   head_dim=cfg.head_dim)
     if schedule is not None:
-        if start == 0:
-            state = state._replace(masks=placement.put(initial_masks(graphdef, frozen, state.trainable, state.masks,
-                                                                     schedule)))
-        slope_step = make_after_step(graphdef, frozen, schedule)
+        def on_start(state, frozen, start):  # adapters already on when the schedule starts them at step 0
+            if start:
+                return state
+            return state._replace(masks=placement.put(initial_masks(graphdef, frozen, state.trainable, state.masks,
+                                                                    schedule)))
 
-        def after_step(step, st):  # new masks go back to the mesh's shardings (one compile per run)
-            st = slope_step(step, st)
-            return st._replace(masks=placement.put(st.masks))
-        callbacks = LoopCallbacks(after_step=after_step)
+        def callbacks(frozen, placement):
+            slope_step = make_after_step(graphdef, frozen, schedule)
 
-    step_fn = make_train_step(graphdef, optimizer, compute_dtype=compute_dtype(args),
-                              state_shardings=state_shardings_of(state))
-    eval_fn = make_eval_step(graphdef, compute_dtype(args))
-    state = train_loop(state, frozen, step_fn, eval_fn, blocks, run_dir, loop_config(args), start_step=start,
-                       callbacks=callbacks, placement=placement)
-    dense = dense_model(final_model(graphdef, frozen, state))
+            def after_step(step, st):  # new masks go back to the mesh's shardings (one compile per run)
+                st = slope_step(step, st)
+                return st._replace(masks=placement.put(st.masks))
+            return LoopCallbacks(after_step=after_step)
+        job.on_start, job.callbacks = on_start, callbacks
+    result = run_training(job, run_cfg, placement, run_dir, resume=prev is not None)
+    dense = dense_model(result.model)
     if is_main_process():
-        plot_metrics(run_dir)
         checkpoint.save_model(dense, run_dir / "model", tokenizer=tok, overwrite=True,
-                              extra_meta={"pretrain_method": mc.method})
-    result = {"method": mc.method, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), **summary,
-              "opt_state_bytes": tree_bytes(state.opt_state), **_last_metrics(run_dir)}
+                              extra_meta={"pretrain_method": method.method})
+    out = {"method": method.method, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), **summary,
+           "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
     if schedule is not None:
-        result["adapter_start_step"] = schedule.adapter_start
+        out["adapter_start_step"] = schedule.adapter_start
     if is_main_process():
-        save_json_atomic(run_dir / "pretrain.json", result)
+        write_json_atomic(run_dir / "pretrain.json", out)
     if not args.json and is_main_process():
-        print(f"pretrained {mc.method}: {summary['trainable_params']:,} trainable parameters, "
-              f"val ppl {result['val_ppl']}; dense model in {run_dir / 'model'}", file=sys.stderr)
-    return result
+        print(f"pretrained {method.method}: {summary['trainable_params']:,} trainable parameters, "
+              f"val ppl {out['val_ppl']}; dense model in {run_dir / 'model'}", file=sys.stderr)
+    return out

@@ -1,0 +1,48 @@
+"""`jaxprune finetune`: LoRA fine-tuning of a frozen base, with resume and merge.
+
+    RUN_DIR/ run.json, checkpoints/, metrics.jsonl, loss.png   (``runs.py``)
+             model/   the result as a jaxprune checkpoint (LoRA merged with --merge)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import checkpoint, load
+from ..partition import tree_size
+from ..prune.posttraining import attach_sparsity_masks
+from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora
+from ..sharding import init_distributed, is_main_process, placement_for
+from ..train import make_optimizer
+from ..weights import merge_lora
+from .common import add_run_args, mesh_config, run_record, train_config, with_config
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    cfg, mc = train_config(args), mesh_config(args)
+    init_distributed(mc)
+    placement = placement_for(mc, cfg.batch_shape)  # a bad --mesh fails before anything is written
+    run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
+                                    overwrite=cfg.overwrite)
+    model = None
+    if args.keep_sparsity:  # element masks: kept from a checkpoint, else W != 0
+        model = load.load_model(args.model, cfg.dtype)
+        attach_sparsity_masks(model)
+    s = setup_lora(args.model, cfg, model)
+    job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(cfg.optim()),
+                   head_dim=s.model.config.head_dim)
+    result = run_training(job, cfg, placement, run_dir, resume=prev is not None)
+    model = merge_lora(result.model) if args.merge else result.model
+    if is_main_process():
+        checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
+    return {"run_dir": str(run_dir), "trainable_params": tree_size(result.state.trainable), **last_metrics(run_dir)}
+
+
+def add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="LoRA fine-tuning on a frozen base")
+    p.add_argument("model")
+    add_run_args(p, steps=200, frozen_base=True)
+    p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights in RUN_DIR/model")
+    p.add_argument("--keep-sparsity", action="store_true",
+                   help="train through (W + s·A@B) ⊙ M: masks from the checkpoint, else M = (W != 0)")
+    p.set_defaults(fn=with_config(cmd_finetune, p))

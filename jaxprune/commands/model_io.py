@@ -1,0 +1,85 @@
+"""`jaxprune convert | export | eval | generate`: models in and out, perplexity, generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint, evaluate, hf, load
+from ..fileio import check_output_dir
+from ..generate import generate
+from .common import add_model_args
+
+
+def cmd_convert(a) -> dict:
+    check_output_dir(Path(a.out), a.overwrite)
+    model = load.load_model(a.src, a.dtype)
+    tok = load.load_tokenizer(a.src, required=False)
+    checkpoint.save_model(model, Path(a.out), tokenizer=tok, overwrite=a.overwrite)
+    return {"out": str(a.out), "params": model.config.num_params()}
+
+
+def cmd_export(a) -> dict:
+    check_output_dir(Path(a.out), a.overwrite)
+    model = load.load_model(a.model, a.dtype)
+    tok = load.load_tokenizer(a.model, required=False)
+    hf.export_hf(model, Path(a.out), tokenizer=tok, overwrite=a.overwrite)
+    return {"out": str(a.out), "uniform": model.config.is_uniform}
+
+
+def cmd_eval(a) -> dict:
+    text = evaluate.read_text(a.text)
+    model = load.load_model(a.model, a.dtype)
+    tokens = evaluate.tokenize_text(load.load_tokenizer(a.model), text)
+    res = evaluate.perplexity(model, tokens, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
+                              progress=not a.json)
+    res["params"] = model.config.num_params()
+    if not a.json:
+        print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} windows of "
+              f"{a.seq_len}); {res['tokens_per_s']:.0f} tokens/s")
+    return res
+
+
+def cmd_generate(a) -> dict:
+    model = load.load_model(a.model, a.dtype)
+    tok = load.load_tokenizer(a.model)
+    ids = tok(a.prompt)["input_ids"]
+    out = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                   eos_token_id=tok.eos_token_id)
+    text = tok.decode(out, skip_special_tokens=True)
+    if not a.json:
+        print(a.prompt + text)
+    return {"prompt": a.prompt, "completion": text, "token_ids": [int(t) for t in out]}
+
+
+def add_model_io_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="HF dir or .gguf -> jaxprune checkpoint")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    add_model_args(p)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("export", help="jaxprune checkpoint / run dir -> HF dir loadable by transformers")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    add_model_args(p)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("eval", help="perplexity on a text file (see README: protocol)")
+    p.add_argument("model")
+    p.add_argument("--text", required=True)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=None)
+    add_model_args(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy / sampled generation with a KV cache")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    add_model_args(p)
+    p.set_defaults(fn=cmd_generate)

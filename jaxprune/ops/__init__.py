@@ -1,0 +1,1 @@
+"""Small array operations with no knowledge of the model: int8 weights (``int8``), N:M masks (``nm``)."""

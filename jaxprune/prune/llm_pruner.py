@@ -1,0 +1,41 @@
+"""LLM-Pruner (Ma et al. 2023, arXiv 2305.11627; horseee/LLM-Pruner ``taylor`` importance, ``param_first``):
+first-order Taylor importance from base-weight gradients.
+
+    I(unit) = Σ_{w ∈ unit's coupled weights} |w · ∂L/∂w|
+
+summed over every element of the unit's coupled weights (group reduction "sum", no module
+normalisation), on a calibration batch. Unlike LoRAPrune it needs the gradient of every base weight:
+that memory is what LoRAPrune's criterion avoids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import ModelConfig
+from ..train import make_loss_fn
+from .groups import AttnUnit
+from .importance import UnitScores, unit_scores
+
+
+def taylor_importance(cfg: ModelConfig, frozen: dict, base_grads: dict, unit: AttnUnit) -> UnitScores:
+    """LLM-Pruner's first-order Taylor importance ``Σ |W ⊙ ∂L/∂W|`` per unit (no module normalisation)."""
+    def element(i, block, module):
+        w = frozen["layers"][i][block][module]["kernel"]
+        g = base_grads["layers"][i][block][module]["kernel"]
+        return jnp.abs(w * g)
+    return unit_scores(cfg, element, unit, normalise_modules=False)
+
+
+def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit):
+    """A jitted ``(frozen, trainable, masks, batch [n, S]) -> UnitScores``: base-weight gradients of the
+    mean NLL on a calibration batch, reduced to units."""
+    loss_fn = make_loss_fn(graphdef)
+
+    @jax.jit
+    def step(frozen, trainable, masks, batch):
+        grads = jax.grad(lambda fr: loss_fn(trainable, fr, masks, batch)[0])(frozen)
+        return taylor_importance(cfg, nnx.to_pure_dict(frozen), nnx.to_pure_dict(grads), unit)
+    return step
