@@ -94,15 +94,21 @@ def render_memory(data: dict) -> str:
     for key, label in (("full_ft", "full fine-tuning"), ("lora", f"LoRA r={data.get('lora_rank')}")):
         r = data.get(key, {})
         rows.append([label, f"{r.get('trainable_params', 0):,}", _mib(r.get("opt_state_bytes")), _mib(r.get("argument")),
-                     _mib(r.get("temp")), _mib(r.get("output")), _mib(r.get("total"))])
-    full, lora = data.get("full_ft", {}).get("total"), data.get("lora", {}).get("total")
+                     _mib(r.get("temp")), _mib(r.get("output")), _mib(r.get("alias")), _mib(r.get("total")),
+                     _mib(r.get("peak_estimate"))])
+    full, lora = (data.get(k, {}).get("peak_estimate") for k in ("full_ft", "lora"))
     ratio = f"{full / lora:.2f}x" if full and lora else "?"
+    naive = data.get("ratio_full_over_lora")
     return "\n".join([
         f"One compiled train step (`memory_analysis()`), SmolLM2-135M {data.get('dtype')}, batch {data.get('batch')} "
-        f"x {data.get('seq_len')}, AdamW. MiB.", "",
-        table(["", "trainable params", "optimizer state", "arguments", "temporaries", "outputs", "total"], rows), "",
-        f"Full fine-tuning needs {ratio} the memory of LoRA; at this batch the activations (temporaries) dominate "
-        "both and are the same size, so LoRA saves the weight gradients and optimizer state only.",
+        f"x {data.get('seq_len')}, AdamW. MiB. The step donates its state: an output that reuses a donated "
+        "argument's buffer (aliased) is counted once, so peak = arguments + temporaries + outputs - aliased.", "",
+        table(["", "trainable params", "optimizer state", "arguments", "temporaries", "outputs", "aliased",
+               "sum (aliased twice)", "peak"], rows), "",
+        f"Full fine-tuning needs {ratio} the memory of LoRA (peak, `ratio_full_over_lora_minus_alias`"
+        + (f"; the sum that counts the donated buffers twice would say {naive:.2f}x" if naive else "")
+        + "); at this batch the activations (temporaries) dominate both and are the same size, so LoRA saves "
+        "the weight gradients and optimizer state only.",
     ])
 
 

@@ -13,8 +13,31 @@ import pytest
 from conftest import REPO
 
 
+DENSE_PPL_REL_TOL = 1e-4  # two fp32 implementations of the same forward: ~1e-6 apart (see test_real_model)
+
+
+def torch_heldout_perplexity(fixtures, torch_model, tokenizer, eval_tokens=2048, seq_len=256) -> float:
+    """The demo's dense protocol (first ``eval_tokens`` held-out tokens, non-overlapping windows of 256)
+    computed by transformers' torch model with its own tokenizer call: exp(mean next-token NLL)."""
+    import numpy as np
+    import torch
+
+    tokenizer.model_max_length = 10**12
+    ids = np.asarray(tokenizer(fixtures.heldout_text.read_text())["input_ids"][:eval_tokens])
+    n = len(ids) // seq_len
+    windows = torch.as_tensor(ids[:n * seq_len].reshape(n, seq_len)).long()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, 4):
+            w = windows[i:i + 4]
+            logits = torch_model(w).logits.float()
+            total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       w[:, 1:].reshape(-1), reduction="sum").item()
+    return float(np.exp(total / (n * (seq_len - 1))))
+
+
 @pytest.mark.slow
-def test_demo_quick(fixtures, tmp_path):
+def test_demo_quick(fixtures, tmp_path, smollm2_torch, smollm2_tokenizer):
     out = tmp_path / "runs" / "demo"  # a parent that does not exist yet, as runs/ in a fresh clone
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--out", str(out)],
@@ -30,6 +53,10 @@ def test_demo_quick(fixtures, tmp_path):
     for k in ("dense_ppl", "pruned_ppl", "dense_tokens_per_s", "pruned_tokens_per_s"):
         assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])
     assert 1.0 < res["dense_ppl"] < res["pruned_ppl"]  # 8 steps of pruning to 50% cost perplexity
+    # the dense perplexity is deterministic: transformers' torch model on the same held-out windows
+    assert res["eval_tokens"] == 2048
+    want = torch_heldout_perplexity(fixtures, smollm2_torch, smollm2_tokenizer)
+    assert abs(res["dense_ppl"] - want) <= DENSE_PPL_REL_TOL * want, (res["dense_ppl"], want)
     # the printed numbers are the ones in demo.json
     params_row = next(l for l in table.splitlines() if l.startswith("parameters"))
     assert f"{res['params_before']:,}" in params_row and f"{res['params_after']:,}" in params_row

@@ -5,6 +5,7 @@ appear only in the last steps and start as a no-op."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +172,16 @@ def test_adapters_only_in_the_last_steps_and_start_as_a_noop(slope_run):
     first = _model(graphdef, frozen, states[0])
     l0 = {p: np.asarray(l.lora_a[...]) for p, l in slope_linears(first)}
     assert len(l0) == 14
-    assert all(abs(v.std() - 1) < 0.5 and abs(v.mean()) < 0.5 for v in l0.values())  # L ~ N(0, 1)
+    # L ~ N(0, 1): pooled over the 14 adapters (n ≈ 2000 draws) mean, std and a Kolmogorov-Smirnov distance to
+    # the N(0, 1) CDF at the 0.1% level (U(-1, 1), std 0.58, or N(0, 0.8²) fail every one of the three)
+    pooled = np.sort(np.concatenate([v.reshape(-1) for v in l0.values()]).astype(np.float64))
+    n = len(pooled)
+    assert abs(pooled.mean()) < 4 / np.sqrt(n) and abs(pooled.std() - 1) < 4 / np.sqrt(2 * n), (pooled.mean(),
+                                                                                                  pooled.std())
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(pooled / np.sqrt(2)))
+    ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+    assert ks < 1.95 / np.sqrt(n), ks
+    assert all(abs(v.std() - 1) < 0.3 for v in l0.values())  # and each adapter on its own
     for t, st in enumerate(states):
         m = _model(graphdef, frozen, st)
         on = {bool(l.adapter_on[...]) for _, l in slope_linears(m)}
