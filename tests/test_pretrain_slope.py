@@ -17,8 +17,7 @@ from jaxprune.config import ModelConfig
 from jaxprune.layers import Linear, Mask
 from jaxprune.pretrain.methods import (MethodConfig, build_model, dense_model, make_pretrain_optimizer,
                                        partition_pretrain)
-from jaxprune.pretrain.slope import (SLoPeLinear, SLoPeSchedule, double_pruned_mask, forward_mask,
-                                     initial_masks, make_after_step, nm_mask, refresh_masks, slope_linears)
+from jaxprune.pretrain.slope import (SLoPeLinear, SLoPeSchedule, initial_masks, make_after_step, nm_mask, refresh_masks, slope_linears)
 from jaxprune.train import OptimConfig, TrainState, make_train_step
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -16,7 +16,7 @@ from jaxprune.model import causal_lm_loss
 from jaxprune.partition import tree_size
 from jaxprune.pretrain.methods import (MethodConfig, build_model, dense_model, param_summary, partition_pretrain,
                                        target_paths)
-from jaxprune.pretrain.sltrain import (SparseIndex, SparseLowRankLinear, compose_weight, sample_support,
+from jaxprune.pretrain.sltrain import (SparseIndex, SparseLowRankLinear, sample_support,
                                        sltrain_param_count)
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
