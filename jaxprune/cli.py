@@ -12,14 +12,21 @@ import os
 import sys
 
 from .commands.finetune import add_finetune_parser
+from .commands.flags import Parser
 from .commands.model_io import add_model_io_parsers
 from .commands.pretrain import add_pretrain_parser
 from .commands.prune import add_prune_parser
 from .errors import UserError
+from .runs import release_run_dirs
+from .train import PREEMPTED_EXIT, Preempted
+
+#: exit codes: 0 done; 2 bad input (one line on stderr); 74 an output could not be written (disk full,
+#: read-only); 75 stopped by SIGTERM / SIGINT after saving a checkpoint (rerun with --resume); 130 interrupted
+IO_ERROR_EXIT = 74
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxprune", description=__doc__.splitlines()[0])
+    parser = Parser(prog="jaxprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_model_io_parsers(sub)
     add_finetune_parser(sub)
@@ -33,16 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already on stderr), or --help
+        return e.code if isinstance(e.code, int) else 0
     args.argv = argv  # recipes (--config) must know which flags were given explicitly
     try:
         result = args.fn(args)
     except UserError as e:
         print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"jaxprune {args.command}: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    except OSError as e:  # ENOSPC, EROFS, EACCES, ...: outputs are written atomically, earlier ones stay intact
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"jaxprune {args.command}: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return IO_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"jaxprune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_run_dirs()
     if args.json:
         print(json.dumps(result, default=float))
     return 0

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +34,19 @@ from .fileio import write_json_atomic
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
 from .quantize import dequantize_base, quantize_base
 from .sharding import Placement, barrier, is_main_process, log, to_host
-from .train import (LoopCallbacks, LoopConfig, OptimConfig, TrainState, make_eval_step, make_train_step,
-                    place_train_state, plot_metrics, restore_latest, state_shardings_of, train_loop)
+from .train import (
+    LoopCallbacks,
+    LoopConfig,
+    OptimConfig,
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    place_train_state,
+    plot_metrics,
+    restore_latest,
+    state_shardings_of,
+    train_loop,
+)
 
 
 @dataclass(frozen=True)
@@ -96,14 +109,49 @@ def prepare_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: b
     saved one. Every process runs the checks (reads only, so all fail alike); process 0 alone writes."""
     barrier("run_dir:enter")
     run_dir, prev = check_run_dir(out, record, resume=resume, overwrite=overwrite)
+    if is_main_process() and run_dir.exists():
+        lock_run_dir(run_dir)  # before anything is removed: another live run keeps its directory
     barrier("run_dir:checked")
     if prev is None and is_main_process():
         if run_dir.exists():
+            release_run_dir(run_dir)
             shutil.rmtree(run_dir)
         run_dir.mkdir()
+        lock_run_dir(run_dir)
         write_json_atomic(run_dir / "run.json", record)
     barrier("run_dir:ready")
     return run_dir, prev
+
+
+_LOCKS: dict[str, int] = {}  # run dir -> open file descriptor holding its lock (for this process's lifetime)
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take RUN_DIR/.lock (``flock``, exclusive, released when the process ends); a UserError when another
+    live process holds it: two runs never write to one directory."""
+    key = str(Path(run_dir).resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{run_dir}: another jaxprune run is using this directory (wait for it, or pick "
+                        "another --out)") from None
+    _LOCKS[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_run_dirs() -> None:
+    """Release every run-dir lock this process holds (the CLI does at the end of each command)."""
+    for key in list(_LOCKS):
+        release_run_dir(Path(key))
 
 
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from .errors import UserError
 from .fileio import write_json_atomic, write_text_atomic
 from .model import causal_lm_loss
 from .partition import combine
-from .sharding import is_main_process, scalar
+from .sharding import is_main_process, log, scalar
 
 
 @dataclass
@@ -46,10 +50,16 @@ class OptimConfig:
 
 def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup + cosine decay and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
     return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
-                       optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+
+
+def lr_schedule(c: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over ``max(warmup_steps, 1)`` steps, then cosine decay to ``lr·min_lr_ratio``
+    at ``total_steps`` (at least one decay step, so a 1-step run with no warm-up is valid)."""
+    warmup = max(c.warmup_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(c.total_steps, warmup + 1),
+                                              end_value=c.lr * c.min_lr_ratio)
 
 
 class GradHook(Protocol):
@@ -175,16 +185,43 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def restore_latest(run_dir: Path, state: TrainState) -> tuple[TrainState, int]:
-    """(state from RUN_DIR's latest checkpoint, its step), onto ``state``'s shardings; (state, 0) if none."""
-    ckpts = TrainCheckpoints(Path(run_dir) / "checkpoints")
+def restore_latest(run_dir: Path, state: TrainState, *, warn=log) -> tuple[TrainState, int]:
+    """(state from RUN_DIR's newest readable checkpoint, its step), onto ``state``'s shardings.
+
+    A damaged checkpoint (truncated or missing file, bad metadata) is reported on stderr, removed, and the
+    previous one is tried; when every checkpoint is damaged it is a UserError, never a silent restart from
+    step 0. No checkpoint at all (killed before the first save): (state, 0), said on stderr."""
+    directory = Path(run_dir) / "checkpoints"
+    ckpts = TrainCheckpoints(directory)
     try:
-        latest = ckpts.latest_step()
-        if latest is None:
+        steps = sorted(ckpts.manager.all_steps(), reverse=True)
+        if not steps:
+            warn(f"resume: no checkpoint in {directory} yet; starting from step 0")
             return state, 0
-        return ckpts.restore(latest, state)[0], latest
+        for step in steps:
+            try:
+                return ckpts.restore(step, state)[0], step
+            except Exception as e:  # orbax / tensorstore raise many types for a damaged checkpoint
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                warn(f"resume: checkpoint step {step} in {directory} is damaged ({reason}); "
+                     + ("removing it and trying step " + str(steps[steps.index(step) + 1])
+                        if step != steps[-1] else "and it was the last one"))
+                _remove_step(ckpts, directory, step)
+        raise UserError(f"{directory}: every checkpoint ({', '.join(map(str, steps))}) is damaged; cannot resume "
+                        "(start again with --overwrite)")
     finally:
         ckpts.close()
+
+
+def _remove_step(ckpts: TrainCheckpoints, directory: Path, step: int) -> None:
+    """Delete a damaged step so that the resumed run can save that step again (process 0 only)."""
+    if not is_main_process():
+        return
+    try:
+        ckpts.manager.delete(step)
+    except Exception:  # metadata too damaged for orbax: remove the folder itself
+        shutil.rmtree(directory / str(step), ignore_errors=True)
+    ckpts.manager.reload()
 
 
 # ---- the loop ---------------------------------------------------------------
@@ -199,6 +236,57 @@ class LoopConfig:
     val_blocks: int = 8
     log_every: int = 1
     progress: bool = True
+
+
+#: exit code of a run stopped by SIGTERM / SIGINT after saving its checkpoint (EX_TEMPFAIL: rerun with --resume)
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """A SIGTERM / SIGINT stopped the loop; the checkpoint at ``step`` is saved (every process)."""
+
+    def __init__(self, step: int, directory: Path, signame: str):
+        super().__init__(f"stopped by {signame} after step {step}; checkpoint saved in {directory} "
+                         "(continue with --resume)")
+        self.step = step
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only set a flag that the loop reads between steps (a second
+    SIGINT interrupts at once). Under jax.distributed every process learns of a signal any of them got,
+    at the same step (one tiny all-gather per step), so all save the same checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def stop_requested(self) -> bool:
+        """True on every process when any process has received a signal."""
+        mine = self.received is not None
+        if jax.process_count() == 1:
+            return mine
+        return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another process"
 
 
 @dataclass
@@ -229,6 +317,16 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
     bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps,
                disable=not (loop.progress and main), desc="train", unit="step", dynamic_ncols=True)
     t_last = time.perf_counter()
+    with StopSignals() as stop:
+        state = _run_steps(state, bar, stop, frozen, train_step, eval_step, blocks, run_dir, loop, cb, ckpts,
+                           metrics_file, main, placement, tokens_per_step, t_last)
+    ckpts.close()
+    return state
+
+
+def _run_steps(state, bar, stop, frozen, train_step, eval_step, blocks, run_dir, loop, cb, ckpts, metrics_file,
+               main, placement, tokens_per_step, t_last) -> TrainState:
+    """The steps of ``train_loop``; raises ``Preempted`` (after saving) when ``stop`` saw a signal."""
     for step in bar:
         batch = blocks.batch(step, loop.batch_size * loop.grad_accum).reshape(
             loop.grad_accum, loop.batch_size, -1)
@@ -258,9 +356,14 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
                 f.write(json.dumps(rec) + "\n")
         bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
                          if k in ("loss", "tokens_per_s", "val_ppl", "sparsity")})
-        if done % loop.save_every == 0 or done == loop.steps:
+        saved = done % loop.save_every == 0 or done == loop.steps
+        if saved:
             ckpts.save(done, state, {"step": done, **cb.extra_state()})
-    ckpts.close()
+        if done < loop.steps and stop.stop_requested():
+            if not saved:
+                ckpts.save(done, state, {"step": done, **cb.extra_state()})
+            ckpts.close()
+            raise Preempted(done, run_dir / "checkpoints", stop.name)
     return state
 
 

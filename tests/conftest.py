@@ -127,6 +127,15 @@ def smollm2_tokenizer(fixtures):
     return AutoTokenizer.from_pretrained(fixtures.hf_dir)
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for jax.distributed's coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_cli(*args, env=None):
     """Start `python -m jaxprune.cli ...` in the background (Popen, text pipes); see ``finish_cli``."""
     e = dict(os.environ)

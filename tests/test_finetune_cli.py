@@ -100,7 +100,7 @@ def test_config_unknown_key_and_bad_value_are_one_line_errors(runs, tmp_path, ca
     assert r.stderr.strip() == f"jaxprune finetune: error: {bad}: unknown key 'learning_rate'"
     assert not (tmp_path / "never").exists()
 
-    for text, needle in (("steps: many\n", "'many' is not a valid int"),
+    for text, needle in (("steps: many\n", "steps: must be an integer (got 'many')"),
                          ("compute-dtype: float16\n", "'float16' is not one of"),
                          ("model: other\n", "unknown key 'model'"),  # positionals are not recipe keys
                          ("- steps\n", "a recipe is a mapping")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import finish_cli, random_llama, start_cli
+from conftest import finish_cli, free_port, random_llama, start_cli
 from jaxprune.config import tiny_config
 from jaxprune.errors import UserError
 from jaxprune.partition import partition
@@ -303,12 +302,6 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
             assert a.sharding == want_sharding.sharding
     ckpts.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_equal_one_eight_device_process(tmp_path, tiny_hf_with_tokenizer, small_text):

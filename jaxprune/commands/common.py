@@ -15,9 +15,11 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from ..partition import DEFAULT_LORA_TARGETS
 from ..quantize import QUANTIZE_CHOICES
 from ..runs import TrainConfig
 from ..sharding import MeshConfig
+from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN
 
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
 # whatever mesh the resumed run has)
@@ -37,24 +39,24 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); flags given on the command line override it")
     p.add_argument("--text", help="training text: a .txt file or a directory of them")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--targets", default="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",
+    p.add_argument("--lora-rank", type=POSITIVE_INT, default=8)
+    p.add_argument("--lora-alpha", type=POSITIVE_FLOAT, default=16.0)
+    p.add_argument("--targets", default=DEFAULT_LORA_TARGETS,
                    help="regex over layer paths that get LoRA")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--steps", type=POSITIVE_INT, default=steps)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=4)
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
+    p.add_argument("--seq-len", type=SEQ_LEN, default=256)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=lr)
+    p.add_argument("--warmup-steps", type=NONNEG_INT, default=10)
+    p.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0)
+    p.add_argument("--clip-norm", type=NONNEG_FLOAT, default=1.0)
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--val-every", type=int, default=50)
-    p.add_argument("--val-blocks", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=POSITIVE_INT, default=50)
+    p.add_argument("--keep", type=POSITIVE_INT, default=2, help="checkpoints kept")
+    p.add_argument("--val-every", type=NONNEG_INT, default=50)
+    p.add_argument("--val-blocks", type=POSITIVE_INT, default=8)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -62,8 +64,8 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
     if frozen_base:
         p.add_argument("--quantize-base", choices=QUANTIZE_CHOICES, default="none",
                        help="int8: store the frozen decoder linears as int8 with one fp32 scale per output "
-                            "channel (absmax/127, as the official LoRAPrune's load_in_8bit); ~1/4 of the fp32 "
-                            "base memory. Only for methods that never differentiate the base")
+                            "channel (absmax/127, as the official LoRAPrune's load_in_8bit); 0.41x of the fp32 "
+                            "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never differentiate the base")
     add_mesh_args(p)
 
 
@@ -81,8 +83,8 @@ def add_mesh_args(p) -> None:
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)")
     g.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    g.add_argument("--num-processes", type=POSITIVE_INT, default=None, help="multi-host: number of processes")
+    g.add_argument("--process-id", type=NONNEG_INT, default=None, help="multi-host: this process's index")
 
 
 # options that may change on --resume without changing the trajectory
@@ -130,8 +132,9 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
         if action.type is not None and value is not None and not isinstance(value, bool):
             try:
                 value = action.type(value)
-            except (TypeError, ValueError):
-                raise UserError(f"{path}: {key}: {value!r} is not a valid {action.type.__name__}") from None
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                why = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"{value!r} is not a valid number"
+                raise UserError(f"{path}: {key}: {why}") from None
         if action.choices is not None and value not in action.choices:
             raise UserError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
         if dest not in argv_flags:

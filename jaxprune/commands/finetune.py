@@ -22,13 +22,13 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     cfg, mc = train_config(args), mesh_config(args)
     init_distributed(mc)
     placement = placement_for(mc, cfg.batch_shape)  # a bad --mesh fails before anything is written
-    run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
-                                    overwrite=cfg.overwrite)
     model = None
     if args.keep_sparsity:  # element masks: kept from a checkpoint, else W != 0
         model = load.load_model(args.model, cfg.dtype)
         attach_sparsity_masks(model)
     s = setup_lora(args.model, cfg, model)
+    run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
+                                    overwrite=cfg.overwrite)  # after the checks above: bad input leaves no run dir
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(cfg.optim()),
                    head_dim=s.model.config.head_dim)
     result = run_training(job, cfg, placement, run_dir, resume=prev is not None)

@@ -8,6 +8,7 @@ from .. import checkpoint, evaluate, hf, load
 from ..fileio import check_output_dir
 from ..generate import generate
 from .common import add_model_args
+from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, SEED, SEQ_LEN
 
 
 def cmd_convert(a) -> dict:
@@ -69,17 +70,17 @@ def add_model_io_parsers(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on a text file (see README: protocol)")
     p.add_argument("model")
     p.add_argument("--text", required=True)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--seq-len", type=SEQ_LEN, default=512)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=4)
+    p.add_argument("--max-tokens", type=SEQ_LEN, default=None)
     add_model_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy / sampled generation with a KV cache")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=NONNEG_INT, default=64)
+    p.add_argument("--temperature", type=NONNEG_FLOAT, default=0.0)
+    p.add_argument("--seed", type=SEED, default=0)
     add_model_args(p)
     p.set_defaults(fn=cmd_generate)

@@ -24,14 +24,22 @@ from ..fixtures import fixture_paths
 from ..hf import load_tokenizer as hf_tokenizer
 from ..load import DTYPES
 from ..partition import tree_bytes
-from ..pretrain.methods import (METHODS, MethodConfig, build_model, dense_model, make_pretrain_optimizer,
-                                param_summary, partition_pretrain)
+from ..pretrain.methods import (
+    METHODS,
+    MethodConfig,
+    build_model,
+    dense_model,
+    make_pretrain_optimizer,
+    param_summary,
+    partition_pretrain,
+)
 from ..pretrain.slope import SLoPeSchedule, initial_masks, make_after_step
 from ..pretrain.sltrain import restore_support, save_support
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training
 from ..sharding import init_distributed, is_main_process, placement_for
 from ..train import LoopCallbacks
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
+from .flags import AT_LEAST_1, FRACTION, NONNEG_INT, OPEN_FRACTION, POSITIVE_INT
 
 
 def add_pretrain_parser(sub) -> None:
@@ -44,23 +52,23 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="dir with tokenizer.json (default: the cached SmolLM2 fixture); sets the vocab size")
     g = p.add_argument_group("model (LLaMA, random init)")
-    g.add_argument("--hidden-size", type=int, default=128)
-    g.add_argument("--intermediate-size", type=int, default=352)
-    g.add_argument("--num-layers", type=int, default=4)
-    g.add_argument("--num-heads", type=int, default=4)
-    g.add_argument("--num-kv-heads", type=int, default=4)
-    g.add_argument("--head-dim", type=int, default=None, help="default: hidden-size / num-heads")
+    g.add_argument("--hidden-size", type=POSITIVE_INT, default=128)
+    g.add_argument("--intermediate-size", type=POSITIVE_INT, default=352)
+    g.add_argument("--num-layers", type=POSITIVE_INT, default=4)
+    g.add_argument("--num-heads", type=POSITIVE_INT, default=4)
+    g.add_argument("--num-kv-heads", type=POSITIVE_INT, default=4)
+    g.add_argument("--head-dim", type=POSITIVE_INT, default=None, help="default: hidden-size / num-heads")
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="share embed_tokens and lm_head (SmolLM2 does); --no-tie-word-embeddings unties")
     g = p.add_argument_group("sltrain")
-    g.add_argument("--sparse-ratio", type=float, default=0.03, help="δ: the support holds ⌊δ·in·out⌋ entries")
+    g.add_argument("--sparse-ratio", type=OPEN_FRACTION, default=0.03, help="δ: the support holds ⌊δ·in·out⌋ entries")
     g = p.add_argument_group("slope")
-    g.add_argument("--adapter-rank", type=int, default=16, help="lazy adapter rank r (0: none)")
-    g.add_argument("--adapter-frac", type=float, default=0.01, help="fraction of final steps with adapters")
-    g.add_argument("--mask-change-freq", type=int, default=100, help="steps between mask refreshes")
-    g.add_argument("--mask-refresh-frac", type=float, default=0.1,
+    g.add_argument("--adapter-rank", type=NONNEG_INT, default=16, help="lazy adapter rank r (0: none)")
+    g.add_argument("--adapter-frac", type=FRACTION, default=0.01, help="fraction of final steps with adapters")
+    g.add_argument("--mask-change-freq", type=POSITIVE_INT, default=100, help="steps between mask refreshes")
+    g.add_argument("--mask-refresh-frac", type=FRACTION, default=0.1,
                    help="fraction of initial steps during which the forward 2:4 mask is refreshed too")
-    g.add_argument("--max-aspect-ratio", type=float, default=5.0, help="layers thinner than this stay dense")
+    g.add_argument("--max-aspect-ratio", type=AT_LEAST_1, default=5.0, help="layers thinner than this stay dense")
     p.set_defaults(fn=with_config(cmd_pretrain, p))
 
 

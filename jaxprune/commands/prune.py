@@ -36,6 +36,7 @@ from ..sharding import init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import linears, merge_lora
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
+from .flags import FRACTION_BELOW_1, NONNEG_FLOAT, POSITIVE_INT, SEQ_LEN
 
 METHODS = ("loraprune", "llm-pruner", "magnitude", "random", "wanda", "sparsegpt")
 
@@ -45,20 +46,20 @@ def add_prune_parser(sub) -> None:
     p.add_argument("model")
     add_run_args(p, steps=200, frozen_base=True)
     p.add_argument("--method", choices=METHODS, default="loraprune")
-    p.add_argument("--ratio", type=float, default=0.5, help="per-layer fraction of units pruned")
+    p.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
     p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
                    help="attention unit: a whole KV group, or query heads (same count per group)")
     p.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' "
                         "(structured methods: layers < int(0.1·L) and the last one; element-wise "
                         "--sparsity/--pattern, wanda, sparsegpt: none, as in their papers)")
-    p.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
-    p.add_argument("--warmup-frac", type=float, default=0.1, help="LoRAPrune: fraction of steps before pruning")
-    p.add_argument("--cooldown-frac", type=float, default=0.1, help="LoRAPrune: final fine-tuning fraction")
-    p.add_argument("--beta", type=float, default=0.9, help="LoRAPrune: importance moving-average factor")
-    p.add_argument("--calib-samples", type=int, default=10, help="baselines: calibration sequences")
-    p.add_argument("--calib-len", type=int, default=64, help="baselines: calibration sequence length")
-    p.add_argument("--recover-steps", type=int, default=None,
+    p.add_argument("--prune-every", type=POSITIVE_INT, default=10, help="LoRAPrune: steps between mask updates")
+    p.add_argument("--warmup-frac", type=FRACTION_BELOW_1, default=0.1, help="LoRAPrune: fraction of steps before pruning")
+    p.add_argument("--cooldown-frac", type=FRACTION_BELOW_1, default=0.1, help="LoRAPrune: final fine-tuning fraction")
+    p.add_argument("--beta", type=FRACTION_BELOW_1, default=0.9, help="LoRAPrune: importance moving-average factor")
+    p.add_argument("--calib-samples", type=POSITIVE_INT, default=10, help="baselines: calibration sequences")
+    p.add_argument("--calib-len", type=SEQ_LEN, default=64, help="baselines: calibration sequence length")
+    p.add_argument("--recover-steps", type=POSITIVE_INT, default=None,
                    help="baselines: LoRA recovery steps (default: --steps, the LoRAPrune budget)")
     add_posttraining_args(p)  # wanda / sparsegpt / magnitude --sparsity: element masks, out = a checkpoint
     p.set_defaults(fn=with_config(cmd_prune, p))
@@ -134,16 +135,16 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
 def add_posttraining_args(p) -> None:
     """Options of `jaxprune prune` for magnitude / wanda / sparsegpt element-wise pruning."""
-    p.add_argument("--sparsity", type=float, default=None,
+    p.add_argument("--sparsity", type=FRACTION_BELOW_1, default=None,
                    help="element-wise pruning: fraction of every decoder linear's weights set to zero "
                         "(selects the unstructured path for magnitude; N:M patterns imply it); every decoder "
                         "layer is pruned unless --exclude-layers lists indices (its 'default' means none here)")
     p.add_argument("--pattern", default=None,
                    help="element-wise pattern: 'unstructured' (default) or N:M, e.g. 2:4, 4:8 (N kept of M)")
     p.add_argument("--calib", default=None, help="calibration text (.txt or dir; default: --text)")
-    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: lazy-update block of input rows")
-    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening λ = percdamp·mean(diag H)")
-    p.add_argument("--calib-batch", type=int, default=8, help="calibration sequences per jitted pass")
+    p.add_argument("--blocksize", type=POSITIVE_INT, default=128, help="sparsegpt: lazy-update block of input rows")
+    p.add_argument("--percdamp", type=NONNEG_FLOAT, default=0.01, help="sparsegpt: dampening λ = percdamp·mean(diag H)")
+    p.add_argument("--calib-batch", type=POSITIVE_INT, default=8, help="calibration sequences per jitted pass")
 
 
 def is_posttraining(args) -> bool:

@@ -30,6 +30,7 @@ from ..errors import UserError
 from ..layers import Linear, Mask
 from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..partition import DEFAULT_LORA_TARGETS, tree_size
+from ..train import lr_schedule
 from ..weights import dense_arrays, model_from_arrays
 from .sltrain import SparseLowRankLinear, sltrain_param_count
 from .slope import SLoPeLinear, aspect_ratio, slope_linears
@@ -119,11 +120,9 @@ def dense_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
 def make_pretrain_optimizer(c, trainable) -> optax.GradientTransformation:
     """``train.make_optimizer``'s AdamW + warmup-cosine + clipping, with no weight decay on SLoPe's
     adapters (they must stay bitwise untouched while switched off)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.min_lr_ratio)
     decay_mask = _decay_mask(trainable)
     return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
-                       optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
+                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
 
 
 def _decay_mask(trainable):

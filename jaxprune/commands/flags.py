@@ -1,0 +1,104 @@
+"""Flag values checked where they are parsed: one line naming the flag and its range, exit 2.
+
+Every numeric flag of every command has a ``type=`` from here, so a zero, a negative, NaN, inf or a
+value of the wrong type is refused by argparse (or by a ``--config`` recipe, which converts values with
+the same ``type``) before anything runs or is written::
+
+    jaxprune finetune: error: argument --lora-rank: must be an integer >= 1 (got 0)
+
+``Parser`` prints argparse's errors as that one line (no usage block) and refuses abbreviated flags
+(``allow_abbrev=False``), so a flag and a recipe key always name the same option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no abbreviations (sub-parsers inherit both)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_int(text) -> int:
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})")
+    if isinstance(text, float) and text.is_integer():
+        return int(text)
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})") from None
+
+
+def _parse_float(text) -> float:
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})")
+    try:
+        value = float(str(text).strip()) if not isinstance(text, (int, float)) else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return value
+
+
+def int_range(lo: int | None = None, hi: int | None = None):
+    """``type=`` for an integer in [lo, hi] (either bound optional)."""
+    what = ("an integer" + (f" >= {lo}" if lo is not None and hi is None else "")
+            + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else "")
+            + (f" <= {hi}" if hi is not None and lo is None else ""))
+
+    def parse(text) -> int:
+        value = _parse_int(text)
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value})")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """``type=`` for a finite number in the interval given (open or closed at each end)."""
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    if lo is not None and hi is not None:
+        what = f"a number in {left}{lo:g}, {hi:g}{right}"
+    elif lo is not None:
+        what = f"a number {'>' if lo_open else '>='} {lo:g}"
+    elif hi is not None:
+        what = f"a number {'<' if hi_open else '<='} {hi:g}"
+    else:
+        what = "a finite number"
+
+    def parse(text) -> float:
+        value = _parse_float(text)
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value:g})")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value:g})")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+POSITIVE_INT = int_range(1)
+NONNEG_INT = int_range(0)
+POSITIVE_FLOAT = float_range(0.0, lo_open=True)
+NONNEG_FLOAT = float_range(0.0)
+FRACTION = float_range(0.0, 1.0)                 # [0, 1]
+FRACTION_BELOW_1 = float_range(0.0, 1.0, hi_open=True)  # [0, 1)
+ANY_FLOAT = float_range()
+SEED = int_range(0, 2**32 - 1)
+SEQ_LEN = int_range(2)                           # a window predicts seq_len - 1 tokens
+OPEN_FRACTION = float_range(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)
+AT_LEAST_1 = float_range(1.0)
