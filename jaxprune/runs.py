@@ -34,19 +34,9 @@ from .fileio import write_json_atomic
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
 from .quantize import dequantize_base, quantize_base
 from .sharding import Placement, barrier, is_main_process, log, to_host
-from .train import (
-    LoopCallbacks,
-    LoopConfig,
-    OptimConfig,
-    TrainState,
-    make_eval_step,
-    make_train_step,
-    place_train_state,
-    plot_metrics,
-    restore_latest,
-    state_shardings_of,
-    train_loop,
-)
+from .train import (LoopCallbacks, LoopConfig, OptimConfig, TrainState, make_eval_step, make_train_step,
+                    place_train_state, plot_metrics, restore_latest, state_shardings_of, train_loop)
+from .weights import set_linear_impl
 
 
 @dataclass(frozen=True)
@@ -76,6 +66,7 @@ class TrainConfig:
     progress: bool = True
     dtype: str | None = None
     quantize_base: str = "none"
+    impl: str = "auto"  # element-masked linears: Pallas kernel or XLA (weights.set_linear_impl)
     quiet: bool = False  # no informational stderr lines (``--json``)
 
     @property
@@ -196,6 +187,7 @@ class LoraSetup:
     masks: Any
     blocks: Blocks
     lora_paths: list
+    impl: str = "xla"  # the path element-masked linears take ("xla" or "pallas")
 
 
 def setup_lora(model_path: str, cfg: TrainConfig, model=None) -> LoraSetup:
@@ -205,11 +197,12 @@ def setup_lora(model_path: str, cfg: TrainConfig, model=None) -> LoraSetup:
     model = model if model is not None else load.load_model(model_path, cfg.dtype)
     if cfg.quantize_base == "int8":
         quantize_base(model)
+    impl = set_linear_impl(model, cfg.impl)
     tok = load.load_tokenizer(model_path)
     paths = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, seed=cfg.seed)
     graphdef, frozen, trainable, masks = partition(model)
     blocks = Blocks.from_stream(token_stream(cfg.text, tok), cfg.seq_len, seed=cfg.seed)
-    return LoraSetup(model, tok, graphdef, frozen, trainable, masks, blocks, paths)
+    return LoraSetup(model, tok, graphdef, frozen, trainable, masks, blocks, paths, impl)
 
 
 def final_model(graphdef, frozen, state: TrainState):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import kernels
 from .config import ModelConfig
 from .errors import UserError
 from .layers import Linear, Mask
@@ -26,6 +27,21 @@ def linears(model: nnx.Module):
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
             yield tuple(path), node
+
+
+IMPL_CHOICES = ("auto", "xla", "pallas")
+
+
+def set_linear_impl(model: nnx.Module, impl: str = "auto") -> str:
+    """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
+    (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU) and XLA
+    elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns the path
+    chosen, ``"xla"`` or ``"pallas"``."""
+    variant, _ = kernels.resolve_impl(impl)
+    chosen = "xla" if variant == "xla" else "pallas"
+    for _, lin in linears(model):
+        lin.impl = chosen
+    return chosen
 
 
 def path_str(path: KeyPath) -> str:

@@ -19,6 +19,7 @@ from ..partition import DEFAULT_LORA_TARGETS
 from ..quantize import QUANTIZE_CHOICES
 from ..runs import TrainConfig
 from ..sharding import MeshConfig
+from ..weights import IMPL_CHOICES
 from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN
 
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
@@ -66,7 +67,15 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
                        help="int8: store the frozen decoder linears as int8 with one fp32 scale per output "
                             "channel (absmax/127, as the official LoRAPrune's load_in_8bit); 0.41x of the fp32 "
                             "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never differentiate the base")
+    add_impl_arg(p)
     add_mesh_args(p)
+
+
+def add_impl_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
+                   help="element-masked linears ((W + s·A@B) ⊙ M: --sparsity/--pattern models, --keep-sparsity): "
+                        "the Pallas masked low-rank kernel or XLA; auto = the kernel on GPU/TPU, XLA on CPU; "
+                        "pallas on CPU runs interpret mode (slow, for checks)")
 
 
 def add_mesh_args(p) -> None:

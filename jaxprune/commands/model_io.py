@@ -7,7 +7,8 @@ from pathlib import Path
 from .. import checkpoint, evaluate, hf, load
 from ..fileio import check_output_dir
 from ..generate import generate
-from .common import add_model_args
+from ..weights import set_linear_impl
+from .common import add_impl_arg, add_model_args
 from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, SEED, SEQ_LEN
 
 
@@ -30,10 +31,12 @@ def cmd_export(a) -> dict:
 def cmd_eval(a) -> dict:
     text = evaluate.read_text(a.text)
     model = load.load_model(a.model, a.dtype)
+    impl = set_linear_impl(model, a.impl)
     tokens = evaluate.tokenize_text(load.load_tokenizer(a.model), text)
     res = evaluate.perplexity(model, tokens, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
                               progress=not a.json)
     res["params"] = model.config.num_params()
+    res["impl"] = impl
     if not a.json:
         print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} windows of "
               f"{a.seq_len}); {res['tokens_per_s']:.0f} tokens/s")
@@ -42,6 +45,7 @@ def cmd_eval(a) -> dict:
 
 def cmd_generate(a) -> dict:
     model = load.load_model(a.model, a.dtype)
+    impl = set_linear_impl(model, a.impl)
     tok = load.load_tokenizer(a.model)
     ids = tok(a.prompt)["input_ids"]
     out = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
@@ -49,7 +53,7 @@ def cmd_generate(a) -> dict:
     text = tok.decode(out, skip_special_tokens=True)
     if not a.json:
         print(a.prompt + text)
-    return {"prompt": a.prompt, "completion": text, "token_ids": [int(t) for t in out]}
+    return {"prompt": a.prompt, "completion": text, "token_ids": [int(t) for t in out], "impl": impl}
 
 
 def add_model_io_parsers(sub) -> None:
@@ -74,6 +78,7 @@ def add_model_io_parsers(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4)
     p.add_argument("--max-tokens", type=SEQ_LEN, default=None)
     add_model_args(p)
+    add_impl_arg(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("generate", help="greedy / sampled generation with a KV cache")
@@ -83,4 +88,5 @@ def add_model_io_parsers(sub) -> None:
     p.add_argument("--temperature", type=NONNEG_FLOAT, default=0.0)
     p.add_argument("--seed", type=SEED, default=0)
     add_model_args(p)
+    add_impl_arg(p)
     p.set_defaults(fn=cmd_generate)

@@ -24,15 +24,8 @@ from ..fixtures import fixture_paths
 from ..hf import load_tokenizer as hf_tokenizer
 from ..load import DTYPES
 from ..partition import tree_bytes
-from ..pretrain.methods import (
-    METHODS,
-    MethodConfig,
-    build_model,
-    dense_model,
-    make_pretrain_optimizer,
-    param_summary,
-    partition_pretrain,
-)
+from ..pretrain.methods import (METHODS, MethodConfig, build_model, dense_model, make_pretrain_optimizer,
+                                param_summary, partition_pretrain)
 from ..pretrain.slope import SLoPeSchedule, initial_masks, make_after_step
 from ..pretrain.sltrain import restore_support, save_support
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training

@@ -22,12 +22,7 @@ from ..prune.groups import prunable_layers
 from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_update
 from ..prune.masks import structured_sparsity, update_structured_masks
 from ..prune.oneshot import one_shot_scores
-from ..prune.posttraining import (
-    POSTTRAINING_METHODS,
-    calibration_tokens,
-    posttraining_layers,
-    prune_model,
-)
+from ..prune.posttraining import POSTTRAINING_METHODS, calibration_tokens, posttraining_layers, prune_model
 from ..prune.schedule import CubicSchedule
 from ..prune.select import parse_pattern, resolve_sparsity
 from ..prune.shrink import describe_widths, shrink
@@ -119,7 +114,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                               extra_meta={"pruned_from": str(args.model), "method": args.method})
     before, after = cfg.num_params(), small.config.num_params()
     summary = {
-        "method": args.method, "ratio": args.ratio, "attn_unit": unit, "prunable_layers": layers,
+        "method": args.method, "ratio": args.ratio, "attn_unit": unit, "impl": s.impl, "prunable_layers": layers,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
         **structured_sparsity(to_host(state.masks), cfg, layers), "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
