@@ -66,8 +66,9 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
         p.add_argument("--quantize-base", choices=QUANTIZE_CHOICES, default="none",
                        help="int8: store the frozen decoder linears as int8 with one fp32 scale per output "
                             "channel (absmax/127, as the official LoRAPrune's load_in_8bit); 0.41x of the fp32 "
-                            "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never differentiate the base")
-    add_impl_arg(p)
+                            "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never "
+                            "differentiate the base")
+        add_impl_arg(p)  # pretraining's SLTrain / SLoPe layers have their own matmuls
     add_mesh_args(p)
 
 
