@@ -28,7 +28,8 @@ from .rope import apply_rope, rope_tables
 LINEAR_AXES: dict[tuple[str, str], tuple[str, str]] = {
     ("self_attn", "q_proj"): ("embed", "heads"), ("self_attn", "k_proj"): ("embed", "kv_heads"),
     ("self_attn", "v_proj"): ("embed", "kv_heads"), ("self_attn", "o_proj"): ("heads", "embed"),
-    ("mlp", "gate_proj"): ("embed", "mlp"), ("mlp", "up_proj"): ("embed", "mlp"), ("mlp", "down_proj"): ("mlp", "embed"),
+    ("mlp", "gate_proj"): ("embed", "mlp"), ("mlp", "up_proj"): ("embed", "mlp"),
+    ("mlp", "down_proj"): ("mlp", "embed"),
 }
 DECODER_LINEARS: tuple[tuple[str, str], ...] = tuple(LINEAR_AXES)
 ATTN_LINEARS: tuple[str, ...] = tuple(name for block, name in DECODER_LINEARS if block == "self_attn")

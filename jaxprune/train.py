@@ -48,10 +48,11 @@ class OptimConfig:
     b2: float = 0.999
 
 
-def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay and global-norm clipping."""
+def make_optimizer(c: OptimConfig, decay_mask=None) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping; ``decay_mask`` (a pytree of bools
+    like the parameters, optax's ``mask``) limits weight decay to some parameters."""
     return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
-                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
 
 
 def lr_schedule(c: OptimConfig) -> optax.Schedule:
@@ -198,14 +199,16 @@ def restore_latest(run_dir: Path, state: TrainState, *, warn=log) -> tuple[Train
         if not steps:
             warn(f"resume: no checkpoint in {directory} yet; starting from step 0")
             return state, 0
-        for step in steps:
+        for i, step in enumerate(steps):
             try:
                 return ckpts.restore(step, state)[0], step
+            except UserError:  # readable, but not this run's model: never delete it
+                raise
             except Exception as e:  # orbax / tensorstore raise many types for a damaged checkpoint
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 warn(f"resume: checkpoint step {step} in {directory} is damaged ({reason}); "
-                     + ("removing it and trying step " + str(steps[steps.index(step) + 1])
-                        if step != steps[-1] else "and it was the last one"))
+                     + (f"removing it and trying step {steps[i + 1]}" if i + 1 < len(steps)
+                        else "and it was the last one"))
                 _remove_step(ckpts, directory, step)
         raise UserError(f"{directory}: every checkpoint ({', '.join(map(str, steps))}) is damaged; cannot resume "
                         "(start again with --overwrite)")
@@ -317,53 +320,43 @@ def train_loop(state: TrainState, frozen, train_step, eval_step, blocks, run_dir
     bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps,
                disable=not (loop.progress and main), desc="train", unit="step", dynamic_ncols=True)
     t_last = time.perf_counter()
-    with StopSignals() as stop:
-        state = _run_steps(state, bar, stop, frozen, train_step, eval_step, blocks, run_dir, loop, cb, ckpts,
-                           metrics_file, main, placement, tokens_per_step, t_last)
-    ckpts.close()
-    return state
-
-
-def _run_steps(state, bar, stop, frozen, train_step, eval_step, blocks, run_dir, loop, cb, ckpts, metrics_file,
-               main, placement, tokens_per_step, t_last) -> TrainState:
-    """The steps of ``train_loop``; raises ``Preempted`` (after saving) when ``stop`` saw a signal."""
-    for step in bar:
-        batch = blocks.batch(step, loop.batch_size * loop.grad_accum).reshape(
-            loop.grad_accum, loop.batch_size, -1)
-        batch = placement.put_batch(batch, 1) if placement is not None else jnp.asarray(batch)
-        trainable, opt_state, hook_state, m = train_step(state.trainable, state.opt_state, state.hook_state, frozen,
-                                                         state.masks, batch, jnp.int32(step))
-        state = state._replace(trainable=trainable, opt_state=opt_state, hook_state=hook_state)
-        loss = scalar(m["loss"])
-        if not math.isfinite(loss):
-            last = ckpts.latest_step()
-            ckpts.close()
-            raise UserError(f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
-                            f"{'step ' + str(last) if last is not None else 'none'} in {run_dir / 'checkpoints'}")
-        if cb.after_step is not None:
-            state = cb.after_step(step, state)
-        now = time.perf_counter()
-        rec = {"step": step + 1, "loss": loss, "grad_norm": scalar(m["grad_norm"]),
-               "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
-        t_last = now
-        if cb.describe is not None:
-            rec.update(cb.describe(state))
-        done = step + 1
-        if loop.val_every and (done % loop.val_every == 0 or done == loop.steps):
-            rec["val_ppl"] = validation_ppl(eval_step, state, frozen, blocks, loop, placement)
-        if main:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
-                         if k in ("loss", "tokens_per_s", "val_ppl", "sparsity")})
-        saved = done % loop.save_every == 0 or done == loop.steps
-        if saved:
-            ckpts.save(done, state, {"step": done, **cb.extra_state()})
-        if done < loop.steps and stop.stop_requested():
-            if not saved:
+    with StopSignals() as stop:  # a signal ends the loop after the current step, checkpoint saved
+        for step in bar:
+            batch = blocks.batch(step, loop.batch_size * loop.grad_accum).reshape(
+                loop.grad_accum, loop.batch_size, -1)
+            batch = placement.put_batch(batch, 1) if placement is not None else jnp.asarray(batch)
+            trainable, opt_state, hook_state, m = train_step(state.trainable, state.opt_state, state.hook_state,
+                                                             frozen, state.masks, batch, jnp.int32(step))
+            state = state._replace(trainable=trainable, opt_state=opt_state, hook_state=hook_state)
+            loss = scalar(m["loss"])
+            if not math.isfinite(loss):
+                last = ckpts.latest_step()
+                ckpts.close()
+                raise UserError(f"loss is {loss} at step {step + 1}; stopped. Last good checkpoint: "
+                                f"{'step ' + str(last) if last is not None else 'none'} in {run_dir / 'checkpoints'}")
+            if cb.after_step is not None:
+                state = cb.after_step(step, state)
+            now = time.perf_counter()
+            rec = {"step": step + 1, "loss": loss, "grad_norm": scalar(m["grad_norm"]),
+                   "tokens_per_s": tokens_per_step / max(now - t_last, 1e-9)}
+            t_last = now
+            if cb.describe is not None:
+                rec.update(cb.describe(state))
+            done = step + 1
+            if loop.val_every and (done % loop.val_every == 0 or done == loop.steps):
+                rec["val_ppl"] = validation_ppl(eval_step, state, frozen, blocks, loop, placement)
+            if main:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
+                             if k in ("loss", "tokens_per_s", "val_ppl", "sparsity")})
+            stop_now = done < loop.steps and stop.stop_requested()  # every process asks, every step
+            if done % loop.save_every == 0 or done == loop.steps or stop_now:
                 ckpts.save(done, state, {"step": done, **cb.extra_state()})
-            ckpts.close()
-            raise Preempted(done, run_dir / "checkpoints", stop.name)
+            if stop_now:
+                ckpts.close()
+                raise Preempted(done, run_dir / "checkpoints", stop.name)
+    ckpts.close()
     return state
 
 

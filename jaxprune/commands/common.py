@@ -97,10 +97,6 @@ def add_mesh_args(p) -> None:
     g.add_argument("--process-id", type=NONNEG_INT, default=None, help="multi-host: this process's index")
 
 
-# options that may change on --resume without changing the trajectory
-MESH_RESUME_FREE = {"mesh", "axis_rule", "shard_rule", "distributed", "coordinator", "num_processes", "process_id"}
-
-
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The flags every training command shares, as a ``runs.TrainConfig``."""
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"quiet"}

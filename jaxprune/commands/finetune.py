@@ -35,7 +35,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     model = merge_lora(result.model) if args.merge else result.model
     if is_main_process():
         checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
-    return {"run_dir": str(run_dir), "impl": s.impl, "trainable_params": tree_size(result.state.trainable), **last_metrics(run_dir)}
+    return {"run_dir": str(run_dir), "impl": s.impl, "trainable_params": tree_size(result.state.trainable),
+            **last_metrics(run_dir)}
 
 
 def add_finetune_parser(sub) -> None:

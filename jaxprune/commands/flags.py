@@ -97,7 +97,6 @@ POSITIVE_FLOAT = float_range(0.0, lo_open=True)
 NONNEG_FLOAT = float_range(0.0)
 FRACTION = float_range(0.0, 1.0)                 # [0, 1]
 FRACTION_BELOW_1 = float_range(0.0, 1.0, hi_open=True)  # [0, 1)
-ANY_FLOAT = float_range()
 SEED = int_range(0, 2**32 - 1)
 SEQ_LEN = int_range(2)                           # a window predicts seq_len - 1 tokens
 OPEN_FRACTION = float_range(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)

@@ -49,7 +49,8 @@ def add_prune_parser(sub) -> None:
                         "(structured methods: layers < int(0.1·L) and the last one; element-wise "
                         "--sparsity/--pattern, wanda, sparsegpt: none, as in their papers)")
     p.add_argument("--prune-every", type=POSITIVE_INT, default=10, help="LoRAPrune: steps between mask updates")
-    p.add_argument("--warmup-frac", type=FRACTION_BELOW_1, default=0.1, help="LoRAPrune: fraction of steps before pruning")
+    p.add_argument("--warmup-frac", type=FRACTION_BELOW_1, default=0.1,
+                   help="LoRAPrune: fraction of steps before pruning")
     p.add_argument("--cooldown-frac", type=FRACTION_BELOW_1, default=0.1, help="LoRAPrune: final fine-tuning fraction")
     p.add_argument("--beta", type=FRACTION_BELOW_1, default=0.9, help="LoRAPrune: importance moving-average factor")
     p.add_argument("--calib-samples", type=POSITIVE_INT, default=10, help="baselines: calibration sequences")

@@ -8,7 +8,8 @@ The official LoRAPrune's ``load_in_8bit`` (bitsandbytes ``Linear8bitLt``) stores
 way (``SCB`` is the absmax of each row of torch's [out, in] weight, i.e. of each of our output
 columns) and scores importance with the dequantised weight ``q · SCB / 127``
 (aim-uofa/LoRAPrune ``loraprune/utils.py``, ``compute_sensitivity``). ``jaxprune.quantize``
-applies it to a model: only the frozen kernels of the decoder linears are quantised; embeddings, norms, ``lm_head``, biases and LoRA factors stay float.
+applies it to a model: only the frozen kernels of the decoder linears are quantised; embeddings,
+norms, ``lm_head``, biases and LoRA factors stay float.
 A quantised base has no gradient, so only methods that never differentiate the base use it
 (LoRA fine-tuning, LoRAPrune). Rounding error per element is at most s_j / 2.
 """

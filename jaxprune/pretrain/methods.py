@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..layers import Linear, Mask
 from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..partition import DEFAULT_LORA_TARGETS, tree_size
-from ..train import lr_schedule
+from ..train import make_optimizer
 from ..weights import dense_arrays, model_from_arrays
 from .sltrain import SparseLowRankLinear, sltrain_param_count
 from .slope import SLoPeLinear, aspect_ratio, slope_linears
@@ -120,9 +120,7 @@ def dense_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
 def make_pretrain_optimizer(c, trainable) -> optax.GradientTransformation:
     """``train.make_optimizer``'s AdamW + warmup-cosine + clipping, with no weight decay on SLoPe's
     adapters (they must stay bitwise untouched while switched off)."""
-    decay_mask = _decay_mask(trainable)
-    return optax.chain(optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),
-                       optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, mask=decay_mask))
+    return make_optimizer(c, decay_mask=_decay_mask(trainable))
 
 
 def _decay_mask(trainable):

@@ -87,9 +87,9 @@ class SparseLowRankLinear(Linear):
         super().__init__(in_features, out_features, axes=axes, use_bias=use_bias, dtype=dtype, with_kernel=False)
         bound = 1.0 / math.sqrt(in_features)
         a = jax.random.uniform(rngs.params(), (in_features, rank), dtype, -bound, bound)
-        b = 1.0 / math.sqrt(rank)
+        b_bound = 1.0 / math.sqrt(rank)
         b = (jnp.zeros((rank, out_features), dtype) if zero_b else
-             jax.random.uniform(rngs.params(), (rank, out_features), dtype, -b, b))
+             jax.random.uniform(rngs.params(), (rank, out_features), dtype, -b_bound, b_bound))
         self.set_lora(a, b, float(alpha) / float(rank))
         if delta > 0:
             self.sparse_index = nnx.data(SparseIndex(sample_support(rngs.params(), in_features, out_features,

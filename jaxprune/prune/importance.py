@@ -62,7 +62,8 @@ def unit_scores(cfg: ModelConfig, element_fn: ElementFn, unit: AttnUnit, *, norm
 
 
 def magnitude_importance(cfg: ModelConfig, frozen: dict, unit: AttnUnit) -> UnitScores:
-    """Magnitude baseline (LLM-Pruner's ``l2`` importance): L2 norm of each unit's weights across its coupled modules: sqrt(Σ W²)."""
+    """Magnitude baseline (LLM-Pruner's ``l2`` importance): the L2 norm of each unit's weights across its
+    coupled modules, sqrt(Σ W²)."""
     def element(i, block, module):
         w = base_kernel(frozen["layers"][i][block][module])
         return jnp.square(w.astype(jnp.float32))
