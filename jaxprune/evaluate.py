@@ -112,3 +112,28 @@ def forward_speedup(model, baseline, *, batch_size: int = 4, seq_len: int = 256,
     pairs = [(a(), b()) for _ in range(rounds)]
     speedup = float(np.median([tb / ta for ta, tb in pairs]))
     return speedup, batch_size * seq_len / float(np.median([ta for ta, _ in pairs]))
+
+
+def torch_forward_speedup(hf_dir, baseline_dir, *, batch_size: int = 4, seq_len: int = 256, rounds: int = 5,
+                          seed: int = 0) -> tuple[float, float, float]:
+    """Stock transformers (torch, fp32, CPU) forward of two exported HF dirs, timed back to back each round:
+    (speed of ``hf_dir`` over ``baseline_dir``, its tokens / s, the baseline's tokens / s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (hf_dir, baseline_dir)]
+    vocab = min(m.config.vocab_size for m in models)
+    ids = torch.as_tensor(np.random.default_rng(seed).integers(0, vocab, (batch_size, seq_len)))
+
+    def once(m) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            m(ids, use_cache=False)
+        return time.perf_counter() - t
+
+    for m in models:
+        once(m)  # warm-up
+    pairs = [(once(models[0]), once(models[1])) for _ in range(rounds)]
+    tokens = batch_size * seq_len
+    return (float(np.median([tb / ta for ta, tb in pairs])), tokens / float(np.median([ta for ta, _ in pairs])),
+            tokens / float(np.median([tb for _, tb in pairs])))

@@ -17,10 +17,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from . import deci, gguf_io
 from .config import ModelConfig
 from .errors import UserError
 from .fileio import check_output_dir, replace_dir
 from .model import LlamaForCausalLM
+from .padding import pad_to_layout
 from .weights import dense_arrays, model_from_arrays
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
@@ -92,7 +94,7 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
     if not cfg_file.exists():
         raise UserError(f"{path}: no config.json (not an HF model dir)")
     try:
-        cfg = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+        cfg = config_from_hf_json(json.loads(cfg_file.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
     index = path / "model.safetensors.index.json"
@@ -112,6 +114,13 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
     if dtype is None:
         dtype = arrays[("embed_tokens",)].dtype
     return model_from_arrays(cfg, arrays, dtype=dtype, source=str(path)), cfg
+
+
+def config_from_hf_json(d: dict) -> ModelConfig:
+    """An HF ``config.json`` dict (stock LLaMA, or vLLM's per-layer DeciLM form) -> ModelConfig."""
+    if d.get("model_type") == deci.MODEL_TYPE:
+        return deci.from_deci_dict(d)
+    return ModelConfig.from_hf_dict(d)
 
 
 def load_gguf(path: Path, dtype=jnp.float32) -> tuple[LlamaForCausalLM, ModelConfig]:
@@ -144,8 +153,12 @@ def load_tokenizer(path: Path):
                                           for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None  # checked before importing transformers (seconds of imports for nothing)
     if path.suffix == ".gguf":
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if not gguf_io.has_tokenizer(path):
+            return None
+        # the fast class directly: AutoTokenizer would first build a transformers config, which has no
+        # form for the per-layer 'deci' architecture
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
     if (path / "tokenizer.json").exists():
         # The fast tokenizer alone: same ids as AutoTokenizer, without importing torch (seconds per CLI run).
         from transformers import PreTrainedTokenizerFast
@@ -155,12 +168,14 @@ def load_tokenizer(path: Path):
 
 
 # ---- export -----------------------------------------------------------------
-def hf_tensors(model: LlamaForCausalLM) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """HF-named tensors [out, in] with LoRA merged and masks folded in; non-uniform layers zero-padded."""
+def hf_tensors(model: LlamaForCausalLM, layout: ModelConfig | None = None
+               ) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """HF-named tensors [out, in] with LoRA merged and masks folded in, zero-padded to ``layout``'s
+    per-layer widths when given (``padding.pad_to_layout``)."""
     cfg = model.config
     arrays = {p: np.asarray(a) for p, a in dense_arrays(model).items()}
-    if not cfg.is_uniform:
-        arrays, cfg = pad_to_uniform(arrays, cfg)
+    if layout is not None and layout != cfg:
+        arrays, cfg = pad_to_layout(arrays, cfg, layout), layout
     tensors = {}
     for path, arr in arrays.items():
         name, transpose = path_to_hf_name(path)
@@ -168,69 +183,57 @@ def hf_tensors(model: LlamaForCausalLM) -> tuple[dict[str, np.ndarray], ModelCon
     return tensors, cfg
 
 
-def pad_to_uniform(arrays: dict[tuple, np.ndarray], cfg: ModelConfig):
-    """Zero-pad every layer to the widest layer's heads, KV heads and MLP width (exact logits).
-
-    A padded query head has zero q/k/v rows and zero o_proj columns: its scores are 0, it
-    averages zero values, and o_proj ignores it. A padded MLP channel has zero gate/up rows,
-    so silu(0) * 0 = 0 feeds zero down_proj columns.
-    """
-    wide = cfg.padded()
-    D, kvw, gw = cfg.head_dim, wide.num_kv_heads, wide.num_heads // wide.num_kv_heads
-    out = dict(arrays)
-    for i in range(cfg.num_layers):
-        kv, g, m = cfg.kv_heads(i), cfg.heads(i) // max(cfg.kv_heads(i), 1), cfg.mlp_width(i)
-
-        def heads_axis(a, axis, n_kv, group):
-            """Scatter [.., n_kv*group*D, ..] into the wide [.., kvw*gw*D, ..] layout along ``axis``."""
-            a = np.moveaxis(a, axis, 0)
-            src = a.reshape((n_kv, group, D) + a.shape[1:])
-            dst = np.zeros((kvw, gw, D) + a.shape[1:], a.dtype)
-            dst[:n_kv, :group] = src
-            return np.moveaxis(dst.reshape((kvw * gw * D,) + a.shape[1:]), 0, axis)
-
-        def kv_axis(a, axis):
-            a = np.moveaxis(a, axis, 0)
-            dst = np.zeros((kvw * D,) + a.shape[1:], a.dtype)
-            dst[: kv * D] = a
-            return np.moveaxis(dst, 0, axis)
-
-        def mlp_axis(a, axis):
-            a = np.moveaxis(a, axis, 0)
-            dst = np.zeros((wide.intermediate_size,) + a.shape[1:], a.dtype)
-            dst[:m] = a
-            return np.moveaxis(dst, 0, axis)
-
-        L = ("layers", i)
-        for name, fn in (("q_proj", lambda a, ax: heads_axis(a, ax, kv, g)), ("k_proj", kv_axis),
-                         ("v_proj", kv_axis)):
-            out[L + ("self_attn", name, "kernel")] = fn(arrays[L + ("self_attn", name, "kernel")], 1)
-            if (b := L + ("self_attn", name, "bias")) in arrays:
-                out[b] = fn(arrays[b], 0)
-        out[L + ("self_attn", "o_proj", "kernel")] = heads_axis(arrays[L + ("self_attn", "o_proj", "kernel")], 0,
-                                                                kv, g)
-        for name in ("gate_proj", "up_proj"):
-            out[L + ("mlp", name, "kernel")] = mlp_axis(arrays[L + ("mlp", name, "kernel")], 1)
-            if (b := L + ("mlp", name, "bias")) in arrays:
-                out[b] = mlp_axis(arrays[b], 0)
-        out[L + ("mlp", "down_proj", "kernel")] = mlp_axis(arrays[L + ("mlp", "down_proj", "kernel")], 0)
-    return out, wide
+NON_UNIFORM_OPTIONS = ("--format gguf (per-layer arrays), --format vllm (DeciLM per-layer config), "
+                       "--pad (zero-padded to dense shape, same logits) or prune with --widths uniform")
 
 
 def export_hf(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwrite: bool = False,
-              dtype=None, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write an HF dir (config.json, model.safetensors[.index.json], tokenizer) atomically."""
+              dtype=None, shard_bytes: int = SHARD_BYTES, pad: bool = False) -> Path:
+    """Write a stock-transformers LLaMA dir (config.json, model.safetensors[.index.json], tokenizer) atomically.
 
+    The file holds exactly the model's parameters. A model whose layers differ in width has no stock
+    config: it is refused unless ``pad`` (zero-padded to the widest layer, same logits, dense size).
+    """
+    cfg = model.config
+    if not cfg.is_uniform and not pad:
+        raise UserError(f"the model's layers differ in width ({describe_layout(cfg)}); a stock transformers "
+                        f"config cannot describe it without padding. Use {NON_UNIFORM_OPTIONS}")
+    return write_hf_dir(model, out_dir, cfg if cfg.is_uniform else cfg.padded(), tokenizer=tokenizer,
+                        overwrite=overwrite, dtype=dtype, shard_bytes=shard_bytes)
+
+
+def export_vllm(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwrite: bool = False,
+                dtype=None) -> Path:
+    """Write the per-layer-width DeciLM (``nemotron-nas``) dir that vLLM serves (see ``deci``): LLaMA tensor
+    names, ``block_configs`` with each layer's ``n_heads_in_group`` and ``ffn_mult``; padded only where that
+    form cannot express a width."""
+    layout = deci.deci_layout(model.config)
+    return write_hf_dir(model, out_dir, layout, hf_config=deci.to_deci_dict(layout), tokenizer=tokenizer,
+                        overwrite=overwrite, dtype=dtype)
+
+
+def describe_layout(cfg: ModelConfig) -> str:
+    """'heads 6-9, KV heads 2-3, MLP 768-1536': the range of each per-layer width."""
+    def span(f):
+        vals = [f(i) for i in range(cfg.num_layers)]
+        return f"{min(vals)}" if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
+    return f"heads {span(cfg.heads)}, KV heads {span(cfg.kv_heads)}, MLP {span(cfg.mlp_width)}"
+
+
+def write_hf_dir(model: LlamaForCausalLM, out_dir: Path, layout: ModelConfig, *, hf_config: dict | None = None,
+                 tokenizer=None, overwrite: bool = False, dtype=None, shard_bytes: int = SHARD_BYTES) -> Path:
+    """The model's tensors padded to ``layout`` under HF names + ``hf_config`` (default: the stock LLaMA
+    config of ``layout``), written atomically to ``out_dir``."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    tensors, cfg = hf_tensors(model)
+    tensors, _ = hf_tensors(model, layout)
     if dtype is not None:
         tensors = {k: v.astype(dtype) for k, v in tensors.items()}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        hf_cfg = cfg.to_hf_dict()
-        hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        cfg_dict = dict(hf_config) if hf_config is not None else layout.to_hf_dict()
+        cfg_dict["dtype"] = str(next(iter(tensors.values())).dtype)
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         _write_shards(tensors, tmp, shard_bytes, save_file)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

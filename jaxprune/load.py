@@ -6,7 +6,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from . import checkpoint, hf
+from . import checkpoint, gguf_io, hf
 from .errors import UserError
 from .model import LlamaForCausalLM
 
@@ -43,6 +43,8 @@ def load_model(path: str | Path, dtype: str | None = None) -> LlamaForCausalLM:
     if kind == "checkpoint":
         return checkpoint.load_model(p, dt)
     if kind == "gguf":
+        if gguf_io.gguf_architecture(p) in gguf_io.READABLE_ARCHS:  # llama, deci (per-layer widths)
+            return gguf_io.load_gguf_file(p, dt or jnp.float32)[0]
         return hf.load_gguf(p, dt or jnp.float32)[0]
     return hf.load_hf_dir(p, dt)[0]
 

@@ -94,7 +94,7 @@ def main() -> None:
                 argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
                         "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
                         "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                        "--prune-every", str(a.prune_every), "--seed", str(a.seed), *quant,
+                        "--prune-every", str(a.prune_every), "--seed", str(a.seed), *quant, "--widths", "layerwise",
                         "--save-every", str(a.steps), "--val-every", "0",
                         "--out", str(run), "--json", "--no-progress"]
                 t = time.time()

@@ -33,7 +33,7 @@ def main() -> None:
 
     from jaxprune import load
     from jaxprune.cli import build_parser
-    from jaxprune.evaluate import forward_throughput, perplexity, tokenize_text
+    from jaxprune.evaluate import forward_throughput, perplexity, tokenize_text, torch_forward_speedup
     from jaxprune.fixtures import fixture_paths
     from jaxprune.hf import export_hf
 
@@ -64,12 +64,18 @@ def main() -> None:
     pruned_ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=eval_tokens)["ppl"]
     pruned_tps = forward_throughput(pruned, batch_size=4, seq_len=256)
     hf_out = Path(a.out) / "hf"
-    export_hf(pruned, hf_out, tokenizer=tok, overwrite=True)
+    export_hf(pruned, hf_out, tokenizer=tok, overwrite=True)  # uniform widths: a stock config, no padding
+    print("[demo] timing stock transformers on the dense and the exported pruned model", flush=True)
+    hf_speedup, hf_pruned_tps, hf_dense_tps = torch_forward_speedup(hf_out, paths.hf_dir, batch_size=4, seq_len=256)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6  # noqa: E731
+    dense_mb, pruned_mb = size(paths.hf_dir), size(hf_out)
 
     rows = [("parameters", f"{summary['params_before']:,}", f"{summary['params_after']:,}",
              f"{summary['params_after'] / summary['params_before']:.3f}x"),
             ("perplexity (held-out plays)", f"{dense_ppl:.2f}", f"{pruned_ppl:.2f}", f"{pruned_ppl / dense_ppl:.2f}x"),
-            ("forward tokens/s (4x256)", f"{dense_tps:.0f}", f"{pruned_tps:.0f}", f"{pruned_tps / dense_tps:.2f}x")]
+            ("forward tokens/s (4x256)", f"{dense_tps:.0f}", f"{pruned_tps:.0f}", f"{pruned_tps / dense_tps:.2f}x"),
+            ("HF safetensors size (MB)", f"{dense_mb:.1f}", f"{pruned_mb:.1f}", f"{pruned_mb / dense_mb:.3f}x"),
+            ("transformers forward tokens/s", f"{hf_dense_tps:.0f}", f"{hf_pruned_tps:.0f}", f"{hf_speedup:.2f}x")]
     w = [max(len(r[i]) for r in rows + [("", "dense", "LoRAPrune", "ratio")]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     print()
@@ -80,13 +86,15 @@ def main() -> None:
     print(f"units pruned in prunable layers: {summary['heads_pruned']:.0%} of query heads, "
           f"{summary['channels_pruned']:.0%} of MLP channels; "
           f"{summary['params_removed_fraction']:.1%} of all parameters removed "
-          f"(embeddings and excluded layers are kept)")
+          f"(every decoder layer pruned to the same widths; embeddings kept)")
     print(f"pruned model (jaxprune):     {Path(a.out) / 'model'}")
-    print(f"pruned model (transformers): {hf_out}")
+    print(f"pruned model (transformers): {hf_out}  (stock LlamaForCausalLM, {pruned_mb:.0f} MB)")
     print(f"training log:                {Path(a.out) / 'metrics.jsonl'}  plot: {Path(a.out) / 'loss.png'}")
     print(f"[demo] done in {time.time() - t0:.0f} s")
     result = {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "dense_tokens_per_s": dense_tps,
-              "pruned_tokens_per_s": pruned_tps, "steps": steps, "eval_tokens": eval_tokens, **summary}
+              "pruned_tokens_per_s": pruned_tps, "hf_dense_mb": dense_mb, "hf_pruned_mb": pruned_mb,
+              "transformers_dense_tokens_per_s": hf_dense_tps, "transformers_pruned_tokens_per_s": hf_pruned_tps,
+              "transformers_speedup": hf_speedup, "steps": steps, "eval_tokens": eval_tokens, **summary}
     (Path(a.out) / "demo.json").write_text(json.dumps(result, indent=2))
 
 

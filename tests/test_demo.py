@@ -66,3 +66,11 @@ def test_demo_quick(fixtures, tmp_path, smollm2_torch, smollm2_tokenizer):
     assert (out / "model").is_dir() and (out / "hf" / "config.json").exists()
     hf_cfg = json.loads((out / "hf" / "config.json").read_text())
     assert hf_cfg["num_hidden_layers"] == 30
+    # issue 15: the export is a stock config exactly as small as the pruned model (no zero padding)
+    assert hf_cfg["model_type"] == "llama" and hf_cfg["intermediate_size"] == 1536 - int(0.5 * 1536)
+    stored = sum(f.stat().st_size for f in (out / "hf").glob("*.safetensors"))
+    assert res["params_after"] * 4 <= stored <= res["params_after"] * 4 * 1.01, (stored, res["params_after"])
+    assert abs(res["hf_pruned_mb"] - stored / 1e6) < 0.1 and res["hf_pruned_mb"] < 0.75 * res["hf_dense_mb"]
+    assert math.isfinite(res["transformers_speedup"]) and res["transformers_speedup"] > 0
+    size_row = next(l for l in table.splitlines() if l.startswith("HF safetensors size"))
+    assert f"{res['hf_pruned_mb']:.1f}" in size_row

@@ -35,7 +35,7 @@ RUNS = {  # name: (method, ratio, extra args, expected (heads, kv heads, mlp) pe
                                      "--attn-unit", "q_head"),
                   [(4, 2, 34)] * 2),                                  # int(0.3·2) = 0 heads, int(14.4) = 14 ch.
     "random": ("random", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "1",
-                               "--attn-unit", "q_head"),
+                               "--widths", "layerwise", "--attn-unit", "q_head"),
                [(2, 2, 24), (4, 2, 48)]),                             # layer 1 excluded: non-uniform
 }
 
@@ -164,7 +164,7 @@ def test_random_run_exports_padded(runs, tmp_path):
 
     model = load.load_model(runs["random"][1])
     assert not model.config.is_uniform
-    out = export_hf(model, tmp_path / "hf")
+    out = export_hf(model, tmp_path / "hf", pad=True)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert (hf.config.num_attention_heads, hf.config.num_key_value_heads, hf.config.intermediate_size) == (H, KV, M)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
@@ -179,11 +179,14 @@ def test_prune_bad_input(tiny_hf_with_tokenizer, small_text, tmp_path):
     base = ("prune", hf_dir, "--text", small_text, "--steps", "2", "--seq-len", "32", "--no-progress")
     bad_ratio = finish_cli(start_cli(*base, "--ratio", "1.5", "--out", tmp_path / "a"))
     bad_layer = main_in_process(*base, "--exclude-layers", "99", "--out", tmp_path / "b")
-    for proc, words in ((bad_ratio, ("--ratio", "1.5")), (bad_layer, ("--exclude-layers", "99", "out of range"))):
+    # excluding layers keeps them wide: not with the default --widths uniform (issue 15)
+    wide_layer = main_in_process(*base, "--exclude-layers", "1", "--out", tmp_path / "c")
+    for proc, words in ((bad_ratio, ("--ratio", "1.5")), (bad_layer, ("--exclude-layers", "99", "out of range")),
+                        (wide_layer, ("--exclude-layers 1", "--widths layerwise"))):
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("jaxprune prune: error:"), proc.stderr[-2000:]
         assert all(w in lines[0] for w in words), lines[0]
         assert "Traceback" not in proc.stderr
     # rejected before a run dir is made (a left-over RUN_DIR would block the corrected command)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in "abc")

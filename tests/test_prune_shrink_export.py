@@ -84,7 +84,10 @@ def test_masked_equals_shrunk_equals_export(unit, hf_gqa, tmp_path):
     assert n_small == cfg.num_params() < base.config.num_params()
     np.testing.assert_allclose(jax_logits(small, TOKENS), want, rtol=1e-5, atol=1e-5)
 
-    out = export_hf(small, tmp_path / "hf")
+    if layout != "uniform":  # a stock config cannot hold per-layer widths: refused unless padded (issue 15)
+        with pytest.raises(UserError, match="--pad"):
+            export_hf(small, tmp_path / "hf")
+    out = export_hf(small, tmp_path / "hf", pad=layout != "uniform")
     hf_cfg = json.loads((out / "config.json").read_text())
     wide_kv = max(kv for _, kv in want_widths)
     wide_group = max(h // kv for h, kv in want_widths)

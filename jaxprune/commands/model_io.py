@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from .. import checkpoint, evaluate, hf, load
+from .. import checkpoint, evaluate, gguf_io, hf, load
+from ..errors import UserError
 from ..fileio import check_output_dir
 from ..generate import generate
 from ..weights import set_linear_impl
@@ -21,11 +23,32 @@ def cmd_convert(a) -> dict:
 
 
 def cmd_export(a) -> dict:
-    check_output_dir(Path(a.out), a.overwrite)
+    out = Path(a.out)
+    if a.format != "hf" and a.pad:
+        raise UserError(f"--pad applies to --format hf (--format {a.format} keeps per-layer widths)")
+    if a.format == "gguf" and out.suffix != ".gguf":
+        raise UserError(f"{out}: --format gguf writes one file; name it *.gguf")
+    check_output_dir(out, a.overwrite)
     model = load.load_model(a.model, a.dtype)
     tok = load.load_tokenizer(a.model, required=False)
-    hf.export_hf(model, Path(a.out), tokenizer=tok, overwrite=a.overwrite)
-    return {"out": str(a.out), "uniform": model.config.is_uniform}
+    cfg = model.config
+    res = {"out": str(out), "format": a.format, "uniform": cfg.is_uniform, "params": cfg.num_params()}
+    if a.format == "gguf":
+        res.update(gguf_io.export_gguf(model, out, tokenizer=tok, outtype=a.outtype, overwrite=a.overwrite))
+        res["stored_params"] = cfg.num_params()
+    else:
+        if a.format == "vllm":
+            hf.export_vllm(model, out, tokenizer=tok, overwrite=a.overwrite)
+        else:
+            hf.export_hf(model, out, tokenizer=tok, overwrite=a.overwrite, pad=a.pad)
+        res["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        res["stored_params"] = hf.config_from_hf_json(json.loads((out / "config.json").read_text())).num_params()
+    res["padded_fraction"] = res["stored_params"] / res["params"] - 1.0
+    if not a.json:
+        pad = f", {100 * res['padded_fraction']:.1f}% zero padding" if res["padded_fraction"] > 0 else ""
+        print(f"wrote {out} ({a.format}, {res['stored_params']:,} parameters stored for {res['params']:,}{pad}; "
+              f"{res['bytes'] / 1e6:.1f} MB of weights)")
+    return res
 
 
 def cmd_eval(a) -> dict:
@@ -64,10 +87,16 @@ def add_model_io_parsers(sub) -> None:
     add_model_args(p)
     p.set_defaults(fn=cmd_convert)
 
-    p = sub.add_parser("export", help="jaxprune checkpoint / run dir -> HF dir loadable by transformers")
+    p = sub.add_parser("export", help="model -> stock-transformers HF dir, GGUF file or vLLM DeciLM dir")
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--format", choices=("hf", "gguf", "vllm"), default="hf",
+                   help="hf: stock transformers LLaMA (layers of one width); gguf: one file, per-layer widths "
+                        "(llama.cpp 'deci' arch when they differ); vllm: DeciLM config with per-layer widths")
+    p.add_argument("--pad", action="store_true",
+                   help="hf: zero-pad layers of different widths to the widest (same logits, dense size)")
+    p.add_argument("--outtype", choices=gguf_io.OUTTYPES, default="f16", help="gguf: weight type of 2-D tensors")
     add_model_args(p)
     p.set_defaults(fn=cmd_export)
 

@@ -18,7 +18,7 @@ from .. import checkpoint, load
 from ..errors import UserError
 from ..fileio import check_output_dir, write_json_atomic
 from ..partition import tree_size
-from ..prune.groups import prunable_layers
+from ..prune.groups import WIDTHS, structured_layers
 from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_update
 from ..prune.masks import structured_sparsity, update_structured_masks
 from ..prune.oneshot import one_shot_scores
@@ -44,10 +44,14 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
     p.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
                    help="attention unit: a whole KV group, or query heads (same count per group)")
+    p.add_argument("--widths", choices=WIDTHS, default="uniform",
+                   help="structured: 'uniform' prunes every layer to the same widths, so `export` writes a stock "
+                        "transformers model as small as the pruned one; 'layerwise' keeps --exclude-layers at full "
+                        "width (the papers' protocol; export then needs --format gguf|vllm or --pad)")
     p.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' "
-                        "(structured methods: layers < int(0.1·L) and the last one; element-wise "
-                        "--sparsity/--pattern, wanda, sparsegpt: none, as in their papers)")
+                        "(structured methods with --widths layerwise: layers < int(0.1·L) and the last one; "
+                        "element-wise --sparsity/--pattern, wanda, sparsegpt: none, as in their papers)")
     p.add_argument("--prune-every", type=POSITIVE_INT, default=10, help="LoRAPrune: steps between mask updates")
     p.add_argument("--warmup-frac", type=FRACTION_BELOW_1, default=0.1,
                    help="LoRAPrune: fraction of steps before pruning")
@@ -77,7 +81,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     s = setup_lora(args.model, run_cfg)
     cfg, unit = s.model.config, args.attn_unit
     placement.head_dim = cfg.head_dim
-    layers = prunable_layers(cfg.num_layers, args.exclude_layers)
+    layers = structured_layers(cfg.num_layers, args.exclude_layers, args.widths)
     run_dir, prev = prepare_run_dir(run_cfg.out, run_record(args, "prune"), resume=run_cfg.resume,
                                     overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir
     frozen = placement.put(s.frozen)
@@ -115,7 +119,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                               extra_meta={"pruned_from": str(args.model), "method": args.method})
     before, after = cfg.num_params(), small.config.num_params()
     summary = {
-        "method": args.method, "ratio": args.ratio, "attn_unit": unit, "impl": s.impl, "prunable_layers": layers,
+        "method": args.method, "ratio": args.ratio, "attn_unit": unit, "impl": s.impl, "widths_mode": args.widths,
+        "prunable_layers": layers,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
         **structured_sparsity(to_host(state.masks), cfg, layers), "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),

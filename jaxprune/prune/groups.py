@@ -73,6 +73,24 @@ def excluded_layers_default(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(int(0.1 * num_layers))) | {num_layers - 1}))
 
 
+WIDTHS = ("uniform", "layerwise")
+
+
+def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
+    """The layers structured pruning touches. ``widths='uniform'`` prunes every layer to the same kept
+    counts (a stock-config model); excluding layers then is an error. ``'layerwise'`` follows
+    ``--exclude-layers`` (LoRAPrune / LLM-Pruner: the first layers and the last one keep full width)."""
+    layers = prunable_layers(num_layers, exclude)  # validates the indices either way
+    if widths == "layerwise":
+        return layers
+    if widths != "uniform":
+        raise UserError(f"--widths {widths!r}: expected one of {', '.join(WIDTHS)}")
+    if exclude not in ("default", "none", "") and len(layers) < num_layers:
+        raise UserError(f"--exclude-layers {exclude} keeps layers at full width, which --widths uniform (the "
+                        "default) does not allow: add --widths layerwise")
+    return list(range(num_layers))
+
+
 def prunable_layers(num_layers: int, exclude: str) -> list[int]:
     """The layers structured pruning may touch for ``--exclude-layers``: 'default' (LoRAPrune's
     ``excluded_layers_default``), 'none', or comma-separated indices never pruned."""

@@ -1,0 +1,181 @@
+"""Issue 15: a pruned model stays small outside jaxprune.
+
+* stock HF export of a model whose layers differ in width is refused without --pad (one line, exit 2);
+* GGUF (llama arch when uniform, llama.cpp's deci arch with per-layer arrays when not): read back
+  bit-exact from f32; a uniform file read by transformers' own GGUF loader gives our logits (so the q / k
+  permutation is llama.cpp's); the tokenizer round-trips;
+* vLLM's DeciLM config: each layer's width from vLLM's own formulas, logits equal on read-back.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxprune import gguf_io, hf, load
+from jaxprune.cli import main
+from jaxprune.config import tiny_config
+from jaxprune.errors import UserError
+from jaxprune.weights import dense_arrays
+
+from conftest import jax_logits, random_llama
+
+D = 8
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 13))
+# three layers of different widths: (heads, KV heads, MLP)
+WIDTHS = ([4, 2, 6], [2, 1, 3], [24, 40, 16])
+
+
+def _nonuniform(bias: bool = False):
+    cfg = tiny_config(hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3, head_dim=D, intermediate_size=40,
+                      attention_bias=bias, rope_theta=500.0)
+    return random_llama(cfg.with_layer_widths(*WIDTHS), seed=1)
+
+
+def _uniform():
+    return random_llama(tiny_config(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                    intermediate_size=64), seed=2)
+
+
+def test_stock_export_refuses_nonuniform_unless_padded(tmp_path):
+    model = _nonuniform()
+    with pytest.raises(UserError, match="--format gguf.*--format vllm.*--pad"):
+        hf.export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    out = hf.export_hf(model, tmp_path / "hf", pad=True)
+    back = load.load_model(out)
+    assert back.config.is_uniform and back.config.num_params() > model.config.num_params()
+    np.testing.assert_allclose(jax_logits(back, TOKENS), jax_logits(model, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_export_holds_exactly_the_parameters(tmp_path):
+    model = _uniform()
+    out = hf.export_hf(model, tmp_path / "hf")
+    tensors = load_file(out / "model.safetensors")
+    n = sum(t.size for t in tensors.values())
+    assert n == model.config.num_params()
+    assert (out / "model.safetensors").stat().st_size <= 4 * n * 1.01
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gguf_per_layer_roundtrip_is_exact(tmp_path, bias):
+    import gguf
+
+    model = _nonuniform(bias)
+    info = gguf_io.export_gguf(model, tmp_path / "m.gguf", outtype="f32")
+    assert info["arch"] == "deci"
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["deci.attention.head_count"].contents() == WIDTHS[0]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == WIDTHS[1]
+    assert reader.fields["deci.feed_forward_length"].contents() == WIDTHS[2]
+    # the file holds the pruned shapes: llama.cpp's [in, out] ne order of layer 1's q is (48, 2·D)
+    q1 = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    assert tuple(int(x) for x in q1.shape) == (48, 2 * D)
+    assert sum(int(t.n_elements) for t in reader.tensors) == model.config.num_params()
+
+    back = load.load_model(tmp_path / "m.gguf")
+    assert back.config == model.config.replace(rms_norm_eps=float(np.float32(model.config.rms_norm_eps)))  # f32 key
+    want = {p: np.asarray(a) for p, a in dense_arrays(model).items()}
+    got = {p: np.asarray(a) for p, a in dense_arrays(back).items()}
+    assert set(got) == set(want)
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+    np.testing.assert_allclose(jax_logits(back, TOKENS), jax_logits(model, TOKENS), rtol=1e-6, atol=1e-6)
+
+
+def test_gguf_f16_and_q8_0(tmp_path):
+    model = _nonuniform()
+    gguf_io.export_gguf(model, tmp_path / "h.gguf", outtype="f16")
+    back = load.load_model(tmp_path / "h.gguf")
+    k = ("layers", 2, "mlp", "up_proj", "kernel")
+    want = np.asarray(dense_arrays(model)[k])
+    np.testing.assert_array_equal(np.asarray(dense_arrays(back)[k]), want.astype(np.float16).astype(np.float32))
+    sizes = {t: gguf_io.export_gguf(model, tmp_path / f"{t}.gguf", outtype=t)["bytes"] for t in ("f32", "q8_0")}
+    assert sizes["q8_0"] < (tmp_path / "h.gguf").stat().st_size < sizes["f32"]
+    q8 = jax_logits(load.load_model(tmp_path / "q8_0.gguf"), TOKENS)
+    ref = jax_logits(model, TOKENS)
+    assert np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_gguf_llama_arch_matches_transformers_reader(tmp_path):
+    """A uniform model's GGUF, read by transformers' GGUF loader (which undoes llama.cpp's q / k permutation
+    its own way) gives jaxprune's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _uniform()
+    assert gguf_io.export_gguf(model, tmp_path / "u.gguf", outtype="f32")["arch"] == "llama"
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="u.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf_model(torch.as_tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(got, jax_logits(model, TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_reader_equals_transformers_on_smollm2(smollm2_jax, fixtures):
+    """jaxprune's own GGUF reader (gguf.quants, no torch) on the real Q4_1/Q8_0 SmolLM2 file: every weight
+    equal to transformers' dequantised model (the session fixture)."""
+    model, _ = gguf_io.load_gguf_file(fixtures.gguf)
+    want = {p: np.asarray(a) for p, a in dense_arrays(smollm2_jax).items()}
+    got = {p: np.asarray(a) for p, a in dense_arrays(model).items()}
+    assert set(got) == set(want)
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+
+
+def test_gguf_tokenizer_roundtrip(tiny_hf_with_tokenizer, tmp_path):
+    hf_dir, _ = tiny_hf_with_tokenizer
+    tok = load.load_tokenizer(hf_dir)
+    model = load.load_model(hf_dir)
+    assert gguf_io.export_gguf(model, tmp_path / "t.gguf", tokenizer=tok, outtype="f32")["tokenizer"]
+    back = load.load_tokenizer(tmp_path / "t.gguf")
+    text = "Enter HAMLET, reading.\nTo be, or not to be: that is the question. 1234 <|im_end|>"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    assert (back.bos_token_id, back.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+
+
+def _vllm_width(ffn_mult: float, hidden: int) -> int:
+    """vLLM nemotron_nas._ffn_mult_to_intermediate_size, restated."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def test_vllm_deci_export(tmp_path):
+    model = _nonuniform(bias=True)
+    out = hf.export_vllm(model, tmp_path / "vllm")
+    d = json.loads((out / "config.json").read_text())
+    assert d["model_type"] == "nemotron-nas" and d["architectures"] == ["DeciLMForCausalLM"]
+    H = d["num_attention_heads"]
+    assert H == 6
+    kv = [H // b["attention"]["n_heads_in_group"] for b in d["block_configs"]]
+    mlp = [_vllm_width(b["ffn"]["ffn_mult"], d["hidden_size"]) for b in d["block_configs"]]
+    assert kv == [2, 1, 3] and mlp == [256, 256, 256]  # KV heads kept per layer; MLP widths in 256s
+    tensors = load_file(out / "model.safetensors")
+    for i in range(3):
+        assert tensors[f"model.layers.{i}.self_attn.k_proj.weight"].shape == (kv[i] * D, 48)
+        assert tensors[f"model.layers.{i}.mlp.up_proj.weight"].shape == (mlp[i], 48)
+    back = load.load_model(out)
+    np.testing.assert_allclose(jax_logits(back, TOKENS), jax_logits(model, TOKENS), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_export_formats(tmp_path, capsys):
+    from jaxprune.checkpoint import save_model
+
+    ckpt = save_model(_nonuniform(), tmp_path / "ckpt")
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--pad" in err and "--format gguf" in err
+    assert main(["export", str(ckpt), str(tmp_path / "x.bin"), "--format", "gguf"]) == 2
+    assert main(["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf", "--outtype", "f32",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["padded_fraction"] == 0.0 and res["arch"] == "deci"
+    assert main(["export", str(ckpt), str(tmp_path / "hfp"), "--pad", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["padded_fraction"] > 0
+    # the exports are inputs again: convert the GGUF to a checkpoint, same logits
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
+    np.testing.assert_allclose(jax_logits(load.load_model(tmp_path / "back"), TOKENS),
+                               jax_logits(load.load_model(ckpt), TOKENS), rtol=1e-6, atol=1e-6)
