@@ -18,7 +18,12 @@ from typing import Any
 from .errors import UserError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-SUPPORTED_ARCHITECTURES = ("llama",)
+#: model_type -> transformers class. The families' deltas from LLaMA, each read in ``from_hf_dict`` and
+#: written back in ``to_hf_dict``: Qwen2 biases q/k/v but not o; Qwen3 RMS-normalises q and k per head
+#: (``qk_norm``); Mistral limits attention to a ``sliding_window``.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -36,8 +41,12 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v (and o, unless attention_out_bias says otherwise)
     mlp_bias: bool = False
+    model_type: str = "llama"  # the family (FAMILIES); exported back as the same model_type
+    attention_out_bias: bool | None = None  # o_proj's bias; None: attention_bias (LLaMA); Qwen2: False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    sliding_window: int | None = None  # Mistral: query i sees keys j with i - W < j <= i
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -59,6 +68,10 @@ class ModelConfig:
             if kv < 0 or h < 0 or (kv and h % kv):
                 raise UserError(f"config: layer {i} has {h} query heads over {kv} KV heads "
                                 "(num_attention_heads must be a multiple of num_key_value_heads)")
+        if self.model_type not in FAMILIES:
+            raise UserError(f"config: model_type={self.model_type!r} is not supported ({', '.join(FAMILIES)})")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"config: sliding_window={self.sliding_window} must be >= 1")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(f"config: rope_scaling.rope_type={rope_type!r} is not supported "
@@ -73,6 +86,11 @@ class ModelConfig:
 
     def mlp_width(self, layer: int) -> int:
         return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether o_proj has a bias."""
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
 
     @property
     def rope_type(self) -> str:
@@ -136,7 +154,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"config: model_type={model_type!r} is not supported (jaxprune handles the "
-                            f"LLaMA family: model_type 'llama')")
+                            f"LLaMA family: model_type {', '.join(map(repr, SUPPORTED_ARCHITECTURES))})")
+        family = _family_fields(model_type, d)
         act = d.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
             raise UserError(f"config: hidden_act={act!r} is not supported (only 'silu')")
@@ -163,7 +182,8 @@ class ModelConfig:
                  "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_bias",
                  "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "hidden_act",
                  "architectures", "pretraining_tp", "dtype", "torch_dtype", "transformers_version",
-                 "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"}
+                 "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "sliding_window",
+                 "use_sliding_window", "max_window_layers", "layer_types"}
         extra = {k: v for k, v in d.items() if k not in known and not k.startswith("_")}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -177,7 +197,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
             extra_hf=extra,
-        )
+        ).replace(**family)
 
     def to_hf_dict(self) -> dict:
         """An HF LLaMA config dict; a non-uniform model must be ``padded()`` first."""
@@ -198,6 +218,16 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id, "pretraining_tp": 1,
         })
+        if self.model_type == "llama":
+            return d
+        for key in ("pretraining_tp", "mlp_bias") + (("attention_bias",) if self.model_type != "qwen3" else ()):
+            d.pop(key)
+        d.update({"architectures": [FAMILIES[self.model_type]], "model_type": self.model_type})
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        else:  # qwen2 / qwen3: full attention in every layer
+            d.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_layers,
+                      "layer_types": ["full_attention"] * self.num_layers})
         return d
 
     def num_params(self) -> int:
@@ -208,10 +238,31 @@ class ModelConfig:
             q, kv, m = self.heads(i) * hd, self.kv_heads(i) * hd, self.mlp_width(i)
             n += h * (q + 2 * kv) + q * h + 3 * h * m + 2 * h
             if self.attention_bias:
-                n += q + 2 * kv + h
+                n += q + 2 * kv
+            if self.o_bias:
+                n += h
+            if self.qk_norm and q:
+                n += 2 * hd
             if self.mlp_bias:
                 n += 2 * m + h
         return n
+
+
+def _family_fields(model_type: str, d: dict) -> dict:
+    """The ModelConfig fields a family sets beyond LLaMA's keys (read from an HF config dict)."""
+    windowed = d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ())
+    if model_type == "llama":
+        return {}
+    if model_type == "mistral":
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise UserError("config: mistral with biases is not a stock MistralForCausalLM")
+        return {"model_type": model_type, "sliding_window": d.get("sliding_window"), "attention_bias": False,
+                "mlp_bias": False}
+    if windowed:
+        raise UserError(f"config: {model_type} with use_sliding_window / sliding_attention layers is not supported")
+    if model_type == "qwen2":  # transformers' Qwen2Attention: bias on q, k, v; none on o
+        return {"model_type": model_type, "attention_bias": True, "attention_out_bias": False, "mlp_bias": False}
+    return {"model_type": model_type, "qk_norm": True, "mlp_bias": False}  # qwen3
 
 
 def tiny_config(**kw: Any) -> ModelConfig:

@@ -42,6 +42,8 @@ def deci_layout(cfg: ModelConfig) -> ModelConfig:
     Query heads: the widest layer's count H everywhere. KV heads: the smallest divisor kv' of H with
     kv' ≥ kv and H / kv' ≥ the layer's group size. MLP: rounded up to a multiple of 256.
     """
+    if cfg.model_type != "llama" or cfg.o_bias != cfg.attention_bias:
+        raise UserError(f"vLLM DeciLM export: model_type {cfg.model_type!r} is not supported (llama)")
     H = max(cfg.heads(i) for i in range(cfg.num_layers))
     kvs, widths = [], []
     for i in range(cfg.num_layers):

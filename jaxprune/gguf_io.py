@@ -73,8 +73,9 @@ def _per_layer(cfg: ModelConfig, f) -> int | list[int]:
     return vals[0] if cfg.is_uniform else vals
 
 
-def _add_tokenizer(w, tokenizer) -> bool:
-    """tokenizer.ggml.* from an HF fast BPE tokenizer (gpt2 model); False when it is not one."""
+def _add_tokenizer(w, tokenizer, pre: str) -> bool:
+    """tokenizer.ggml.* from an HF fast BPE tokenizer (gpt2 model); False when it is not one. ``pre`` is
+    llama.cpp's pre-tokenizer name (convert_hf_to_gguf.py finds it by hashing a test encoding)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     if spec.get("model", {}).get("type") != "BPE":
@@ -88,7 +89,7 @@ def _add_tokenizer(w, tokenizer) -> bool:
              else gguf.TokenType.NORMAL for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -101,7 +102,7 @@ def _add_tokenizer(w, tokenizer) -> bool:
 
 
 def export_gguf(model: LlamaForCausalLM, out: Path, *, tokenizer=None, outtype: str = "f16",
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, tokenizer_pre: str = "default") -> dict:
     """Write ``out`` (.gguf) atomically: llama arch when every layer has the same widths, else deci with
     per-layer head / KV-head / MLP arrays. 2-D weights in ``outtype`` (q8_0 where rows divide into its
     32-blocks, else f16), norms and biases f32. Returns {arch, bytes, tokenizer}."""
@@ -113,6 +114,8 @@ def export_gguf(model: LlamaForCausalLM, out: Path, *, tokenizer=None, outtype: 
     if not out.parent.exists():
         raise UserError(f"{out.parent}: parent directory does not exist")
     cfg = model.config
+    if cfg.model_type != "llama":
+        raise UserError(f"GGUF export: model_type {cfg.model_type!r} is not supported yet (llama)")
     if cfg.rope_type not in ("default", "linear"):
         raise UserError(f"GGUF export: rope_type {cfg.rope_type!r} is not supported yet (default, linear)")
     arch = "llama" if cfg.is_uniform else "deci"
@@ -141,7 +144,7 @@ def export_gguf(model: LlamaForCausalLM, out: Path, *, tokenizer=None, outtype: 
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-        has_tokenizer = tokenizer is not None and _add_tokenizer(w, tokenizer)
+        has_tokenizer = tokenizer is not None and _add_tokenizer(w, tokenizer, tokenizer_pre)
         if not has_tokenizer:
             for key, tid in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id)):
                 if isinstance(tid, int):

@@ -27,6 +27,7 @@ from .weights import dense_arrays, model_from_arrays
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 _NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
+_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")  # Qwen3
 SHARD_BYTES = 2 * 1024**3  # export shards above this size
 
 
@@ -43,9 +44,11 @@ def hf_name_to_path(name: str) -> tuple[tuple, bool] | None:
         return ("layers", int(layer), block, proj, "kernel" if kind == "weight" else "bias"), kind == "weight"
     if m := _NORM.match(name):
         return ("layers", int(m.group(1)), m.group(2), "weight"), False
+    if m := _QK_NORM.match(name):
+        return ("layers", int(m.group(1)), "self_attn", m.group(2), "weight"), False
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    raise UserError(f"unexpected tensor {name!r} in a LLaMA checkpoint")
+    raise UserError(f"unexpected tensor {name!r} in a LLaMA-family checkpoint")
 
 
 def path_to_hf_name(path: tuple) -> tuple[str, bool]:
@@ -58,6 +61,8 @@ def path_to_hf_name(path: tuple) -> tuple[str, bool]:
     if path[0] == "layers" and path[-1] in ("kernel", "bias"):
         _, i, block, proj, kind = path
         return f"model.layers.{i}.{block}.{proj}.{'weight' if kind == 'kernel' else 'bias'}", kind == "kernel"
+    if path[0] == "layers" and len(path) == 5:  # Qwen3's self_attn.q_norm / k_norm
+        return f"model.layers.{path[1]}.{path[2]}.{path[3]}.weight", False
     if path[0] == "layers":
         return f"model.layers.{path[1]}.{path[2]}.weight", False
     raise ValueError(f"no HF name for {path}")

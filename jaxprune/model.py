@@ -1,4 +1,5 @@
-"""The LLaMA family in Flax NNX: RMSNorm, RoPE variants, GQA attention, SwiGLU MLP.
+"""The LLaMA family in Flax NNX: RMSNorm, RoPE variants, GQA attention, SwiGLU MLP; the Mistral
+(sliding window), Qwen2 (q/k/v bias) and Qwen3 (q/k norm) deltas come from ``ModelConfig`` fields.
 
 Module paths follow HF names (``layers.3.self_attn.q_proj``) so regexes over
 paths (LoRA targets, sharding rules) read the same as over HF checkpoints.
@@ -52,12 +53,16 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.heads(layer), cfg.kv_heads(layer), cfg.head_dim
         h, q, kv = cfg.hidden_size, self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
-        b = cfg.attention_bias
         sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         for name in ATTN_LINEARS:
-            setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["self_attn", name], use_bias=b, dtype=dtype,
+            bias = cfg.o_bias if name == "o_proj" else cfg.attention_bias
+            setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["self_attn", name], use_bias=bias, dtype=dtype,
                                        rngs=rngs))
         self.head_mask = with_axes(Mask, jnp.ones((self.num_heads,), jnp.bool_), ("unit_mask",))
+        # Qwen3: per-head RMSNorm of q and k (one weight over head_dim, shared by the heads)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm and self.num_heads else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm and self.num_heads else None
+        self.sliding_window = cfg.sliding_window
 
     def __call__(self, x, cos, sin, cache: KVCache | None = None, cache_index=None):
         """x [B, S, hidden] -> ([B, S, hidden], new cache or None)."""
@@ -66,8 +71,10 @@ class Attention(nnx.Module):
         if H == 0:  # a fully pruned attention block contributes only o_proj's bias
             out = jnp.zeros(x.shape, x.dtype)
             return (out + self.o_proj.bias[...] if self.o_proj.bias is not None else out), cache
-        q = apply_rope(self.q_proj(x).reshape(B, S, H, D), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(B, S, KV, D), cos, sin)
+        q, k = self.q_proj(x).reshape(B, S, H, D), self.k_proj(x).reshape(B, S, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).reshape(B, S, KV, D)
         q_pos = jnp.arange(S)
         if cache is not None:
@@ -80,6 +87,8 @@ class Attention(nnx.Module):
         qg = q.reshape(B, S, KV, G, D)
         scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(D))
         causal = q_pos[:, None] >= jnp.arange(T)[None, :]
+        if self.sliding_window is not None:  # Mistral: keys more than W - 1 positions back are out of reach
+            causal = causal & (q_pos[:, None] - jnp.arange(T)[None, :] < self.sliding_window)
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, D)

@@ -236,7 +236,31 @@ def render_kernels(data: dict) -> str:
     return render_generic(data)
 
 
+def render_export(data: dict) -> str:
+    d, b, m = data.get("dense", {}), data.get("budget", {}), data.get("machine", {})
+    rows = [["dense", "", f"{d.get('ppl', 0):.2f}", f"{d.get('params', 0):,}", f"{d.get('hf_bytes', 0) / 1e6:.0f}",
+             "", "", "1.00x"]]
+    for r in data.get("results", []):
+        rows.append([r["layout"], f"{r['ratio']:.3f}", f"{r['ppl']:.2f}", f"{r['params']:,}",
+                     f"{r['hf_bytes'] / 1e6:.0f}" + (" (padded)" if r["hf_padded"] else ""),
+                     f"{r['gguf_f32_bytes'] / 1e6:.0f} ({r['gguf_arch']})", f"{r['vllm_bytes'] / 1e6:.0f}",
+                     f"{r['transformers_speedup']:.2f}x"])
+    return "\n".join([
+        f"SmolLM2-135M pruned by LoRAPrune ({b.get('attn_unit')} units) over {b.get('steps')} steps of "
+        f"{b.get('batch_size')} x {b.get('seq_len')} tokens, seed {b.get('seed')}, in each width layout; perplexity "
+        f"on {b.get('eval_tokens')} held-out tokens. Sizes are the fp32 files each export writes (MB); the speed "
+        "column is stock transformers (torch fp32, CPU, 4 x 256 tokens) on the HF export over the dense model, "
+        "timed back to back in one process (median of 5 rounds). One seed: perplexity differences of a few "
+        "percent are within calibration noise (see the pruning benchmarks).", "",
+        table(["layout", "ratio", "perplexity", "parameters", "HF safetensors", "GGUF f32", "vLLM DeciLM",
+               "transformers speed vs dense"], rows),
+        "", f"Machine: {m.get('platform', '?')}, {m.get('cpus', '?')} CPUs.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
 RENDERERS = {
+    "export.json": ("Pruned models outside jaxprune: layouts, file sizes, transformers speed", render_export),
     "kernels.json": ("Pallas kernels", render_kernels),
     "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),
     "pruning_speed.json": ("Forward speed of the pruned shapes (20-step runs: their perplexities mean nothing)",

@@ -34,7 +34,8 @@ def cmd_export(a) -> dict:
     cfg = model.config
     res = {"out": str(out), "format": a.format, "uniform": cfg.is_uniform, "params": cfg.num_params()}
     if a.format == "gguf":
-        res.update(gguf_io.export_gguf(model, out, tokenizer=tok, outtype=a.outtype, overwrite=a.overwrite))
+        res.update(gguf_io.export_gguf(model, out, tokenizer=tok, outtype=a.outtype, overwrite=a.overwrite,
+                                       tokenizer_pre=a.tokenizer_pre))
         res["stored_params"] = cfg.num_params()
     else:
         if a.format == "vllm":
@@ -97,6 +98,8 @@ def add_model_io_parsers(sub) -> None:
     p.add_argument("--pad", action="store_true",
                    help="hf: zero-pad layers of different widths to the widest (same logits, dense size)")
     p.add_argument("--outtype", choices=gguf_io.OUTTYPES, default="f16", help="gguf: weight type of 2-D tensors")
+    p.add_argument("--tokenizer-pre", default="default",
+                   help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2; default: 'default')")
     add_model_args(p)
     p.set_defaults(fn=cmd_export)
 
