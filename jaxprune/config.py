@@ -17,12 +17,13 @@ from typing import Any
 
 from .errors import UserError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 #: model_type -> transformers class. The families' deltas from LLaMA, each read in ``from_hf_dict`` and
 #: written back in ``to_hf_dict``: Qwen2 biases q/k/v but not o; Qwen3 RMS-normalises q and k per head
-#: (``qk_norm``); Mistral limits attention to a ``sliding_window``.
+#: (``qk_norm``); Mistral limits attention to a ``sliding_window``; Phi-3 stores q/k/v and gate/up fused
+#: (split on import, fused on export: ``hf.py``), may rotate a fraction of head_dim, and uses longrope.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("silu",)
 
@@ -47,6 +48,7 @@ class ModelConfig:
     attention_out_bias: bool | None = None  # o_proj's bias; None: attention_bias (LLaMA); Qwen2: False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     sliding_window: int | None = None  # Mistral: query i sees keys j with i - W < j <= i
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim·f) dims of each head (Phi)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -76,6 +78,11 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(f"config: rope_scaling.rope_type={rope_type!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if rope_type == "longrope":
+            missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings")
+                       if self.rope_scaling.get(k) is None]
+            if missing:
+                raise UserError(f"config: rope_scaling longrope needs {', '.join(missing)}")
 
     # ---- per-layer accessors -------------------------------------------------
     def heads(self, layer: int) -> int:
@@ -171,10 +178,14 @@ class ModelConfig:
         rope = d.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = d.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+        partial = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
         if scaling:
-            scaling = dict(scaling)
+            scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
             rtype = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            scaling["rope_type"] = rtype
+            scaling["rope_type"] = {"su": "longrope", "yarn": "longrope"}.get(rtype, rtype) \
+                if model_type == "phi3" else rtype
+            if scaling["rope_type"] == "longrope":
+                scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
             if rtype == "default":
                 scaling = None
         known = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -183,13 +194,13 @@ class ModelConfig:
                  "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "hidden_act",
                  "architectures", "pretraining_tp", "dtype", "torch_dtype", "transformers_version",
                  "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "sliding_window",
-                 "use_sliding_window", "max_window_layers", "layer_types"}
+                 "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor"}
         extra = {k: v for k, v in d.items() if k not in known and not k.startswith("_")}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=kv, head_dim=head_dim, rope_theta=float(rope_theta),
-            rope_scaling=scaling or None,
+            rope_scaling=scaling or None, partial_rotary_factor=partial,
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -206,6 +217,8 @@ class ModelConfig:
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope_parameters.update(self.rope_scaling)
+        if self.partial_rotary_factor != 1.0 or self.model_type == "phi3":
+            rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
         d = dict(self.extra_hf)
         d.update({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -223,8 +236,9 @@ class ModelConfig:
         for key in ("pretraining_tp", "mlp_bias") + (("attention_bias",) if self.model_type != "qwen3" else ()):
             d.pop(key)
         d.update({"architectures": [FAMILIES[self.model_type]], "model_type": self.model_type})
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "phi3"):
             d["sliding_window"] = self.sliding_window
+
         else:  # qwen2 / qwen3: full attention in every layer
             d.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_layers,
                       "layer_types": ["full_attention"] * self.num_layers})
@@ -253,9 +267,9 @@ def _family_fields(model_type: str, d: dict) -> dict:
     windowed = d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ())
     if model_type == "llama":
         return {}
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         if d.get("attention_bias") or d.get("mlp_bias"):
-            raise UserError("config: mistral with biases is not a stock MistralForCausalLM")
+            raise UserError(f"config: {model_type} with biases is not a stock transformers model")
         return {"model_type": model_type, "sliding_window": d.get("sliding_window"), "attention_bias": False,
                 "mlp_bias": False}
     if windowed:

@@ -83,7 +83,7 @@ def test_defaults_from_a_minimal_hf_dict():
 
 @pytest.mark.parametrize("d, needle", [
     (hf(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn'"),
-    (hf(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_type='longrope'"),
+    (hf(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "longrope needs short_factor"),
     (hf(rope_scaling={"type": "su", "factor": 2.0}), "rope_type='su'"),
     (hf(model_type="gpt2"), "model_type='gpt2'"),
     (hf(hidden_act="gelu"), "hidden_act='gelu'"),

@@ -1,5 +1,6 @@
 """Issue 16 (first families): Qwen2 (q/k/v bias, no o bias), Qwen3 (per-head q/k RMSNorm, explicit head_dim),
-Mistral (sliding window) against transformers' own classes: load, logits, parameter counts, pruning (both
+Mistral (sliding window), Phi-3 (fused qkv / gate_up, partial rotary, longrope) against transformers' own
+classes: load, logits, parameter counts, pruning (both
 attention units) and export back as the same model_type, the sliding window in the KV-cache generate path, and
 a CLI prune run per family with a different method each."""
 
@@ -25,13 +26,14 @@ from conftest import jax_logits, torch_logits
 
 KW = dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
           num_key_value_heads=3, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
-FAMILIES = {"qwen2": {}, "qwen3": {"head_dim": 12}, "mistral": {"sliding_window": 4}}
+FAMILIES = {"qwen2": {}, "qwen3": {"head_dim": 12}, "mistral": {"sliding_window": 4},
+            "phi3": {"sliding_window": 5, "pad_token_id": 0}}
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 13))
 
 
 def _classes(family):
     import transformers
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3"}[family]
     return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
 
 
@@ -60,7 +62,7 @@ def test_load_matches_transformers(family_model):
     assert cfg.model_type == family
     assert cfg.num_params() == sum(p.numel() for p in torch_model.parameters())
     want = {"qwen2": (True, False, False, None), "qwen3": (False, False, True, None),
-            "mistral": (False, False, False, 4)}[family]
+            "mistral": (False, False, False, 4), "phi3": (False, False, False, 5)}[family]
     assert (cfg.attention_bias, cfg.o_bias, cfg.qk_norm, cfg.sliding_window) == want
     np.testing.assert_allclose(jax_logits(model, TOKENS), torch_logits(torch_model, TOKENS), rtol=1e-4, atol=1e-4)
 
@@ -105,6 +107,29 @@ def test_mistral_sliding_window_generate_matches_transformers(tmp_path):
     assert np.abs(logits_win - logits_full).max() > 1e-3  # the window matters on this sequence
 
 
+def test_phi3_longrope_partial_rotary(tmp_path):
+    """Phi-3 with longrope over half of head_dim: short factors up to original_max_position_embeddings (8), long
+    factors and the attention factor sqrt(1 + ln(16)/ln(8)) past it; the fused checkpoint's tensors split on load
+    and fuse again on export (the same names and bytes)."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": list(1 + rng.random(2)), "long_factor": list(2 + 3 * rng.random(2))}
+    hf_dir, torch_model = make_hf(tmp_path, "phi3", original_max_position_embeddings=8, rope_parameters=rope)
+    model, cfg = load_hf_dir(hf_dir)
+    assert cfg.rope_type == "longrope" and cfg.partial_rotary_factor == 0.5
+    for length in (6, 13):  # 13 > 8: the long factors
+        tokens = np.random.default_rng(length).integers(0, 96, (2, length))
+        np.testing.assert_allclose(jax_logits(model, tokens), torch_logits(torch_model, tokens), rtol=1e-4,
+                                   atol=1e-4)
+    out = export_hf(model, tmp_path / "hf")
+    want, got = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(got) == set(want) and "model.layers.0.self_attn.qkv_proj.weight" in got
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def _rewrite_config(src, dst, **changes):
     shutil.copytree(src, dst)
     d = json.loads((dst / "config.json").read_text())
@@ -129,7 +154,7 @@ def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family,method", [("qwen3", "loraprune"), ("qwen2", "llm-pruner"),
-                                           ("mistral", "wanda")])
+                                           ("mistral", "wanda"), ("phi3", "magnitude")])
 def test_cli_prune_each_family(family, method, tmp_path, fixtures, small_text):
     """`jaxprune prune` + `export` on each family (a different method each): the export loads in the family's
     transformers class with jaxprune's logits."""
