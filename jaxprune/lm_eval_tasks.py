@@ -68,14 +68,17 @@ def check_task_files(folder: Path) -> None:
             cfg = yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=_TaskYamlLoader)
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
-            line = f" line {where.line + 1}" if where is not None else ""
+            line = f" line {where.line + 1}:" if where is not None else ""
             raise UserError(f"{path}:{line} not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(cfg, dict) or not any(k in cfg for k in ("task", "group", "include")):
             raise UserError(f"{path}: not an lm-eval task file (a mapping with a 'task' or 'group' key)")
 
 
-def task_manager(include_paths: list[str] | None = None):
-    """lm-eval's TaskManager over its built-in tasks + ``jaxprune/lm_tasks`` + ``include_paths`` (checked)."""
+def find_tasks(names: list[str], include_paths: list[str] | None = None):
+    """(lm-eval TaskManager, task names with globs expanded) for ``names``; a UserError for an unknown one.
+
+    The folders searched: ``jaxprune/lm_tasks``, the ``include_paths`` (their YAML checked first) and, unless
+    every name is found in those, lm-eval's built-in tasks (indexing those takes seconds)."""
     folders = [TASKS_DIR]
     for p in include_paths or []:
         path = Path(p)
@@ -86,7 +89,14 @@ def task_manager(include_paths: list[str] | None = None):
         check_task_files(folder)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices would bury the results
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=[str(f) for f in folders])
+
+    paths = [str(f) for f in folders]
+    if not any(c in n for n in names for c in "*?["):
+        local = TaskManager(include_path=paths, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local, list(names)
+    full = TaskManager(include_path=paths)
+    return full, resolve_names(full, names)
 
 
 def resolve_names(tm, names: list[str]) -> list[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from .. import load
 from ..fileio import write_json_atomic
 from ..lm_eval_model import LM_EVAL_VERSION, make_lm
-from ..lm_eval_tasks import (ensure_offline_if_unreachable, evaluate, load_tasks, metrics, per_request, require_lm_eval,
-                             resolve_names, table, task_manager)
 from ..errors import UserError
+from ..lm_eval_tasks import (ensure_offline_if_unreachable, evaluate, find_tasks, load_tasks, metrics, per_request,
+                             require_lm_eval, table)
 from ..sharding import init_distributed, is_main_process, placement_for
 from ..weights import set_linear_impl
 from .common import add_impl_arg, add_mesh_args, add_model_args, mesh_config
@@ -27,8 +27,8 @@ def cmd_lm_eval(a) -> dict:
     offline = ensure_offline_if_unreachable()
     mc = mesh_config(a)
     init_distributed(mc)
-    tm = task_manager(a.include_path)
-    tasks = load_tasks(tm, resolve_names(tm, names), offline)  # bad tasks fail before the model loads
+    tm, names = find_tasks(names, a.include_path)
+    tasks = load_tasks(tm, names, offline)  # bad tasks fail before the model loads
     model = load.load_model(a.model, a.dtype)
     impl = set_linear_impl(model, a.impl)
     placement = placement_for(mc, (1, a.batch_size, 2), model.config.head_dim)
