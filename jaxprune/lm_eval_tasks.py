@@ -9,6 +9,7 @@ must come from the hub while the hub cannot be reached (offline mode, set here w
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import socket
@@ -88,15 +89,20 @@ def find_tasks(names: list[str], include_paths: list[str] | None = None):
     for folder in folders:
         check_task_files(folder)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices would bury the results
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(f) for f in folders]
+    paths = tuple(str(f) for f in folders)
     if not any(c in n for n in names for c in "*?["):
-        local = TaskManager(include_path=paths, include_defaults=False)
+        local = _task_manager(paths, False)
         if all(n in local.all_tasks for n in names):
             return local, list(names)
-    full = TaskManager(include_path=paths)
+    full = _task_manager(paths, True)
     return full, resolve_names(full, names)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], defaults: bool):
+    """lm-eval's TaskManager over ``paths`` (+ its built-in tasks): an index of YAML files, kept per process."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=list(paths), include_defaults=defaults)
 
 
 def resolve_names(tm, names: list[str]) -> list[str]:

@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 
 OFFLINE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_OFFLINE": "", "HF_HUB_OFFLINE": ""}  # no hub: probe fails
 MAX_LEN = 64  # short: contexts get left-truncated and passages span several rolling windows
-LIMIT = 24
+LIMIT = 16
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_lm_eval_equals_the_hf_backend_on_the_export(models, hf_lm, tmp_path):
                                want_metrics["shakespeare_passages"]["bits_per_byte"], rtol=1e-6)
 
 
-def test_loglikelihood_rolling_equals_eval_total_nll(models, tmp_path):
+def test_loglikelihood_rolling_equals_eval_total_nll(models, tmp_path, capsys):
     """The rolling log-likelihood of a text is minus `jaxprune eval`'s total NLL over the same tokens: eval reads
     the prefix token the harness puts first, in one window as long as the text."""
     from lm_eval.api.instance import Instance
@@ -105,9 +105,9 @@ def test_loglikelihood_rolling_equals_eval_total_nll(models, tmp_path):
 
     path = tmp_path / "t.txt"
     path.write_text(tok.decode([lm.prefix_token_id]) + text)
-    r = run_cli("eval", models[0], "--text", path, "--seq-len", n + 1, "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    code, out, err = cli(capsys, "eval", models[0], "--text", path, "--seq-len", n + 1, "--json")
+    assert code == 0, err[-2000:]
+    res = json.loads(out.strip().splitlines()[-1])
     assert res["tokens"] == n and res["windows"] == 1
     assert abs(-rolling - res["nll"] * res["tokens"]) < 1e-4 * n
 
@@ -125,7 +125,7 @@ def test_generate_until_equals_the_hf_backend(models, hf_lm):
     assert any(got)
 
 
-def test_bad_tasks_exit_2_with_one_line(models, tmp_path):
+def test_bad_tasks_exit_2_with_one_line(models, tmp_path, capsys, offline):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
@@ -141,13 +141,12 @@ def test_bad_tasks_exit_2_with_one_line(models, tmp_path):
         ("--tasks", ","): "--tasks: give at least one task name",
     }
     for args, msg in cases.items():
-        r = run_cli("lm-eval", models[0], *args, env=OFFLINE)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        assert len(lines) == 1 and msg in lines[0], (args, r.stderr[-2000:])
+        code, _, err = cli(capsys, "lm-eval", models[0], *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and msg in lines[0], (args, err[-2000:])
 
 
-def test_eval_dataset_equals_eval_text(models, tmp_path):
+def test_eval_dataset_equals_eval_text(models, tmp_path, capsys):
     """`eval --dataset FILE` reads the rows' text joined by blank lines, like `--text` on that text."""
     rows = [json.loads(line)["text"] for line in
             (load_dir() / "passages.test.jsonl").read_text().splitlines()[:6]]
@@ -155,14 +154,37 @@ def test_eval_dataset_equals_eval_text(models, tmp_path):
     data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(rows)))
     (tmp_path / "d.txt").write_text("\n\n".join(rows))
     flags = ("--seq-len", 64, "--json")
-    a = run_cli("eval", models[0], "--dataset", f"{data}:train", *flags)
-    b = run_cli("eval", models[0], "--text", tmp_path / "d.txt", *flags)
-    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
-    ra, rb = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (a, b))
+    ra, rb = (cli(capsys, "eval", models[0], *src, *flags) for src in (("--dataset", f"{data}:train"),
+                                                                       ("--text", tmp_path / "d.txt")))
+    assert ra[0] == rb[0] == 0, ra[2][-2000:] + rb[2][-2000:]
+    ra, rb = (json.loads(r[1].strip().splitlines()[-1]) for r in (ra, rb))
     assert ra["tokens"] == rb["tokens"] > 0 and ra["ppl"] == pytest.approx(rb["ppl"], rel=1e-6)
     for spec, msg in ((f"{data}:nosuch", "cannot be loaded"), ("a:b:c:d", "expected NAME[:CONFIG][:SPLIT]")):
-        r = run_cli("eval", models[0], "--dataset", spec)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr[-2000:]
+        code, _, err = cli(capsys, "eval", models[0], "--dataset", spec)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and msg in err, err[-2000:]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``jaxprune ARGS`` in this process (no interpreter start, compiled functions shared): (code, out, err)."""
+    from jaxprune.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The hub unreachable for in-process runs; offline-mode switches set by the command are undone after."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def answers(docs: list[dict]) -> tuple[np.ndarray, list]:
