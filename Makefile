@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch: the CPU build (2.13.0) — a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,eval]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 fixtures: $(STAMP)

@@ -1,4 +1,4 @@
-"""`jaxprune <command>`: convert, export, eval, generate, finetune, prune, pretrain.
+"""`jaxprune <command>`: convert, export, eval, lm-eval, generate, finetune, prune, pretrain.
 
 Bad input prints one line on stderr and exits with code 2 (no traceback).
 With ``--json`` the last line printed is one JSON object.
@@ -13,6 +13,7 @@ import sys
 
 from .commands.finetune import add_finetune_parser
 from .commands.flags import Parser
+from .commands.lm_eval import add_lm_eval_parser
 from .commands.model_io import add_model_io_parsers
 from .commands.pretrain import add_pretrain_parser
 from .commands.prune import add_prune_parser
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="jaxprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_model_io_parsers(sub)
+    add_lm_eval_parser(sub)
     add_finetune_parser(sub)
     add_prune_parser(sub)
     add_pretrain_parser(sub)

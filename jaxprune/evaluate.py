@@ -35,6 +35,52 @@ def read_text(path: str | Path) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
 
 
+#: local files ``--dataset`` reads with datasets' packaged builders, by suffix
+DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
+    """``NAME[:CONFIG][:SPLIT]`` -> (name, config, split); a local file takes ``FILE[:SPLIT]`` (split 'train')."""
+    parts = spec.split(":")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
+        raise UserError(f"--dataset {spec!r}: expected NAME[:CONFIG][:SPLIT]")
+    if Path(parts[0]).is_file():
+        if len(parts) > 2:
+            raise UserError(f"--dataset {spec!r}: a local file takes FILE[:SPLIT]")
+        return parts[0], None, parts[1] if len(parts) == 2 else "train"
+    return parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "test"
+
+
+def read_dataset_text(spec: str) -> str:
+    """A ``datasets`` dataset as one text, as LLM-Pruner's perplexity does: the rows of its ``text`` column
+    joined by blank lines (WikiText-2), else of its ``sentence`` column joined by spaces (PTB), else of its
+    only string column. A hub name needs the network; a local dir or .jsonl/.json/.csv/.parquet/.txt file not."""
+    import datasets
+
+    name, config, split = parse_dataset_spec(spec)
+    suffix = Path(name).suffix.lower()
+    try:
+        if Path(name).is_file():
+            if suffix not in DATASET_BUILDERS:
+                raise UserError(f"--dataset {name}: unknown file type (expected one of {', '.join(DATASET_BUILDERS)})")
+            ds = datasets.load_dataset(DATASET_BUILDERS[suffix], data_files=name, split=split)
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # not found, no such split or config, no network: datasets raises many types
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--dataset {spec}: cannot be loaded: {msg}") from None
+    columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    for column, sep in (("text", "\n\n"), ("sentence", " ")):
+        if column in columns:
+            return sep.join(ds[column])
+    if len(columns) != 1:
+        raise UserError(f"--dataset {spec}: no 'text' or 'sentence' column and {len(columns)} string columns "
+                        f"({', '.join(columns) or 'none'})")
+    return "\n\n".join(ds[columns[0]])
+
+
 def tokenize_text(tokenizer, text: str) -> np.ndarray:
     """The whole text as one int32 token stream, with the tokenizer's default special tokens."""
     tokenizer.model_max_length = 10**12  # a whole play is one sequence here, on purpose

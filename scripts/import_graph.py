@@ -27,13 +27,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ("jaxprune.layers",)),
     ("model", ("jaxprune.model", "jaxprune.weights", "jaxprune.partition", "jaxprune.quantize")),
     ("io", ("jaxprune.padding", "jaxprune.hf", "jaxprune.gguf_io", "jaxprune.checkpoint", "jaxprune.load",
-            "jaxprune.data", "jaxprune.evaluate", "jaxprune.generate", "jaxprune.sharding")),
+            "jaxprune.data", "jaxprune.evaluate", "jaxprune.generate", "jaxprune.sharding", "jaxprune.lm_eval_model",
+            "jaxprune.lm_eval_tasks", "jaxprune.lm_tasks", "jaxprune.lm_tasks.*")),
     ("algorithms", ("jaxprune.train", "jaxprune.runs", "jaxprune.prune", "jaxprune.prune.*", "jaxprune.pretrain",
                     "jaxprune.pretrain.*")),
     ("commands", ("jaxprune.commands", "jaxprune.commands.*", "jaxprune.cli")),
 )
 #: Third-party packages a function may import lazily: heavy and needed only on some paths.
-LAZY_OK = {"torch", "transformers", "datasets", "matplotlib"}
+LAZY_OK = {"torch", "transformers", "datasets", "matplotlib", "lm_eval"}
 
 
 @dataclass

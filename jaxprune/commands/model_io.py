@@ -53,7 +53,7 @@ def cmd_export(a) -> dict:
 
 
 def cmd_eval(a) -> dict:
-    text = evaluate.read_text(a.text)
+    text = evaluate.read_text(a.text) if a.text else evaluate.read_dataset_text(a.dataset)
     model = load.load_model(a.model, a.dtype)
     impl = set_linear_impl(model, a.impl)
     tokens = evaluate.tokenize_text(load.load_tokenizer(a.model), text)
@@ -103,9 +103,14 @@ def add_model_io_parsers(sub) -> None:
     add_model_args(p)
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("eval", help="perplexity on a text file (see README: protocol)")
+    p = sub.add_parser("eval", help="perplexity on a text file or a datasets dataset (see README: protocol)")
     p.add_argument("model")
-    p.add_argument("--text", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a .txt file or a directory of them")
+    src.add_argument("--dataset", metavar="NAME[:CONFIG][:SPLIT]",
+                     help="a datasets dataset, e.g. 'wikitext:wikitext-2-raw-v1:test' or "
+                          "'ptb_text_only:penn_treebank:test' (hub: needs network), or a local"
+                          " .jsonl/.csv/.parquet/.txt file (FILE[:SPLIT]) or dir")
     p.add_argument("--seq-len", type=SEQ_LEN, default=512)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4)
     p.add_argument("--max-tokens", type=SEQ_LEN, default=None)
