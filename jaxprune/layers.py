@@ -15,6 +15,7 @@ it is created (``logical_axes=("embed", "mlp")``, as MaxText's ``layers/linears.
     y = x @ W + b                                  dense
     y = x @ W + s * (x @ A) @ B + b                + LoRA, A [in, r], B [r, out], s = alpha / r
     y = x @ ((W + s * A @ B) * M) + b              + elementwise mask M [in, out] (unstructured, N:M)
+    y = x @ BlockSparse(values, layout) + b        inference form of a block mask (``set_block_sparse``)
 
 W may be stored int8 with one scale per output column (``kernel_scale``, see ``ops/int8.py``):
 then ``W = q · s`` and the unmasked forward computes ``(x @ q) · s``.
@@ -84,6 +85,7 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.weight_mask = nnx.data(None)
         self.impl = "xla"
+        self.block_layout = None  # static kernels.BlockLayout when ``kernel`` holds only the live blocks
 
     # ---- LoRA ---------------------------------------------------------------
     def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dtype=jnp.float32) -> None:
@@ -124,8 +126,22 @@ class Linear(nnx.Module):
         else:
             self.weight_mask.set_value(keep)
 
+    def set_block_sparse(self, bsm: "kernels.BlockSparseMatrix") -> None:
+        """Inference form of a block-masked layer: ``kernel`` becomes the live blocks ``values [n_live, bk, bn]``
+        of ``(W + s·A@B) ⊙ M`` and the forward runs the block-sparse kernel, which skips the pruned blocks
+        (LoRA and mask are folded in and dropped)."""
+        self.kernel = nnx.Param(bsm.values)
+        self.kernel_scale = nnx.data(None)
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
+        self.weight_mask = nnx.data(None)
+        self.block_layout = bsm.layout
+
     def base_kernel(self) -> jax.Array:
         """W [in, out], dequantised (``q · s``, in the scale's dtype) when stored int8."""
+        if self.block_layout is not None:
+            return kernels.BlockSparseMatrix(self.kernel[...], self.block_layout).to_dense()
         if self.kernel_scale is None:
             return self.kernel[...]
         return dequantize(self.kernel[...], self.kernel_scale[...])
@@ -141,7 +157,10 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]."""
-        if self.weight_mask is not None:
+        if self.block_layout is not None:
+            y = kernels.block_sparse_matmul(x, kernels.BlockSparseMatrix(self.kernel[...], self.block_layout),
+                                            impl="pallas")
+        elif self.weight_mask is not None:
             if self.impl == "pallas":
                 w = self.base_kernel()
                 if self.has_lora:

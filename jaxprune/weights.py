@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .layers import Linear, Mask
 from .model import LlamaForCausalLM
+from .ops.blocks import block_grid, block_shape_of
 
 KeyPath = tuple  #: an NNX key path, e.g. ('layers', 3, 'self_attn', 'q_proj', 'kernel')
 
@@ -32,16 +33,35 @@ def linears(model: nnx.Module):
 IMPL_CHOICES = ("auto", "xla", "pallas")
 
 
-def set_linear_impl(model: nnx.Module, impl: str = "auto") -> str:
+def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool = False) -> str:
     """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
     (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU) and XLA
     elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns the path
-    chosen, ``"xla"`` or ``"pallas"``."""
+    chosen, ``"xla"`` or ``"pallas"``.
+
+    ``block_sparse`` (inference: eval, generate): with the Pallas path, a layer whose mask is whole square
+    blocks (``prune --pattern block:BxB``, found by ``ops.blocks.block_shape_of``) is converted to its live
+    blocks and runs ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block."""
     variant, _ = kernels.resolve_impl(impl)
     chosen = "xla" if variant == "xla" else "pallas"
     for _, lin in linears(model):
         lin.impl = chosen
+        if block_sparse and chosen == "pallas" and lin.weight_mask is not None:
+            mask = np.asarray(lin.weight_mask[...])
+            if (b := block_shape_of(mask)) is not None:
+                bsm = kernels.BlockSparseMatrix.from_dense(lin.merged_kernel(), block_grid(mask, b), b)
+                lin.set_block_sparse(bsm)
     return chosen
+
+
+def block_sparse_linears(model: nnx.Module) -> dict[str, str]:
+    """{linear path: 'live/total blocks of BKxBN'} for the layers running the block-sparse kernel."""
+    out = {}
+    for path, lin in linears(model):
+        if (lay := lin.block_layout) is not None:
+            bk, bn = lay.block_size
+            out[path_str(path)] = f"{lay.n_live}/{lay.grid[0] * lay.grid[1]} blocks of {bk}x{bn}"
+    return out
 
 
 def path_str(path: KeyPath) -> str:

@@ -9,7 +9,7 @@ from .. import checkpoint, evaluate, gguf_io, hf, load
 from ..errors import UserError
 from ..fileio import check_output_dir
 from ..generate import generate
-from ..weights import set_linear_impl
+from ..weights import block_sparse_linears, set_linear_impl
 from .common import add_impl_arg, add_model_args
 from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_INT, SEED, SEQ_LEN
 
@@ -55,12 +55,13 @@ def cmd_export(a) -> dict:
 def cmd_eval(a) -> dict:
     text = evaluate.read_text(a.text) if a.text else evaluate.read_dataset_text(a.dataset)
     model = load.load_model(a.model, a.dtype)
-    impl = set_linear_impl(model, a.impl)
+    impl = set_linear_impl(model, a.impl, block_sparse=True)
     tokens = evaluate.tokenize_text(load.load_tokenizer(a.model), text)
     res = evaluate.perplexity(model, tokens, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
                               progress=not a.json)
     res["params"] = model.config.num_params()
     res["impl"] = impl
+    res["block_sparse_linears"] = len(block_sparse_linears(model))
     if not a.json:
         print(f"perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['windows']} windows of "
               f"{a.seq_len}); {res['tokens_per_s']:.0f} tokens/s")
@@ -69,7 +70,7 @@ def cmd_eval(a) -> dict:
 
 def cmd_generate(a) -> dict:
     model = load.load_model(a.model, a.dtype)
-    impl = set_linear_impl(model, a.impl)
+    impl = set_linear_impl(model, a.impl, block_sparse=True)
     tok = load.load_tokenizer(a.model)
     ids = tok(a.prompt)["input_ids"]
     out = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
@@ -77,7 +78,8 @@ def cmd_generate(a) -> dict:
     text = tok.decode(out, skip_special_tokens=True)
     if not a.json:
         print(a.prompt + text)
-    return {"prompt": a.prompt, "completion": text, "token_ids": [int(t) for t in out], "impl": impl}
+    return {"prompt": a.prompt, "completion": text, "token_ids": [int(t) for t in out], "impl": impl,
+            "block_sparse_linears": len(block_sparse_linears(model))}
 
 
 def add_model_io_parsers(sub) -> None:

@@ -1,1 +1,2 @@
-"""Small array operations with no knowledge of the model: int8 weights (``int8``), N:M masks (``nm``)."""
+"""Small array operations with no knowledge of the model: int8 weights (``int8``), N:M masks (``nm``), block
+structure of masks (``blocks``)."""

@@ -40,7 +40,7 @@ from ..model import DECODER_LINEARS, decoder_linear
 from ..rope import rope_tables
 from ..weights import linears
 from .groups import prunable_layers
-from .select import magnitude_mask
+from .select import Block, magnitude_mask, pattern_name
 from .sparsegpt import block_counts, hessian_factor, sparsegpt, sparsegpt_core
 from .wanda import wanda_mask
 
@@ -169,6 +169,9 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
     """
     if method not in POSTTRAINING_METHODS:
         raise UserError(f"unknown post-training method {method!r}")
+    if isinstance(nm, Block) and method == "sparsegpt":
+        raise UserError(f"--pattern {nm}: block patterns are for --method magnitude or wanda (SparseGPT's "
+                        "column sweep selects within a column block, not whole 2-D blocks)")
     if any(l.has_lora for _, l in linears(model)):
         raise UserError("post-training pruning needs a model without LoRA factors (merge them first)")
     needs_data = method != "magnitude"
@@ -178,7 +181,7 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
         raise UserError(f"layers to prune {sorted(prune_set)}: out of range 0..{num_layers - 1}")
     t0 = time.perf_counter()
     peak = 0
-    report = {"method": method, "sparsity": sparsity, "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
+    report = {"method": method, "sparsity": sparsity, "pattern": pattern_name(nm),
               "layers": [], "damp_retries": 0,
               "excluded_layers": [i for i in range(num_layers) if i not in prune_set]}
     chunks, rope, n_tokens = None, None, 0

@@ -4,7 +4,9 @@ element-wise method (magnitude, Wanda, SparseGPT), in the spirit of jaxpruner's 
 Layout: our kernels are ``W [in, out]``; the papers' "row" (one output) is our column.
 ``unstructured`` at sparsity ``s`` prunes ``floor(s·in·out)`` entries of a layer (or ``floor(s·in)`` of
 each column when compared per output); ``N:M`` keeps at most ``N`` of every ``M`` consecutive inputs
-of each output (sparsity ``1 - N/M``). Counts are exact; ties are broken by index (the lower index is
+of each output (sparsity ``1 - N/M``); ``block:BKxBN`` scores each ``BK x BN`` block of ``W`` by the sum
+of its elements' scores and prunes ``floor(s·blocks)`` whole blocks (of the layer, or of each column of
+blocks when compared per output), so the block-sparse kernel can skip them. Counts are exact; ties are broken by index (the lower index is
 pruned first, as a stable sort).
 
 Selection runs on the host in numpy: ``np.partition`` finds a threshold in O(n), where an XLA sort of a
@@ -21,8 +23,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from typing import NamedTuple
+
 from ..errors import UserError
 from ..ops.nm import nm_keep_mask
+
+
+class Block(NamedTuple):
+    """The ``block:BKxBN`` pattern: whole ``bk x bn`` blocks of ``W [in, out]`` kept or pruned."""
+    bk: int
+    bn: int
+
+    def __str__(self) -> str:
+        return f"block:{self.bk}x{self.bn}"
 
 
 def floor_count(x: float) -> int:
@@ -30,27 +43,33 @@ def floor_count(x: float) -> int:
     return int(math.floor(x + 1e-9))
 
 
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """'unstructured' / None -> None; 'N:M' -> (N, M) with 0 < N < M."""
+def parse_pattern(pattern: str | None) -> tuple[int, int] | Block | None:
+    """'unstructured' / None -> None; 'N:M' -> (N, M) with 0 < N < M; 'block:BKxBN' -> Block(BK, BN)."""
     if pattern in (None, "unstructured"):
         return None
+    if str(pattern).startswith("block:"):
+        m = re.fullmatch(r"block:(\d+)x(\d+)", str(pattern).strip())
+        if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+            raise UserError(f"--pattern {pattern!r}: expected block:BKxBN with positive sizes (e.g. block:32x32)")
+        return Block(int(m.group(1)), int(m.group(2)))
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
         hint = " (YAML 1.1 reads an unquoted 2:4 as the number 124: quote it)" if isinstance(pattern, int) else ""
-        raise UserError(f"--pattern {pattern!r}: expected 'unstructured' or N:M with 0 < N < M (e.g. 2:4){hint}")
+        raise UserError(f"--pattern {pattern!r}: expected 'unstructured', N:M with 0 < N < M (e.g. 2:4) or "
+                        f"block:BKxBN{hint}")
     return int(m.group(1)), int(m.group(2))
 
 
 def resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> float:
     """The sparsity a (--sparsity, --pattern) pair means; N:M fixes it to 1 - N/M."""
-    if nm is not None:
+    if nm is not None and not isinstance(nm, Block):
         implied = 1.0 - nm[0] / nm[1]
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
             raise UserError(f"--sparsity {sparsity} contradicts --pattern {nm[0]}:{nm[1]} "
                             f"(which means sparsity {implied:g}); drop --sparsity or make them agree")
         return implied
     if sparsity is None:
-        raise UserError("--sparsity is required for unstructured pruning")
+        raise UserError(f"--sparsity is required for {'block' if nm else 'unstructured'} pruning")
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity {sparsity}: must be in [0, 1)")
     return float(sparsity)
@@ -71,8 +90,13 @@ def keep_not_lowest(scores: np.ndarray, k: int, axis: int | None) -> np.ndarray:
     return ~(below | (ties & (np.cumsum(ties, axis=0) <= need)))
 
 
+def pattern_name(nm) -> str:
+    """'unstructured', 'N:M' or 'block:BKxBN'."""
+    return "unstructured" if nm is None else str(nm) if isinstance(nm, Block) else f"{nm[0]}:{nm[1]}"
+
+
 def check_nm(shape, nm) -> None:
-    if nm is not None and shape[0] % nm[1]:
+    if nm is not None and not isinstance(nm, Block) and shape[0] % nm[1]:
         raise UserError(f"pattern {nm[0]}:{nm[1]}: input width {shape[0]} is not a multiple of {nm[1]}")
 
 
@@ -81,11 +105,34 @@ def select_mask(scores, sparsity: float, nm: tuple[int, int] | None, *, per_outp
     (``floor(s·in·out)``) or per output column (``floor(s·in)`` each)."""
     x = np.asarray(scores, np.float32)
     check_nm(x.shape, nm)
+    if isinstance(nm, Block):
+        return block_keep_mask(x, sparsity, nm, per_output=per_output)
     if nm is not None:
         return nm_keep_mask(x, *nm, axis=0, keep_ties="later")  # of equal scores the earlier input goes
     if per_output:
         return keep_not_lowest(x, floor_count(sparsity * x.shape[0]), 0)
     return keep_not_lowest(x, floor_count(sparsity * x.size), None)
+
+
+def block_scores(scores: np.ndarray, block: Block) -> np.ndarray:
+    """[in, out] element scores -> [ceil(in/bk), ceil(out/bn)] block sums (edge blocks sum what they hold)."""
+    x = np.asarray(scores, np.float64)
+    gk, gn = -(-x.shape[0] // block.bk), -(-x.shape[1] // block.bn)
+    padded = np.zeros((gk * block.bk, gn * block.bn))
+    padded[: x.shape[0], : x.shape[1]] = x
+    return padded.reshape(gk, block.bk, gn, block.bn).sum(axis=(1, 3))
+
+
+def block_keep_mask(scores: np.ndarray, sparsity: float, block: Block, *, per_output: bool) -> np.ndarray:
+    """Keep-mask [in, out] of whole blocks: the ``floor(s·blocks)`` lowest block sums of the layer go (or
+    ``floor(s·rows of blocks)`` of each column of blocks with ``per_output``)."""
+    sums = block_scores(scores, block)
+    if per_output:
+        keep = keep_not_lowest(sums, floor_count(sparsity * sums.shape[0]), 0)
+    else:
+        keep = keep_not_lowest(sums, floor_count(sparsity * sums.size), None)
+    full = np.repeat(np.repeat(keep, block.bk, axis=0), block.bn, axis=1)
+    return full[: np.shape(scores)[0], : np.shape(scores)[1]]
 
 
 def magnitude_mask(w, sparsity: float, nm=None) -> np.ndarray:
