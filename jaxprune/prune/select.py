@@ -6,8 +6,8 @@ Layout: our kernels are ``W [in, out]``; the papers' "row" (one output) is our c
 each column when compared per output); ``N:M`` keeps at most ``N`` of every ``M`` consecutive inputs
 of each output (sparsity ``1 - N/M``); ``block:BKxBN`` scores each ``BK x BN`` block of ``W`` by the sum
 of its elements' scores and prunes ``floor(s·blocks)`` whole blocks (of the layer, or of each column of
-blocks when compared per output), so the block-sparse kernel can skip them. Counts are exact; ties are broken by index (the lower index is
-pruned first, as a stable sort).
+blocks when compared per output), so the block-sparse kernel can skip them. Counts are exact; ties are
+broken by index (the lower index is pruned first, as a stable sort).
 
 Selection runs on the host in numpy: ``np.partition`` finds a threshold in O(n), where an XLA sort of a
 1536×576 kernel takes ~0.5 s on CPU. The ``*_jnp`` variants run inside jit (SparseGPT's masks depend
