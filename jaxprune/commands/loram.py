@@ -147,8 +147,9 @@ def choose_units(args, run_cfg: TrainConfig, dense, blocks: Blocks, layers, plac
     cfg, unit = dense.config, args.attn_unit
     if args.prune_method == "loraprune":
         d, again = stage_dir(run_dir, "prune", record, resume)
-        pcfg = dataclasses.replace(run_cfg, out=str(d), steps=args.prune_steps or run_cfg.steps)
-        s = setup_lora(args.model, pcfg, model=dense)  # W0 is on the host already: LoRA / int8 may go on `dense`
+        # the float base: --quantize-base is QLoRAM's, for the LoRA stage on the pruned model
+        pcfg = dataclasses.replace(run_cfg, out=str(d), steps=args.prune_steps or run_cfg.steps, quantize_base="none")
+        s = setup_lora(args.model, pcfg, model=dense)  # W0 is on the host already: LoRA may go on `dense`
         schedule = CubicSchedule(pcfg.steps, args.ratio, warmup=0.1, cooldown=0.1, every=args.prune_every)
         after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
         job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(pcfg.optim()),
