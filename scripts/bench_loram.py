@@ -19,6 +19,7 @@ QLoRAM's int8 pruned base), at the training batch; peak = argument + output + te
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "loram.json"))
+    ap.add_argument("--reuse-baselines", default=None, metavar="JSON",
+                    help="take (a), (b) and (b)'s step memory from this earlier result (same budget: checked) "
+                         "instead of recomputing them, e.g. for a second LoRAM variant")
     a = ap.parse_args(argv)
 
     paths = fixture_paths()
@@ -103,17 +107,25 @@ def main(argv=None) -> int:
               str(a.batch_size), "--lr", str(a.lr), "--lora-rank", str(a.lora_rank), "--lora-alpha",
               str(2.0 * a.lora_rank), "--seed", str(a.seed), "--save-every", str(a.steps), "--val-every", "0",
               "--no-progress", "--json"]
+    budget = {"lora_steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
+              "lora_tokens": a.steps * a.batch_size * a.seq_len, "lr": a.lr, "lora_rank": a.lora_rank,
+              "lora_alpha": 2.0 * a.lora_rank, "seed": a.seed, "eval_tokens": a.eval_tokens, "eval_seq_len": 256}
     t0 = time.time()
-    rows = []
     base = load.load_model(model_dir)
-    rows.append({"model": "(a) base", "ppl": ppl(base), "params": base.config.num_params(), "train_s": None})
-    print(f"(a) base: ppl {rows[-1]['ppl']:.2f}", flush=True)
+    prev = json.loads(Path(a.reuse_baselines).read_text()) if a.reuse_baselines else None
+    if prev is not None:
+        if {k: prev["budget"].get(k) for k in budget} != budget:
+            raise SystemExit(f"{a.reuse_baselines}: another budget ({prev['budget']}), cannot reuse its baselines")
+        rows = [dict(r, reused_from=Path(a.reuse_baselines).name) for r in prev["results"][:2]]
     with tempfile.TemporaryDirectory() as tmp:
-        ft, ft_s = run_cli(["finetune", model_dir, *common, "--out", f"{tmp}/lora"])
-        lora = load.load_model(f"{tmp}/lora")
-        rows.append({"model": "(b) LoRA on the full model", "ppl": ppl(lora), "params": lora.config.num_params(),
-                     "trainable_params": ft["trainable_params"], "train_s": ft_s})
-        print(f"(b) LoRA: ppl {rows[-1]['ppl']:.2f} ({ft_s:.0f} s)", flush=True)
+        if prev is None:
+            rows = [{"model": "(a) base", "ppl": ppl(base), "params": base.config.num_params(), "train_s": None}]
+            print(f"(a) base: ppl {rows[-1]['ppl']:.2f}", flush=True)
+            ft, ft_s = run_cli(["finetune", model_dir, *common, "--out", f"{tmp}/lora"])
+            lora = load.load_model(f"{tmp}/lora")
+            rows.append({"model": "(b) LoRA on the full model", "ppl": ppl(lora), "params": lora.config.num_params(),
+                         "trainable_params": ft["trainable_params"], "train_s": ft_s})
+            print(f"(b) LoRA: ppl {rows[-1]['ppl']:.2f} ({ft_s:.0f} s)", flush=True)
         lm, lm_s = run_cli(["loram", model_dir, *common, "--prune-method", a.prune_method, "--ratio", str(a.ratio),
                             "--attn-unit", a.attn_unit, "--align-steps", str(a.align_steps), "--align-lr",
                             str(a.align_lr), "--out", f"{tmp}/loram"])
@@ -125,7 +137,8 @@ def main(argv=None) -> int:
                      "params": full.config.num_params(), "trainable_params": lm["trainable_params"], "train_s": lm_s})
         print(f"(c) pruned+LoRA: ppl {rows[-2]['ppl']:.2f}; (d) LoRAM: ppl {rows[-1]['ppl']:.2f} ({lm_s:.0f} s)",
               flush=True)
-        memory = {"lora_full": step_memory(base, a.lora_rank, 2.0 * a.lora_rank, a.batch_size, a.seq_len),
+        memory = {"lora_full": prev["memory"]["lora_full"] if prev is not None else
+                  step_memory(base, a.lora_rank, 2.0 * a.lora_rank, a.batch_size, a.seq_len),
                   "loram_pruned": step_memory(small, a.lora_rank, 2.0 * a.lora_rank, a.batch_size, a.seq_len),
                   "qloram_pruned_int8": step_memory(small, a.lora_rank, 2.0 * a.lora_rank, a.batch_size, a.seq_len,
                                                     int8=True)}
@@ -137,10 +150,9 @@ def main(argv=None) -> int:
         "benchmark": "loram", "command": "python scripts/bench_loram.py " + " ".join(argv or sys.argv[1:]),
         "model": "SmolLM2-135M-Instruct (smollm2-hf, fp32)",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend()},
-        "budget": {"lora_steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len,
-                   "lora_tokens": a.steps * a.batch_size * a.seq_len, "lr": a.lr, "lora_rank": a.lora_rank,
-                   "lora_alpha": 2.0 * a.lora_rank, "seed": a.seed, "align_steps": a.align_steps,
-                   "align_lr": a.align_lr, "eval_tokens": a.eval_tokens, "eval_seq_len": 256},
+        "budget": {**budget, "align_steps": a.align_steps, "align_lr": a.align_lr,
+                   "align_tokens": a.align_steps * a.batch_size * a.seq_len,
+                   "align_text": "the LoRA text (train plays)" if a.align_steps else None},
         "loram": {"prune_method": a.prune_method, "ratio": a.ratio, "attn_unit": a.attn_unit,
                   "heads_pruned": lm["heads_pruned"], "channels_pruned": lm["channels_pruned"],
                   "params_full": lm["params_full"], "params_pruned": lm["params_pruned"]},

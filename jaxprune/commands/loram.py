@@ -117,7 +117,7 @@ def cmd_loram(args: argparse.Namespace) -> dict:
         "prune_method": args.prune_method, "ratio": args.ratio, "attn_unit": args.attn_unit, "prunable_layers": layers,
         "params_full": cfg.num_params(), "params_pruned": small.config.num_params(),
         "trainable_params": tree_size(result.state.trainable), "quantize_base": run_cfg.quantize_base,
-        "impl": s.impl, "merged": bool(args.merge), **describe_units(cfg, units),
+        "impl": s.impl, "merged": bool(args.merge), **describe_units(cfg, units, layers),
         "train": last_metrics(d), "align": last_metrics(run_dir / "align") if args.align_steps else None,
         "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "pruned_model_dir": str(d / "model"),
     }

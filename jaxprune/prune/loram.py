@@ -166,12 +166,14 @@ def recover_full_model(cfg: ModelConfig, w0: Mapping[KeyPath, np.ndarray], small
     return model_from_arrays(cfg, arrays, dtype=dtype, lora=spec, source="loram")
 
 
-def describe_units(cfg: ModelConfig, units: dict) -> dict:
-    """Kept query heads / MLP channels per layer and overall, for the run summary."""
+def describe_units(cfg: ModelConfig, units: dict, layers=None) -> dict:
+    """Kept query heads / MLP channels per layer; the fractions pruned over ``layers`` (default: all), as
+    ``masks.structured_sparsity`` reports them."""
     heads = [int(np.sum(h)) for h in units["head_mask"]]
     chans = [int(np.sum(c)) for c in units["channel_mask"]]
-    total_h = sum(cfg.heads(i) for i in range(cfg.num_layers))
-    total_c = sum(cfg.mlp_width(i) for i in range(cfg.num_layers))
+    layers = range(cfg.num_layers) if layers is None else layers
+    total_h, total_c = sum(cfg.heads(i) for i in layers), sum(cfg.mlp_width(i) for i in layers)
     return {"kept_heads": heads, "kept_channels": chans,
-            "heads_pruned": 1 - sum(heads) / max(total_h, 1), "channels_pruned": 1 - sum(chans) / max(total_c, 1)}
+            "heads_pruned": 1 - sum(heads[i] for i in layers) / max(total_h, 1),
+            "channels_pruned": 1 - sum(chans[i] for i in layers) / max(total_c, 1)}
 
