@@ -264,6 +264,7 @@ def render_loram(data: dict) -> str:
         table(["step", "base params", "trainable params", "arguments", "temporaries", "peak"], mrows), "",
         f"LoRA on the full model needs {ratio:.2f}x the peak memory of LoRAM's step"
         + (f" and {qratio:.2f}x QLoRAM's" if qratio else "") + "." if ratio else "",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
     ])
 
 
@@ -286,6 +287,7 @@ RENDERERS = {
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),
     "loram.json": ("LoRAM: LoRA trained on the pruned model, inference with the full one", render_loram),
+    "loram_align12.json": ("LoRAM with 12 alignment steps of the pruned model", render_loram),
 }
 
 

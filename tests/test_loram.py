@@ -250,7 +250,7 @@ def test_cli_loraprune_int8_base_on_a_mesh(tiny_hf_with_tokenizer, small_text, t
     proc = main_in_process("loram", hf_dir, "--prune-method", "loraprune", "--prune-steps", "6", "--prune-every", "2",
                            "--attn-unit", "q_head", "--ratio", "0.5", "--exclude-layers", "1", "--text", small_text,
                            "--steps", "3", "--quantize-base", "int8", "--mesh", "data=2,tensor=2", "--merge",
-                           *COMMON, "--out", tmp_path / "run")
+                           *COMMON, "--val-every", "0", "--save-every", "100", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["quantize_base"] == "int8" and summary["merged"] and summary["prunable_layers"] == [0]
@@ -263,3 +263,13 @@ def test_cli_loraprune_int8_base_on_a_mesh(tiny_hf_with_tokenizer, small_text, t
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, 49152, (2, 12))
     np.testing.assert_allclose(torch_logits(hf, tokens), jax_logits(full, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_refuses_a_model_with_lora_in_one_line(cli_run, small_text, tmp_path):
+    """RUN/model carries LoRA factors: one line, exit 2, no run dir."""
+    _, root, _ = cli_run
+    proc = main_in_process("loram", root / "run", "--text", small_text, "--steps", "2", *COMMON,
+                           "--out", tmp_path / "again")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "carries LoRA factors" in lines[0], proc.stderr[-2000:]
+    assert lines[0].startswith("jaxprune loram: error:") and not (tmp_path / "again").exists()
