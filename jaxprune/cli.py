@@ -14,6 +14,7 @@ import sys
 from .commands.finetune import add_finetune_parser
 from .commands.flags import Parser
 from .commands.lm_eval import add_lm_eval_parser
+from .commands.loram import add_loram_parser
 from .commands.model_io import add_model_io_parsers
 from .commands.pretrain import add_pretrain_parser
 from .commands.prune import add_prune_parser
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_prune_parser(sub)
     add_pretrain_parser(sub)
+    add_loram_parser(sub)
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser

@@ -259,6 +259,38 @@ def render_export(data: dict) -> str:
     ])
 
 
+def render_loram(data: dict) -> str:
+    b, lm = data.get("budget", {}), data.get("loram", {})
+    rows = [[r.get("model"), r.get("ppl"), f"{r.get('params', 0):,}",
+             f"{r['trainable_params']:,}" if r.get("trainable_params") else "", r.get("train_s")]
+            for r in data.get("results", [])]
+    mem = data.get("memory", {})
+    mrows = [[label, f"{mem.get(k, {}).get('base_params', 0):,}", f"{mem.get(k, {}).get('trainable_params', 0):,}",
+              _mib(mem.get(k, {}).get("argument")), _mib(mem.get(k, {}).get("temp")),
+              _mib(mem.get(k, {}).get("peak_estimate"))]
+             for k, label in (("lora_full", "LoRA on the full model (b)"),
+                              ("loram_pruned", "LoRAM: LoRA on the pruned model"),
+                              ("qloram_pruned_int8", "QLoRAM: pruned model, int8 base"))]
+    ratio, qratio = data.get("memory_ratio_lora_over_loram"), data.get("memory_ratio_lora_over_qloram")
+    return "\n".join([
+        f"SmolLM2-135M, {lm.get('prune_method')} pruning at ratio {lm.get('ratio')} ({lm.get('attn_unit')}: "
+        f"{_cell(lm.get('heads_pruned'))} of the query heads and {_cell(lm.get('channels_pruned'))} of the MLP "
+        f"channels of the prunable layers; {lm.get('params_pruned', 0):,} of {lm.get('params_full', 0):,} "
+        f"parameters kept), {b.get('align_steps')} alignment steps. LoRA r={b.get('lora_rank')}, "
+        f"{b.get('lora_steps')} steps of {b.get('batch_size')} x {b.get('seq_len')} tokens "
+        f"({b.get('lora_tokens', 0):,} tokens, the same batches) for (b) and for LoRAM's LoRA stage. Held-out "
+        f"perplexity on {b.get('eval_tokens')} tokens of the held-out plays (windows of {b.get('eval_seq_len')}). "
+        "train_s: wall seconds of the whole command (LoRAM's includes pruning and saving two models).", "",
+        table(["model", "held-out ppl", "params at inference", "trainable params", "train_s"], rows), "",
+        "One compiled LoRA train step (`memory_analysis()`, fp32, AdamW, donated state), MiB; peak = arguments + "
+        "temporaries + outputs - aliased:", "",
+        table(["step", "base params", "trainable params", "arguments", "temporaries", "peak"], mrows), "",
+        f"LoRA on the full model needs {ratio:.2f}x the peak memory of LoRAM's step"
+        + (f" and {qratio:.2f}x QLoRAM's" if qratio else "") + "." if ratio else "",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
 RENDERERS = {
     "export.json": ("Pruned models outside jaxprune: layouts, file sizes, transformers speed", render_export),
     "kernels.json": ("Pallas kernels", render_kernels),
@@ -278,6 +310,8 @@ RENDERERS = {
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),
+    "loram.json": ("LoRAM: LoRA trained on the pruned model, inference with the full one", render_loram),
+    "loram_align12.json": ("LoRAM with 12 alignment steps of the pruned model", render_loram),
 }
 
 

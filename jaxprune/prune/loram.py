@@ -1,0 +1,179 @@
+"""LoRAM (Zhang et al., "Train Small, Infer Large: Memory-Efficient LoRA Training for Large Language Models",
+ICLR 2025, arXiv 2502.13533; official code junzhang-zj/LoRAM ``loram/0_..4_*.py``): train LoRA on a
+structurally pruned model, recover the factors to the original shape, infer with the original model.
+
+With W0 the original weights and P the structured pruning (kept heads / KV heads / MLP channels)::
+
+    W^P   = P(W0)                            pruned full-rank weights: kept rows / columns of W0
+                                              (``0_pruned_full_rank_weight_generation.py``; here ``shrink``)
+    W^P*  = W^P + ΔW                         optional alignment: full-rank continual pre-training of the
+                                              pruned model on general text, lm_head frozen
+                                              (``1_pruned_full_rank_weight_alignment.py``; :func:`partition_align`)
+    A^P, B^P = argmin L(W^P* + s·A^P B^P)    LoRA on the small model (``2_pruned_low_rank_matrix_training.py``),
+                                              optionally on an int8 W^P* (QLoRAM)
+    A^R, B^R = R(A^P), R(B^P)                recovery: the factor that carries the pruned axis is scattered
+                                              back through the kept indices, zeros at pruned units
+                                              (``3_recovered_low_rank_matrix_generation.py``, ``zeroA``, its default)
+    W*    = W0 + s·A^R B^R                   inference with the ORIGINAL weights (neither W^P nor W^P*)
+
+Which factor carries the pruned axis, in our ``[in, out]`` layout (A [in, r], B [r, out])::
+
+    q/k/v/gate/up   units are output columns:  B^R [r, n] = 0;  B^R[:, kept] = B^P;   A^R = A^P
+    o/down          units are input rows:      A^R [n, r] = 0;  A^R[kept, :] = A^P;   B^R = B^P
+
+(the official script, in PEFT's A [r, in] / B [out, r], fills ``down/o lora_A`` columns and
+``q/k/v/gate/up lora_B`` rows: the same thing transposed). Hence ``(A^R B^R)[kept block] = A^P B^P`` and
+the update is zero on every row / column of a pruned unit: W* keeps W0 there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..model import DECODER_LINEARS, LlamaForCausalLM
+from ..weights import KeyPath, linears, lora_spec, model_arrays, model_from_arrays, weight_mask_paths
+from .groups import UNIT_AXIS
+from .shrink import kept_indices, shrink
+
+HEAD_MASK, CHANNEL_MASK = ("self_attn", "head_mask"), ("mlp", "channel_mask")
+
+
+# ---- units: which heads / channels the pruner kept ---------------------------------------------------
+def units_from_masks(masks: nnx.State | Mapping) -> dict:
+    """``{"head_mask": [[bool] per layer], "channel_mask": [...]}`` (JSON-able) from a masks pytree."""
+    d = masks if isinstance(masks, Mapping) and "layers" in masks else nnx.to_pure_dict(masks)
+    layers = [d["layers"][i] for i in sorted(d["layers"])]
+    return {"head_mask": [np.asarray(l["self_attn"]["head_mask"], bool).tolist() for l in layers],
+            "channel_mask": [np.asarray(l["mlp"]["channel_mask"], bool).tolist() for l in layers]}
+
+
+def mask_arrays(units: dict) -> dict[KeyPath, np.ndarray]:
+    """The units as model arrays: ``('layers', i, 'self_attn', 'head_mask')`` -> [H] bool, likewise MLP."""
+    out = {}
+    for i, (hm, cm) in enumerate(zip(units["head_mask"], units["channel_mask"])):
+        out[("layers", i) + HEAD_MASK] = np.asarray(hm, bool).reshape(-1)
+        out[("layers", i) + CHANNEL_MASK] = np.asarray(cm, bool).reshape(-1)
+    return out
+
+
+def unit_columns(units_idx: np.ndarray, width: int) -> np.ndarray:
+    """Indices of ``width``-wide blocks (heads of ``head_dim`` columns): [n] -> [n·width]."""
+    return (np.asarray(units_idx)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def kept_linear_indices(cfg: ModelConfig, layer: int, head_mask, channel_mask) -> dict[str, np.ndarray]:
+    """{linear name: kept indices along its unit axis (``groups.UNIT_AXIS``)} of one layer of the FULL model."""
+    hm = np.asarray(head_mask, bool)
+    empty = np.zeros(0, np.int64)
+    q_heads, kv_heads = kept_indices(hm, cfg.kv_heads(layer)) if len(hm) else (empty, empty)
+    q, kv = unit_columns(q_heads, cfg.head_dim), unit_columns(kv_heads, cfg.head_dim)
+    ch = np.flatnonzero(np.asarray(channel_mask, bool))
+    return {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q, "gate_proj": ch, "up_proj": ch, "down_proj": ch}
+
+
+# ---- W^P = P(W0) and the alignment split --------------------------------------------------------------
+def host_arrays(model: nnx.Module) -> dict[KeyPath, np.ndarray]:
+    """Every Variable of the model as a host numpy array (W0 kept off the accelerator while the small
+    model trains)."""
+    return {p: np.asarray(v) for p, v in model_arrays(model).items()}
+
+
+def check_dense(model: LlamaForCausalLM) -> None:
+    """LoRAM here prunes structurally from a plain dense model: no LoRA factors, no element masks."""
+    if weight_mask_paths(model):
+        raise UserError("loram: the model carries element (weight) masks; start from a dense model")
+    if lora_spec(model):
+        raise UserError("loram: the model carries LoRA factors; merge them first (jaxprune finetune --merge)")
+
+
+def pruned_model(cfg: ModelConfig, w0: Mapping[KeyPath, np.ndarray], units: dict, dtype) -> LlamaForCausalLM:
+    """W^P = P(W0): the original weights with the units' masks set, physically shrunk (``shrink``)."""
+    arrays = {**w0, **mask_arrays(units)}
+    return shrink(model_from_arrays(cfg, arrays, dtype=dtype, source="loram"))
+
+
+def partition_align(model: nnx.Module):
+    """-> graphdef, frozen, trainable, masks for full-rank alignment: every decoder-layer weight and the
+    final norm train; embeddings and lm_head stay frozen (the official script freezes lm_head, which
+    SmolLM2 ties to the embeddings)."""
+    trainable_filter = nnx.All(nnx.Param, lambda path, _: path[0] in ("layers", "norm"))
+    graphdef, trainable, masks, frozen = nnx.split(model, trainable_filter, nnx.Not(nnx.Param), ...)
+    return graphdef, frozen, trainable, masks
+
+
+# ---- recovery: R(A^P), R(B^P) -----------------------------------------------------------------------
+def recover_factors(a: np.ndarray, b: np.ndarray, kept: np.ndarray, full: int, unit_axis: int):
+    """(A^R, B^R) of one linear: ``unit_axis`` 1 (units are output columns) scatters B [r, n_kept] into
+    zeros [r, full] at columns ``kept``; 0 (input rows) scatters A [n_kept, r] into zeros [full, r]."""
+    a, b, kept = np.asarray(a), np.asarray(b), np.asarray(kept)
+    n = b.shape[1] if unit_axis == 1 else a.shape[0]
+    if len(kept) != n:
+        raise UserError(f"loram: {n} pruned units but {len(kept)} kept indices")
+    if unit_axis == 1:
+        out = np.zeros((b.shape[0], full), b.dtype)
+        out[:, kept] = b
+        return a, out
+    out = np.zeros((full, a.shape[1]), a.dtype)
+    out[kept, :] = a
+    return out, b
+
+
+def recovered_lora(small: LlamaForCausalLM, full_cfg: ModelConfig, units: dict) -> dict[KeyPath, np.ndarray]:
+    """``{path + ('lora_a' | 'lora_b'): array}`` in the full model's shapes, for every LoRA of ``small``."""
+    out = {}
+    lin = dict(linears(small))
+    for i in range(full_cfg.num_layers):
+        kept = kept_linear_indices(full_cfg, i, units["head_mask"][i], units["channel_mask"][i])
+        for block, name in DECODER_LINEARS:
+            path = ("layers", i, block, name)
+            layer = lin.get(path)
+            if layer is None or not layer.has_lora:
+                continue
+            axis = UNIT_AXIS[name]
+            full = full_width(full_cfg, i, name)
+            a, b = recover_factors(layer.lora_a[...], layer.lora_b[...], kept[name], full, axis)
+            out[path + ("lora_a",)], out[path + ("lora_b",)] = a, b
+    for path, layer in lin.items():  # LoRA outside the decoder linears (none by default) has no pruned axis
+        if layer.has_lora and path[0] != "layers":
+            out[path + ("lora_a",)], out[path + ("lora_b",)] = np.asarray(layer.lora_a[...]), np.asarray(
+                layer.lora_b[...])
+    return out
+
+
+def full_width(cfg: ModelConfig, layer: int, name: str) -> int:
+    """Length of ``name``'s unit axis in the full model (columns of q/k/v/gate/up, rows of o/down)."""
+    if name in ("q_proj", "o_proj"):
+        return cfg.heads(layer) * cfg.head_dim
+    if name in ("k_proj", "v_proj"):
+        return cfg.kv_heads(layer) * cfg.head_dim
+    return cfg.mlp_width(layer)
+
+
+def recover_full_model(cfg: ModelConfig, w0: Mapping[KeyPath, np.ndarray], small: LlamaForCausalLM, units: dict,
+                       dtype) -> LlamaForCausalLM:
+    """W* = W0 + s·A^R B^R: the original model carrying the recovered factors (same rank and α as ``small``'s;
+    ``weights.merge_lora`` or any export folds them in)."""
+    spec = lora_spec(small)
+    if not spec:
+        raise UserError("loram: the trained pruned model has no LoRA factors")
+    arrays = {p: v for p, v in w0.items() if p[-1] not in ("lora_a", "lora_b")}
+    arrays.update(recovered_lora(small, cfg, units))
+    return model_from_arrays(cfg, arrays, dtype=dtype, lora=spec, source="loram")
+
+
+def describe_units(cfg: ModelConfig, units: dict, layers=None) -> dict:
+    """Kept query heads / MLP channels per layer; the fractions pruned over ``layers`` (default: all), as
+    ``masks.structured_sparsity`` reports them."""
+    heads = [int(np.sum(h)) for h in units["head_mask"]]
+    chans = [int(np.sum(c)) for c in units["channel_mask"]]
+    layers = range(cfg.num_layers) if layers is None else layers
+    total_h, total_c = sum(cfg.heads(i) for i in layers), sum(cfg.mlp_width(i) for i in layers)
+    return {"kept_heads": heads, "kept_channels": chans,
+            "heads_pruned": 1 - sum(heads[i] for i in layers) / max(total_h, 1),
+            "channels_pruned": 1 - sum(chans[i] for i in layers) / max(total_c, 1)}
+
