@@ -34,8 +34,8 @@ from .fileio import write_json_atomic
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
 from .quantize import dequantize_base, quantize_base
 from .sharding import Placement, barrier, is_main_process, log, to_host
-from .train import (LoopCallbacks, LoopConfig, OptimConfig, TrainState, make_eval_step, make_train_step,
-                    place_train_state, plot_metrics, restore_latest, state_shardings_of, train_loop)
+from .train import (DistillConfig, LoopCallbacks, LoopConfig, OptimConfig, TrainState, make_eval_step,
+                    make_train_step, place_train_state, plot_metrics, restore_latest, state_shardings_of, train_loop)
 from .weights import set_linear_impl
 
 
@@ -68,6 +68,9 @@ class TrainConfig:
     quantize_base: str = "none"
     impl: str = "auto"  # element-masked linears: Pallas kernel or XLA (weights.set_linear_impl)
     quiet: bool = False  # no informational stderr lines (``--json``)
+    distill: bool = False  # train on train.DistillConfig(distill_alpha, distill_temp) instead of plain CE
+    distill_alpha: float = 0.5
+    distill_temp: float = 1.0
 
     @property
     def batch_shape(self) -> tuple[int, int, int]:
@@ -86,6 +89,9 @@ class TrainConfig:
         return LoopConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                           save_every=self.save_every, keep=self.keep, val_every=self.val_every,
                           val_blocks=self.val_blocks, progress=self.progress)
+
+    def distill_config(self) -> DistillConfig | None:
+        return DistillConfig(self.distill_alpha, self.distill_temp) if self.distill else None
 
     def jnp_compute_dtype(self):
         """The dtype steps compute in (None: as stored)."""
@@ -260,7 +266,8 @@ def run_training(job: TrainJob, cfg: TrainConfig, placement: Placement, run_dir:
         state = job.on_start(state, frozen, start)
     callbacks = job.callbacks(frozen, placement) if job.callbacks is not None else None
     step_fn = make_train_step(job.graphdef, job.optimizer, grad_hook=job.grad_hook,
-                              compute_dtype=cfg.jnp_compute_dtype(), state_shardings=state_shardings_of(state))
+                              compute_dtype=cfg.jnp_compute_dtype(), state_shardings=state_shardings_of(state),
+                              distill=cfg.distill_config())
     eval_fn = make_eval_step(job.graphdef, cfg.jnp_compute_dtype())
     state = train_loop(state, frozen, step_fn, eval_fn, job.blocks, run_dir, cfg.loop(), start_step=start,
                        callbacks=callbacks, placement=placement)

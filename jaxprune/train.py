@@ -36,6 +36,26 @@ from .partition import combine
 from .sharding import is_main_process, log, scalar
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from the unpruned model (Minitron: Muralidharan et al. 2024, arXiv 2407.14679;
+    Hinton et al. 2015): ``loss = (1 - α)·CE(student) + α·T²·KL(softmax(t/T) ‖ softmax(s/T))``, the KL
+    averaged over predicted positions. The teacher is the same frozen base with every structured mask on
+    and the LoRA factors off, computed in the same step: no second copy of the weights."""
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+
+def distillation_loss(student_logits, teacher_logits, tokens, alpha: float, temperature: float):
+    """(loss, n): logits [B, S, V] (fp32), tokens [B, S]; see ``DistillConfig``."""
+    ce, n = causal_lm_loss(student_logits, tokens)
+    T = temperature
+    s = jax.nn.log_softmax(student_logits[:, :-1].astype(jnp.float32) / T, axis=-1)
+    t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits[:, :-1]).astype(jnp.float32) / T, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1).mean()
+    return (1.0 - alpha) * ce + alpha * T * T * kl, n
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
@@ -73,24 +93,30 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_loss_fn(graphdef, compute_dtype=None):
-    """loss(trainable, frozen, masks, tokens [B, S]) -> (mean NLL, n tokens)."""
+def make_loss_fn(graphdef, compute_dtype=None, distill: DistillConfig | None = None):
+    """loss(trainable, frozen, masks, tokens [B, S]) -> (mean NLL, n tokens); with ``distill``, the
+    distillation objective against the unpruned frozen base (``DistillConfig``)."""
     def loss_fn(trainable, frozen, masks, tokens):
         if compute_dtype is not None:
             trainable, frozen = _cast_floats(trainable, compute_dtype), _cast_floats(frozen, compute_dtype)
-        model = combine(graphdef, frozen, trainable, masks)
-        return causal_lm_loss(model(tokens), tokens)
+        logits = combine(graphdef, frozen, trainable, masks)(tokens)
+        if distill is None:
+            return causal_lm_loss(logits, tokens)
+        teacher = combine(graphdef, frozen, jax.tree.map(jnp.zeros_like, trainable),
+                          jax.tree.map(jnp.ones_like, masks))
+        return distillation_loss(logits, teacher(tokens), tokens, distill.alpha, distill.temperature)
     return loss_fn
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_hook: GradHook | None = None,
-                    compute_dtype=None, donate: bool = True, state_shardings=None):
+                    compute_dtype=None, donate: bool = True, state_shardings=None,
+                    distill: DistillConfig | None = None):
     """The jitted pure train step (see module docstring).
 
     ``state_shardings``: (trainable, opt_state, hook_state) shardings the step returns its state with
     (``state_shardings_of``); inputs carry their own shardings, so one compile serves every step.
     """
-    loss_fn = make_loss_fn(graphdef, compute_dtype)
+    loss_fn = make_loss_fn(graphdef, compute_dtype, distill)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):

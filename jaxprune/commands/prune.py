@@ -31,7 +31,7 @@ from ..sharding import init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import linears, merge_lora
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
-from .flags import FRACTION_BELOW_1, NONNEG_FLOAT, POSITIVE_INT, SEQ_LEN
+from .flags import FRACTION, FRACTION_BELOW_1, NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEQ_LEN
 
 METHODS = ("loraprune", "llm-pruner", "magnitude", "random", "wanda", "sparsegpt")
 
@@ -61,6 +61,11 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--calib-len", type=SEQ_LEN, default=64, help="baselines: calibration sequence length")
     p.add_argument("--recover-steps", type=POSITIVE_INT, default=None,
                    help="baselines: LoRA recovery steps (default: --steps, the LoRAPrune budget)")
+    p.add_argument("--distill", action="store_true",
+                   help="structured methods: recover (and, for LoRAPrune, prune) on (1-a)·CE + a·T²·KL to the "
+                        "unpruned model, computed in the same step from the frozen base (Minitron)")
+    p.add_argument("--distill-alpha", type=FRACTION, default=0.5, help="--distill: weight a of the KL term")
+    p.add_argument("--distill-temp", type=POSITIVE_FLOAT, default=1.0, help="--distill: temperature T")
     add_posttraining_args(p)  # wanda / sparsegpt / magnitude --sparsity: element masks, out = a checkpoint
     p.set_defaults(fn=with_config(cmd_prune, p))
 
@@ -70,6 +75,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         raise UserError(f"--quantize-base {args.quantize_base}: only --method loraprune keeps the base frozen "
                         f"(--method {args.method} reads base-weight gradients or rewrites the weights)")
     if is_posttraining(args):
+        if args.distill:
+            raise UserError("--distill applies to structured pruning (its teacher is the frozen base with every "
+                            "mask on); element-wise methods zero the base weights they prune")
         return cmd_prune_posttraining(args)
     if not 0.0 <= args.ratio < 1.0:
         raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
@@ -124,6 +132,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
         **structured_sparsity(to_host(state.masks), cfg, layers), "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
+        "distill": {"alpha": args.distill_alpha, "temperature": args.distill_temp} if args.distill else None,
     }
     if is_main_process():
         write_json_atomic(run_dir / "prune.json", summary)
