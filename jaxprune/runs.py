@@ -196,6 +196,15 @@ class LoraSetup:
     impl: str = "xla"  # the path element-masked linears take ("xla" or "pallas")
 
 
+def stage_dir(run_dir: Path, name: str, record: dict, resume: bool) -> tuple[Path, bool]:
+    """RUN_DIR/name as a run dir of its own (one stage of a multi-stage command): resumed when this is a
+    resume and the stage had started. Returns (its path, whether it resumes)."""
+    d = run_dir / name
+    again = resume and (d / "run.json").exists()
+    d, prev = prepare_run_dir(str(d), {**record, "stage": name}, resume=again, overwrite=True)
+    return d, prev is not None
+
+
 def setup_lora(model_path: str, cfg: TrainConfig, model=None) -> LoraSetup:
     """Load ``model_path`` (or take ``model``), int8 its base if asked, attach LoRA, read ``cfg.text``."""
     if not cfg.text:

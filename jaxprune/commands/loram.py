@@ -34,7 +34,7 @@ from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_u
 from ..prune.masks import update_structured_masks
 from ..prune.oneshot import one_shot_scores
 from ..prune.schedule import CubicSchedule
-from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora
+from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
 from ..sharding import Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import merge_lora
@@ -128,14 +128,6 @@ def cmd_loram(args: argparse.Namespace) -> dict:
               f"{summary['params_full']:,} parameters; full model with recovered LoRA in {run_dir / 'model'}",
               file=sys.stderr)
     return {k: v for k, v in summary.items() if k not in ("kept_heads", "kept_channels")}
-
-
-def stage_dir(run_dir: Path, name: str, record: dict, resume: bool) -> tuple[Path, bool]:
-    """RUN_DIR/name as a run dir of its own: resumed when this is a resume and the stage had started."""
-    d = run_dir / name
-    again = resume and (d / "run.json").exists()
-    d, prev = prepare_run_dir(str(d), {**record, "stage": name}, resume=again, overwrite=True)
-    return d, prev is not None
 
 
 def choose_units(args, run_cfg: TrainConfig, dense, blocks: Blocks, layers, placement: Placement, run_dir: Path,

@@ -11,8 +11,12 @@ element-wise post-training pruning (magnitude, Wanda, SparseGPT; unstructured or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from .. import checkpoint, load
 from ..errors import UserError
@@ -26,7 +30,7 @@ from ..prune.posttraining import POSTTRAINING_METHODS, calibration_tokens, postt
 from ..prune.schedule import CubicSchedule
 from ..prune.select import parse_pattern, resolve_sparsity
 from ..prune.shrink import describe_widths, shrink
-from ..runs import TrainJob, prepare_run_dir, run_training, setup_lora
+from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
 from ..sharding import init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import linears, merge_lora
@@ -60,7 +64,13 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--calib-samples", type=POSITIVE_INT, default=10, help="baselines: calibration sequences")
     p.add_argument("--calib-len", type=SEQ_LEN, default=64, help="baselines: calibration sequence length")
     p.add_argument("--recover-steps", type=POSITIVE_INT, default=None,
-                   help="baselines: LoRA recovery steps (default: --steps, the LoRAPrune budget)")
+                   help="baselines (and LoRAPrune with --select-steps): LoRA recovery steps (default: --steps)")
+    p.add_argument("--select-steps", type=POSITIVE_INT, default=None,
+                   help="LoRAPrune: select the units in a run of this many steps (RUN_DIR/select), freeze the "
+                        "masks, then recover with fresh LoRA for --recover-steps at the baselines' schedule "
+                        "(the fair comparison with one-shot methods); default: prune during the one run")
+    p.add_argument("--select-lora-rank", type=POSITIVE_INT, default=None,
+                   help="LoRAPrune --select-steps: LoRA rank of the selection run (default: --lora-rank)")
     p.add_argument("--distill", action="store_true",
                    help="structured methods: recover (and, for LoRAPrune, prune) on (1-a)·CE + a·T²·KL to the "
                         "unpruned model, computed in the same step from the frozen base (Minitron)")
@@ -81,7 +91,10 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         return cmd_prune_posttraining(args)
     if not 0.0 <= args.ratio < 1.0:
         raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
-    if args.method != "loraprune" and args.recover_steps is not None:
+    split = args.method == "loraprune" and args.select_steps is not None
+    if args.method != "loraprune" and (args.select_steps or args.select_lora_rank):
+        raise UserError("--select-steps / --select-lora-rank apply to --method loraprune")
+    if args.recover_steps is not None and (args.method != "loraprune" or split):
         args.steps = args.recover_steps
     run_cfg, mc = train_config(args), mesh_config(args)
     init_distributed(mc)
@@ -90,11 +103,17 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     cfg, unit = s.model.config, args.attn_unit
     placement.head_dim = cfg.head_dim
     layers = structured_layers(cfg.num_layers, args.exclude_layers, args.widths)
-    run_dir, prev = prepare_run_dir(run_cfg.out, run_record(args, "prune"), resume=run_cfg.resume,
+    record = run_record(args, "prune")
+    run_dir, prev = prepare_run_dir(run_cfg.out, record, resume=run_cfg.resume,
                                     overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir
     frozen = placement.put(s.frozen)
 
-    if args.method == "loraprune":
+    if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
+        hook, hook_state, after_step = None, (), None
+        fresh = jax.tree.map(np.array, s.trainable)  # host copies: the selection run donates its buffers
+        masks = select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, prev is not None)
+        s = dataclasses.replace(s, trainable=fresh)
+    elif args.method == "loraprune":
         hook = importance_hook(cfg, unit, run_cfg.lora_scale, args.beta)
         hook_state = init_importance(cfg, unit)
         schedule = CubicSchedule(args.steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
@@ -114,9 +133,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         masks = update_structured_masks(to_host(s.masks), scores, args.ratio, cfg, unit, layers)
 
     def callbacks(_frozen, _placement):
-        return LoopCallbacks(after_step=after_step,
-                             describe=lambda st: {"sparsity": structured_sparsity(to_host(st.masks), cfg, layers)
-                                                  ["channels_pruned"]})
+        return LoopCallbacks(after_step=after_step, describe=describe_sparsity(cfg, layers))
     job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(run_cfg.optim()),
                    head_dim=cfg.head_dim, grad_hook=hook, hook_state=hook_state, callbacks=callbacks)
     result = run_training(job, run_cfg, placement, run_dir, resume=prev is not None)
@@ -133,6 +150,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         **structured_sparsity(to_host(state.masks), cfg, layers), "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
         "distill": {"alpha": args.distill_alpha, "temperature": args.distill_temp} if args.distill else None,
+        "select_steps": args.select_steps if split else None,
+        "select": last_metrics(run_dir / "select") if split else None,
     }
     if is_main_process():
         write_json_atomic(run_dir / "prune.json", summary)
@@ -141,6 +160,31 @@ def cmd_prune(args: argparse.Namespace) -> dict:
               f"({100 * summary['params_removed_fraction']:.1f}% of all removed); model in {run_dir / 'model'}",
               file=sys.stderr)
     return {k: v for k, v in summary.items() if k != "widths"}
+
+
+def select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, resume: bool):
+    """LoRAPrune's selection run in RUN_DIR/select (--select-steps, rank --select-lora-rank): its final masks
+    (host); its LoRA is discarded."""
+    d, again = stage_dir(run_dir, "select", record, resume)
+    rank = args.select_lora_rank or run_cfg.lora_rank
+    scfg = dataclasses.replace(run_cfg, out=str(d), steps=args.select_steps, lora_rank=rank, distill=False)
+    sel = s if rank == run_cfg.lora_rank else setup_lora(args.model, scfg)
+    cfg, unit = sel.model.config, args.attn_unit
+    schedule = CubicSchedule(args.select_steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
+                             every=args.prune_every)
+    after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
+    job = TrainJob(sel.graphdef, placement.put(sel.frozen), jax.tree.map(np.array, sel.trainable),
+                   jax.tree.map(np.array, sel.masks), sel.blocks, make_optimizer(scfg.optim()),
+                   head_dim=cfg.head_dim, grad_hook=importance_hook(cfg, unit, scfg.lora_scale, args.beta),
+                   hook_state=init_importance(cfg, unit),
+                   callbacks=lambda _f, _p: LoopCallbacks(after_step=after_step,
+                                                          describe=describe_sparsity(cfg, layers)))
+    return to_host(run_training(job, scfg, placement, d, resume=again).state.masks)
+
+
+def describe_sparsity(cfg, layers):
+    """The loop's per-step record of the MLP channels pruned so far (metrics.jsonl 'sparsity')."""
+    return lambda st: {"sparsity": structured_sparsity(to_host(st.masks), cfg, layers)["channels_pruned"]}
 
 
 def add_posttraining_args(p) -> None:
