@@ -26,8 +26,9 @@ from .padding import pad_to_layout
 from .weights import dense_arrays, model_from_arrays
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
-_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
-_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")  # Qwen3
+_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+                   r"|post_feedforward_layernorm)\.weight$")  # the last two: Gemma 3
+_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")  # Qwen3, Gemma 3
 SHARD_BYTES = 2 * 1024**3  # export shards above this size
 
 
