@@ -165,6 +165,19 @@ class ModelConfig:
                             intermediate_size=max(self.mlp_width(i) for i in L),
                             layer_num_heads=None, layer_num_kv_heads=None, layer_intermediate_size=None)
 
+    def stock_layout(self) -> "ModelConfig":
+        """This uniform config, or for gemma3_text its query heads zero-padded (``padding.pad_to_layout``) to the
+        fewest that divide hidden_size: Gemma3TextConfig refuses hidden_size % num_attention_heads != 0, though
+        head_dim is explicit (a pruned 640-wide Gemma 3 270M with 3 of 4 heads exports with 4)."""
+        h, kv = self.num_heads, self.num_kv_heads
+        if self.model_type != "gemma3_text" or not h or self.hidden_size % h == 0:
+            return self
+        fits = [n for n in range(h + kv, self.hidden_size + 1, kv) if self.hidden_size % n == 0]
+        if not fits:
+            raise UserError(f"export: no query-head count >= {h} in groups of {kv} divides hidden_size "
+                            f"{self.hidden_size} (transformers' Gemma3TextConfig requires it)")
+        return self.replace(num_heads=fits[0])
+
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

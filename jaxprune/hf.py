@@ -233,13 +233,16 @@ def export_hf(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwri
 
     The file holds exactly the model's parameters. A model whose layers differ in width has no stock
     config: it is refused unless ``pad`` (zero-padded to the widest layer, same logits, dense size).
+    A Gemma 3 whose head count does not divide hidden_size gets zero query heads up to one that does
+    (``ModelConfig.stock_layout``: transformers refuses the config otherwise).
     """
     cfg = model.config
     if not cfg.is_uniform and not pad:
         raise UserError(f"the model's layers differ in width ({describe_layout(cfg)}); a stock transformers "
                         f"config cannot describe it without padding. Use {NON_UNIFORM_OPTIONS}")
-    return write_hf_dir(model, out_dir, cfg if cfg.is_uniform else cfg.padded(), tokenizer=tokenizer,
-                        overwrite=overwrite, dtype=dtype, shard_bytes=shard_bytes)
+    layout = (cfg if cfg.is_uniform else cfg.padded()).stock_layout()
+    return write_hf_dir(model, out_dir, layout, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype,
+                        shard_bytes=shard_bytes)
 
 
 def export_vllm(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwrite: bool = False,
