@@ -24,7 +24,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 #: (split on import, fused on export: ``hf.py``), may rotate a fraction of head_dim, and uses longrope.
 #: Gemma 3 (text) sets the Gemma fields below: GeGLU, (1 + w) RMSNorms also around the blocks' outputs, scaled
 #: embeddings, q/k norms, its own attention scale, sliding and global layers by ``layer_types`` (each with its
-#: RoPE base), optional tanh soft-capping.
+#: RoPE base), optional tanh soft-capping of the logits.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
@@ -63,7 +63,6 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # scores = q·k / sqrt(this); None: head_dim
     layer_types: tuple[str, ...] | None = None  # per layer full_attention / sliding_attention; None: all alike
     rope_local_base_freq: float | None = None  # RoPE base of the sliding layers (default rope); None: rope_theta
-    attn_logit_softcapping: float | None = None  # scores = c·tanh(scores / c) before the mask
     final_logit_softcapping: float | None = None  # logits = c·tanh(logits / c)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -366,6 +365,9 @@ def _gemma3_fields(d: dict) -> dict:
         raise UserError("config: gemma3_text with use_bidirectional_attention is not supported")
     if d.get("attention_bias"):
         raise UserError("config: gemma3_text with attention_bias is not supported")
+    if d.get("attn_logit_softcapping") is not None:  # Gemma3Attention never passes it to its attention function
+        raise UserError("config: gemma3_text with attn_logit_softcapping is not supported (transformers' "
+                        "Gemma3ForCausalLM ignores it)")
     n = d["num_hidden_layers"]
     types = d.get("layer_types")
     if types is None:
@@ -378,7 +380,6 @@ def _gemma3_fields(d: dict) -> dict:
             "sliding_window": window if "sliding_attention" in types else None,
             "rope_local_base_freq": float(d["rope_local_base_freq"]),
             "tie_word_embeddings": bool(d.get("tie_word_embeddings", True)),
-            "attn_logit_softcapping": d.get("attn_logit_softcapping"),
             "final_logit_softcapping": d.get("final_logit_softcapping"),
             "bos_token_id": d.get("bos_token_id", 2), "eos_token_id": d.get("eos_token_id", 1),
             "pad_token_id": d.get("pad_token_id", 0)}
@@ -390,7 +391,7 @@ def _gemma3_hf_fields(cfg: ModelConfig, d: dict) -> None:
         d.pop(key, None)
     full = dict(d.pop("rope_parameters"))
     d.update({"hidden_activation": cfg.hidden_act, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
-              "sliding_window": cfg.sliding_window or 4096, "attn_logit_softcapping": cfg.attn_logit_softcapping,
+              "sliding_window": cfg.sliding_window or 4096, "attn_logit_softcapping": None,
               "final_logit_softcapping": cfg.final_logit_softcapping,
               "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
               "rope_parameters": {"full_attention": full, "sliding_attention": {

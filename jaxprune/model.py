@@ -1,6 +1,6 @@
 """The LLaMA family in Flax NNX: RMSNorm, RoPE variants, GQA attention, SwiGLU MLP; the Mistral
 (sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k norm) and Gemma 3 (GeGLU, (1 + w) norms around both
-blocks, scaled embeddings, sliding / global layers, soft-capping) deltas come from ``ModelConfig`` fields.
+blocks, scaled embeddings, sliding / global layers, logit soft-capping) deltas come from ``ModelConfig`` fields.
 
 Module paths follow HF names (``layers.3.self_attn.q_proj``) so regexes over
 paths (LoRA targets, sharding rules) read the same as over HF checkpoints.
@@ -66,7 +66,6 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, one_plus=cfg.norm_one_plus) if qk else None
         self.sliding_window = cfg.window(layer)
         self.scalar = float(cfg.query_pre_attn_scalar or cfg.head_dim)  # scores / sqrt(scalar)
-        self.softcap = cfg.attn_logit_softcapping
 
     def __call__(self, x, cos, sin, cache: KVCache | None = None, cache_index=None):
         """x [B, S, hidden] -> ([B, S, hidden], new cache or None)."""
@@ -90,8 +89,6 @@ class Attention(nnx.Module):
         G = H // KV
         qg = q.reshape(B, S, KV, G, D)
         scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.scalar))
-        if self.softcap is not None:  # Gemma 2/3 (transformers' eager attention): c·tanh(s / c) before the mask
-            scores = jnp.tanh(scores / self.softcap) * self.softcap
         causal = q_pos[:, None] >= jnp.arange(T)[None, :]
         if self.sliding_window is not None:  # Mistral: keys more than W - 1 positions back are out of reach
             causal = causal & (q_pos[:, None] - jnp.arange(T)[None, :] < self.sliding_window)

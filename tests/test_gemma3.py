@@ -33,14 +33,12 @@ KW = dict(vocab_size=96, hidden_size=40, intermediate_size=36, num_hidden_layers
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 13))
 
 
-def make_gemma3(tmp_path, seed=0, name="gemma3", attn_implementation=None, **overrides):
+def make_gemma3(tmp_path, seed=0, name="gemma3", **overrides):
     """A tiny random transformers Gemma3ForCausalLM (norms randomised around HF's 0 init), saved; (dir, model)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(**{**KW, **overrides})
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
     model = Gemma3ForCausalLM(config).float().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -85,12 +83,12 @@ def test_load_matches_transformers(gemma, tmp_path):
         assert np.abs(jax_logits(other, TOKENS) - want).max() > 1e-2, name
 
 
-def test_softcapping_matches_transformers_eager(tmp_path):
-    """attn_logit_softcapping (transformers applies it in eager attention only) and final_logit_softcapping."""
-    hf_dir, torch_model = make_gemma3(tmp_path, seed=1, attn_implementation="eager", attn_logit_softcapping=0.5,
-                                      final_logit_softcapping=3.0)
+def test_final_softcapping_matches_transformers(tmp_path):
+    """final_logit_softcapping: logits = c·tanh(logits / c). (attn_logit_softcapping is refused: transformers'
+    Gemma3Attention does not pass it on, so no stock model applies it.)"""
+    hf_dir, torch_model = make_gemma3(tmp_path, seed=1, final_logit_softcapping=3.0)
     model, cfg = load_hf_dir(hf_dir)
-    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (0.5, 3.0)
+    assert cfg.final_logit_softcapping == 3.0
     want = torch_logits(torch_model, TOKENS)
     assert np.abs(want).max() < 3.0
     np.testing.assert_allclose(jax_logits(model, TOKENS), want, rtol=1e-4, atol=1e-4)
@@ -197,6 +195,7 @@ def test_unsupported_and_mqa_kv_group_are_one_line_errors(tmp_path, capsys, fixt
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(fixtures.hf_dir / name, hf_dir / name)
     for name, change, words in (("bidi", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+                                ("softcap", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
                                 ("localrope", {"rope_parameters": {**KW["rope_parameters"], SLIDING: {
                                     "rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}}, "sliding_attention")):
         with pytest.raises(UserError, match=words):
@@ -242,7 +241,7 @@ def test_cli_prune_gemma3(method, tmp_path, fixtures, small_text):
 #: summation order through 18 layers (measured: max |diff| 4.3e-4 on logits up to 36, i.e. 1.2e-5 relative,
 #: perplexity equal to 4e-6 relative): 2e-3 absolute leaves 4x margin and is still 3 orders below a real bug.
 LOGIT_ATOL, PPL_RTOL = 2e-3, 1e-4
-SEQ, WINDOWS = 640, 4  # 640 > the 512-token sliding window: the local layers' masking is exercised
+SEQ, WINDOWS = 640, 2  # 640 > the 512-token sliding window: the local layers' masking is exercised
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +265,7 @@ def gemma3_real(fixtures):
 
 @pytest.mark.slow
 def test_gemma3_270m_matches_transformers(gemma3_real, fixtures):
-    """Logits, held-out perplexity (4 windows of 640 tokens of Hamlet) and 20 greedy tokens equal transformers'."""
+    """Logits, held-out perplexity (2 windows of 640 tokens of Hamlet) and 20 greedy tokens equal transformers'."""
     from jaxprune import evaluate
     from jaxprune.generate import generate
 
@@ -274,13 +273,15 @@ def test_gemma3_270m_matches_transformers(gemma3_real, fixtures):
     assert model.config.num_params() == sum(p.numel() for p in torch_model.parameters())
     tokens = evaluate.tokenize_text(tok, fixtures.play_text.read_text())
     windows = tokens[:WINDOWS * SEQ].reshape(WINDOWS, SEQ)
-    want = torch_logits(torch_model, windows[:1])
-    np.testing.assert_allclose(jax_logits(model, windows[:1]), want, rtol=0, atol=LOGIT_ATOL)
-    ours = evaluate.perplexity(model, tokens, seq_len=SEQ, batch_size=2, max_tokens=WINDOWS * SEQ, progress=False)
-    with torch.no_grad():
-        logits = torch_model(torch.as_tensor(windows)).logits
-        ref = float(np.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                             torch.as_tensor(windows[:, 1:]).reshape(-1)).item()))
+    nll = []
+    for i, w in enumerate(windows):  # one window at a time: 640 x 262k fp32 logits are 0.7 GB
+        want = torch_logits(torch_model, w[None])
+        if i == 0:
+            np.testing.assert_allclose(jax_logits(model, w[None]), want, rtol=0, atol=LOGIT_ATOL)
+        nll.append(torch.nn.functional.cross_entropy(torch.as_tensor(want[0, :-1]), torch.as_tensor(w[1:]).long(),
+                                                     reduction="sum").item())
+    ref = float(np.exp(sum(nll) / (WINDOWS * (SEQ - 1))))
+    ours = evaluate.perplexity(model, tokens, seq_len=SEQ, batch_size=1, max_tokens=WINDOWS * SEQ, progress=False)
     assert ours["windows"] == WINDOWS and abs(ours["ppl"] / ref - 1) < PPL_RTOL, (ours["ppl"], ref)
     prompt = tokens[:12].tolist()
     with torch.no_grad():
