@@ -150,7 +150,7 @@ def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
     assert len(err) == 1 and "gemma2" in err[0] and "qwen3" in err[0] and "gemma3_text" in err[0]
     with pytest.raises(UserError, match="model_type"):
         ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
-                    head_dim=8, model_type="phi3")
+                    head_dim=8, model_type="gemma2")
 
 
 @pytest.mark.parametrize("family,method", [("qwen3", "loraprune"), ("qwen2", "llm-pruner"),
