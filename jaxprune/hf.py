@@ -26,8 +26,9 @@ from .padding import pad_to_layout
 from .weights import dense_arrays, model_from_arrays
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
-_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$")
-_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")  # Qwen3
+_NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+                   r"|post_feedforward_layernorm)\.weight$")  # the last two: Gemma 3
+_QK_NORM = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight$")  # Qwen3, Gemma 3
 SHARD_BYTES = 2 * 1024**3  # export shards above this size
 
 
@@ -232,13 +233,16 @@ def export_hf(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwri
 
     The file holds exactly the model's parameters. A model whose layers differ in width has no stock
     config: it is refused unless ``pad`` (zero-padded to the widest layer, same logits, dense size).
+    A Gemma 3 whose head count does not divide hidden_size gets zero query heads up to one that does
+    (``ModelConfig.stock_layout``: transformers refuses the config otherwise).
     """
     cfg = model.config
     if not cfg.is_uniform and not pad:
         raise UserError(f"the model's layers differ in width ({describe_layout(cfg)}); a stock transformers "
                         f"config cannot describe it without padding. Use {NON_UNIFORM_OPTIONS}")
-    return write_hf_dir(model, out_dir, cfg if cfg.is_uniform else cfg.padded(), tokenizer=tokenizer,
-                        overwrite=overwrite, dtype=dtype, shard_bytes=shard_bytes)
+    layout = (cfg if cfg.is_uniform else cfg.padded()).stock_layout()
+    return write_hf_dir(model, out_dir, layout, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype,
+                        shard_bytes=shard_bytes)
 
 
 def export_vllm(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overwrite: bool = False,

@@ -184,15 +184,19 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x²) + eps) * w``, computed in fp32 like HF's LlamaRMSNorm."""
+    """``w · cast(x / sqrt(mean(x²) + eps))`` with the norm in fp32 (HF's LlamaRMSNorm), or with ``one_plus``
+    ``cast(x32 / sqrt(mean(x32²) + eps) · (1 + w32))`` (Gemma3RMSNorm: the scale in fp32 too, w 0-centred)."""
 
-    def __init__(self, dim: int, eps: float, dtype=jnp.float32, weight: jax.Array | None = None):
-        self.eps = eps
-        self.weight = with_axes(nnx.Param, jnp.ones((dim,), dtype) if weight is None else jnp.asarray(weight, dtype),
-                                ("norm",))
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32, weight: jax.Array | None = None,
+                 one_plus: bool = False):
+        self.eps, self.one_plus = eps, one_plus
+        init = jnp.zeros((dim,), dtype) if one_plus else jnp.ones((dim,), dtype)
+        self.weight = with_axes(nnx.Param, init if weight is None else jnp.asarray(weight, dtype), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.one_plus:
+            return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(dtype)
         return self.weight[...] * x32.astype(dtype)

@@ -1,5 +1,6 @@
 """The LLaMA family in Flax NNX: RMSNorm, RoPE variants, GQA attention, SwiGLU MLP; the Mistral
-(sliding window), Qwen2 (q/k/v bias) and Qwen3 (q/k norm) deltas come from ``ModelConfig`` fields.
+(sliding window), Qwen2 (q/k/v bias), Qwen3 (q/k norm) and Gemma 3 (GeGLU, (1 + w) norms around both
+blocks, scaled embeddings, sliding / global layers, logit soft-capping) deltas come from ``ModelConfig`` fields.
 
 Module paths follow HF names (``layers.3.self_attn.q_proj``) so regexes over
 paths (LoRA targets, sharding rules) read the same as over HF checkpoints.
@@ -22,7 +23,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import Linear, Mask, RMSNorm, with_axes
-from .rope import apply_rope, rope_tables
+from .rope import apply_rope, layer_rope_tables, rope_kind
 
 #: The decoder layer's linears as (block, name), in order, with their (in, out) logical axes: the one
 #: place the rest of the library (pruning, pretraining, shrink, LoRA targets) reads them from.
@@ -59,10 +60,12 @@ class Attention(nnx.Module):
             setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["self_attn", name], use_bias=bias, dtype=dtype,
                                        rngs=rngs))
         self.head_mask = with_axes(Mask, jnp.ones((self.num_heads,), jnp.bool_), ("unit_mask",))
-        # Qwen3: per-head RMSNorm of q and k (one weight over head_dim, shared by the heads)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm and self.num_heads else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm and self.num_heads else None
-        self.sliding_window = cfg.sliding_window
+        # Qwen3, Gemma 3: per-head RMSNorm of q and k (one weight over head_dim, shared by the heads)
+        qk = cfg.qk_norm and self.num_heads
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, one_plus=cfg.norm_one_plus) if qk else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, one_plus=cfg.norm_one_plus) if qk else None
+        self.sliding_window = cfg.window(layer)
+        self.scalar = float(cfg.query_pre_attn_scalar or cfg.head_dim)  # scores / sqrt(scalar)
 
     def __call__(self, x, cos, sin, cache: KVCache | None = None, cache_index=None):
         """x [B, S, hidden] -> ([B, S, hidden], new cache or None)."""
@@ -85,7 +88,7 @@ class Attention(nnx.Module):
         T = k.shape[1]
         G = H // KV
         qg = q.reshape(B, S, KV, G, D)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(D))
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.scalar))
         causal = q_pos[:, None] >= jnp.arange(T)[None, :]
         if self.sliding_window is not None:  # Mistral: keys more than W - 1 positions back are out of reach
             causal = causal & (q_pos[:, None] - jnp.arange(T)[None, :] < self.sliding_window)
@@ -104,24 +107,37 @@ class MLP(nnx.Module):
             setattr(self, name, Linear(*sizes[name], axes=LINEAR_AXES["mlp", name], use_bias=b, dtype=dtype,
                                        rngs=rngs))
         self.channel_mask = with_axes(Mask, jnp.ones((m,), jnp.bool_), ("unit_mask",))
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, x):
-        """x [B, S, hidden] -> [B, S, hidden]: ``down((silu(gate x) * up x) ⊙ mask)``."""
-        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        """x [B, S, hidden] -> [B, S, hidden]: ``down((act(gate x) * up x) ⊙ mask)``; act = silu (SwiGLU) or
+        gelu_pytorch_tanh = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (Gemma's GeGLU)."""
+        g = self.gate_proj(x)
+        h = (jax.nn.silu(g) if self.hidden_act == "silu" else jax.nn.gelu(g, approximate=True)) * self.up_proj(x)
         return self.down_proj(h * self.channel_mask[...].astype(h.dtype))
 
 
 class DecoderLayer(nnx.Module):
+    """LLaMA: ``x += attn(n1(x)); x += mlp(n2(x))``; with ``sandwich_norms`` (Gemma) the blocks' outputs are
+    normed too: ``x += n2(attn(n1(x))); x += n4(mlp(n3(x)))`` (n2 = post_attention_layernorm in both)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, one_plus=cfg.norm_one_plus)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if cfg.sandwich_norms else None
         self.mlp = MLP(cfg, layer, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, cache=None, cache_index=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_index)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        if self.pre_feedforward_layernorm is None:
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -134,7 +150,7 @@ class LlamaForCausalLM(nnx.Module):
                                                                             (cfg.vocab_size, cfg.hidden_size), dtype),
                                       ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, one_plus=cfg.norm_one_plus)
         self.lm_head = nnx.data(None if cfg.tie_word_embeddings
                                 else Linear(cfg.hidden_size, cfg.vocab_size, axes=LM_HEAD_AXES, dtype=dtype, rngs=rngs))
         # Rematerialise each decoder layer in the backward pass (jax.checkpoint): activation memory
@@ -145,6 +161,14 @@ class LlamaForCausalLM(nnx.Module):
     def dtype(self):
         return self.embed_tokens[...].dtype
 
+    def embed(self, tokens):
+        """tokens [B, S] -> [B, S, hidden]; Gemma: × sqrt(hidden) cast to the weights' dtype (as HF's
+        Gemma3TextScaledWordEmbedding: ``embed_scale.to(weight.dtype)``)."""
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        if self.config.scale_embeddings:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, jnp.float32).astype(x.dtype)
+        return x
+
     def hidden_states(self, tokens, positions=None, caches=None, cache_index=None):
         """tokens [B, S] -> final-norm hidden states [B, S, hidden], new caches."""
         B, S = tokens.shape
@@ -153,10 +177,11 @@ class LlamaForCausalLM(nnx.Module):
             if cache_index is not None:
                 positions = positions + cache_index
         seq_len = S if caches is None else caches[0].k.shape[1]
-        cos, sin = rope_tables(self.config, positions, seq_len)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        tables = layer_rope_tables(self.config, positions, seq_len)
+        x = self.embed(tokens)
         new_caches = []
         for i, layer in enumerate(self.layers):
+            cos, sin = tables[rope_kind(self.config, i)]
             if self.remat and caches is None:
                 x, c = _remat_layer(layer, x, cos, sin), None
             else:
@@ -165,9 +190,13 @@ class LlamaForCausalLM(nnx.Module):
         return self.norm(x), (new_caches if caches is not None else None)
 
     def logits(self, h):
+        """h [B, S, hidden] -> fp32 logits [B, S, vocab]; ``final_logit_softcapping`` c: c·tanh(logits / c)."""
         if self.lm_head is None:
-            return (h @ self.embed_tokens[...].T).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+            out = (h @ self.embed_tokens[...].T).astype(jnp.float32)
+        else:
+            out = self.lm_head(h).astype(jnp.float32)
+        c = self.config.final_logit_softcapping
+        return out if c is None else jnp.tanh(out / c) * c
 
     def __call__(self, tokens, positions=None, caches=None, cache_index=None):
         h, new_caches = self.hidden_states(tokens, positions, caches, cache_index)

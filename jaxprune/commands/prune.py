@@ -22,7 +22,7 @@ from .. import checkpoint, load
 from ..errors import UserError
 from ..fileio import check_output_dir, write_json_atomic
 from ..partition import tree_size
-from ..prune.groups import WIDTHS, structured_layers
+from ..prune.groups import WIDTHS, check_attn_unit, structured_layers
 from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_update
 from ..prune.masks import structured_sparsity, update_structured_masks
 from ..prune.oneshot import one_shot_scores
@@ -103,6 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     cfg, unit = s.model.config, args.attn_unit
     placement.head_dim = cfg.head_dim
     layers = structured_layers(cfg.num_layers, args.exclude_layers, args.widths)
+    check_attn_unit([cfg.kv_heads(i) for i in layers], unit, args.ratio)
     record = run_record(args, "prune")
     run_dir, prev = prepare_run_dir(run_cfg.out, record, resume=run_cfg.resume,
                                     overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir

@@ -45,6 +45,14 @@ def reduce_attention(module: str, scores: jnp.ndarray, num_heads: int, num_kv_he
     return scores.sum(axis=0).reshape(num_kv_heads, head_dim).sum(-1)  # k_proj, v_proj
 
 
+def check_attn_unit(kv_heads: list[int], unit: AttnUnit, ratio: float) -> None:
+    """``kv_group`` on a layer with a single KV head (MQA: Gemma 3 270M) could only remove the whole attention
+    block, which structured pruning never does: refused, pointing at ``q_head``. ``kv_heads``: per pruned layer."""
+    if unit == "kv_group" and ratio > 0 and 1 in kv_heads:
+        raise UserError("--attn-unit kv_group: the model has a single KV head per layer (MQA), so no KV group "
+                        "can be pruned; use --attn-unit q_head (query heads and MLP channels go)")
+
+
 def reduce_mlp(module: str, scores: jnp.ndarray) -> jnp.ndarray:
     """Element scores of gate/up [in, m] or down [m, out] -> [m]."""
     return scores.sum(axis=1) if module == "down_proj" else scores.sum(axis=0)

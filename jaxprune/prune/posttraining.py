@@ -37,7 +37,7 @@ from ..data import Blocks, token_stream
 from ..errors import UserError
 from ..layers import Linear
 from ..model import DECODER_LINEARS, decoder_linear
-from ..rope import rope_tables
+from ..rope import layer_rope_tables, rope_kind
 from ..weights import linears
 from .groups import prunable_layers
 from .select import Block, magnitude_mask, pattern_name
@@ -184,24 +184,26 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
     report = {"method": method, "sparsity": sparsity, "pattern": pattern_name(nm),
               "layers": [], "damp_retries": 0,
               "excluded_layers": [i for i in range(num_layers) if i not in prune_set]}
-    chunks, rope, n_tokens = None, None, 0
+    chunks, rope_of, n_tokens = None, None, 0
     if needs_data:
         calib = np.asarray(calib, np.int32)
         if calib.ndim != 2 or len(calib) == 0:
             raise UserError("calibration data is empty")
-        emb = model.embed_tokens[...]
-        chunks = [jnp.take(emb, jnp.asarray(calib[i:i + batch_size]), axis=0) for i in range(0, len(calib), batch_size)]
+        chunks = [model.embed(jnp.asarray(calib[i:i + batch_size])) for i in range(0, len(calib), batch_size)]
         n_tokens = calib.size
         tables = {}
 
-        def rope(b, s):
-            if (b, s) not in tables:
-                pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
-                tables[(b, s)] = jax.jit(lambda p: rope_tables(model.config, p, s))(pos)
-            return tables[(b, s)]
+        def rope_of(li):
+            def rope(b, s):  # layer li's (cos, sin): Gemma's sliding layers have their own
+                if (b, s) not in tables:
+                    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+                    tables[(b, s)] = jax.jit(lambda p: layer_rope_tables(model.config, p, s))(pos)
+                return tables[(b, s)][rope_kind(model.config, li)]
+            return rope
     first = min(prune_set, default=-1)  # the compiled passes' memory is measured on the first pruned layer
     for li, layer in enumerate(tqdm(model.layers, desc=f"prune {method}", unit="layer", disable=not progress)):
         measure = measure_memory and li == first
+        rope = rope_of(li) if rope_of is not None else None
         if li not in prune_set:  # excluded: every weight stays; an all-ones mask records "kept dense"
             row = {}
             for mod, attr in LINEARS:
