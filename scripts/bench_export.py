@@ -75,7 +75,7 @@ def main() -> None:
         if ratio is None:
             target = next(r["params"] for r in result["results"] if r["layout"] == "layerwise")
             ratio = matched_uniform_ratio(dense.config, target, a.attn_unit)
-        with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             argv = ["prune", str(paths.hf_dir), "--method", "loraprune", "--attn-unit", a.attn_unit,
                     "--ratio", str(ratio), "--widths", widths, "--text", str(paths.train_text),
