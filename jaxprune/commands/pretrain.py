@@ -1,7 +1,9 @@
-"""`jaxprune pretrain`: a tiny LLaMA from random init, full-rank / low-rank / SLTrain / SLoPe.
+"""`jaxprune pretrain`: a tiny LLaMA from random init, full-rank / low-rank / SLTrain / SLoPe / LOST /
+SwitchLoRA / S-STE.
 
     RUN_DIR/ run.json, checkpoints/, metrics.jsonl, loss.png   (as finetune)
-             support/       SLTrain's frozen supports (orbax), restored on --resume
+             support/       the frozen arrays (SLTrain supports, LOST channels, SwitchLoRA candidate pools,
+                            S-STE scales; orbax), restored on --resume
              pretrain.json  method, parameter counts, optimizer-state bytes, final metrics
              model/         the result as a DENSE jaxprune checkpoint (merged weights), so
                             `jaxprune eval RUN_DIR` and `jaxprune export RUN_DIR OUT` work unchanged
@@ -28,18 +30,25 @@ from ..pretrain.methods import (METHODS, MethodConfig, build_model, dense_model,
                                 param_summary, partition_pretrain)
 from ..pretrain.slope import SLoPeSchedule, initial_masks, make_after_step
 from ..pretrain.sltrain import restore_support, save_support
+from ..pretrain.switchlora import SwitchSchedule
+from ..pretrain.switchlora import make_after_step as switchlora_after_step
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training
 from ..sharding import init_distributed, is_main_process, placement_for
 from ..train import LoopCallbacks
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
-from .flags import AT_LEAST_1, FRACTION, NONNEG_INT, OPEN_FRACTION, POSITIVE_INT
+from .flags import AT_LEAST_1, FRACTION, NONNEG_INT, OPEN_FRACTION, POSITIVE_INT, float_range
+
+FRACTION_ABOVE_0 = float_range(0.0, 1.0, lo_open=True)  # (0, 1]
 
 
 def add_pretrain_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a tiny LLaMA from random init: full, lowrank, sltrain or slope")
+    p = sub.add_parser("pretrain", help="pretrain a tiny LLaMA from random init: full, lowrank, sltrain, slope, lost, "
+                       "switchlora or sste")
     add_run_args(p, steps=200, lr=3e-3)
     # add_run_args' LoRA flags name the low-rank factors here: --lora-rank r, --lora-alpha α (s = α / r),
     # --targets the decoder linears that get the method. Defaults: configs/pretrain_tiny.yaml's model.
+    # --lora-rank is also LOST's and SwitchLoRA's rank; --lora-alpha is lowrank / sltrain only (LOST's
+    # SVD factors have no scale, SwitchLoRA's is the official 1 / r).
     p.set_defaults(lora_rank=32, lora_alpha=8.0, seq_len=128, batch_size=4)
     p.add_argument("--method", choices=METHODS, default="sltrain")
     p.add_argument("--tokenizer", default=None,
@@ -62,16 +71,31 @@ def add_pretrain_parser(sub) -> None:
     g.add_argument("--mask-refresh-frac", type=FRACTION, default=0.1,
                    help="fraction of initial steps during which the forward 2:4 mask is refreshed too")
     g.add_argument("--max-aspect-ratio", type=AT_LEAST_1, default=5.0, help="layers thinner than this stay dense")
+    g = p.add_argument_group("lost (low-rank from the init's top-r SVD + sparse input channels of the rest)")
+    g.add_argument("--lost-channel-ratio", type=FRACTION_ABOVE_0, default=0.03,
+                   help="ρ: the sparse part holds ⌈ρ·in⌉ input channels (0.03 = SLTrain's δ budget)")
+    g = p.add_argument_group("switchlora (LoRA vectors switched from candidate pools; W frozen)")
+    g.add_argument("--switch-interval", type=POSITIVE_INT, default=40,
+                   help="interval₀: r / interval₀ vectors per side switch per step at the start (official 40)")
+    g.add_argument("--switch-descent-ratio", type=FRACTION_ABOVE_0, default=0.1,
+                   help="the switching rate falls to 0.3x its start at this fraction of the steps (official 0.1)")
+    g.add_argument("--switch-freeze-steps", type=NONNEG_INT, default=5,
+                   help="steps a switched vector's counterpart stays frozen, moments reset (official 5)")
     p.set_defaults(fn=with_config(cmd_pretrain, p))
 
 
 def method_config(args) -> MethodConfig:
     return MethodConfig(method=args.method, rank=args.lora_rank, alpha=args.lora_alpha, delta=args.sparse_ratio,
-                        targets=args.targets, adapter_rank=args.adapter_rank, max_aspect_ratio=args.max_aspect_ratio)
+                        targets=args.targets, adapter_rank=args.adapter_rank, max_aspect_ratio=args.max_aspect_ratio,
+                        channel_ratio=args.lost_channel_ratio)
 
 
 def slope_schedule(args):
     return SLoPeSchedule(args.steps, args.mask_change_freq, args.mask_refresh_frac, args.adapter_frac)
+
+
+def switch_schedule(args):
+    return SwitchSchedule(args.steps, args.switch_interval, args.switch_descent_ratio, args.switch_freeze_steps)
 
 
 def load_tokenizer(path):
@@ -105,6 +129,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     placement = placement_for(mc, run_cfg.batch_shape)  # a bad --mesh or batch fails before anything is written
     method = method_config(args)
     schedule = slope_schedule(args) if method.method == "slope" else None
+    switching = switch_schedule(args) if method.method == "switchlora" else None
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be >= 1")
     if not args.text:
@@ -140,6 +165,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
                 return st._replace(masks=placement.put(st.masks))
             return LoopCallbacks(after_step=after_step)
         job.on_start, job.callbacks = on_start, callbacks
+    if switching is not None:
+        job.callbacks = switchlora_callbacks(graphdef, switching, method.rank, args.seed)
     result = run_training(job, run_cfg, placement, run_dir, resume=prev is not None)
     dense = dense_model(result.model)
     if is_main_process():
@@ -149,9 +176,26 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
            "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
     if schedule is not None:
         out["adapter_start_step"] = schedule.adapter_start
+    if switching is not None:
+        out["switches_scheduled"] = switching.total(args.steps - 2, method.rank)  # per side, per layer (upper bound)
     if is_main_process():
         write_json_atomic(run_dir / "pretrain.json", out)
     if not args.json and is_main_process():
         print(f"pretrained {method.method}: {summary['trainable_params']:,} trainable parameters, "
               f"val ppl {out['val_ppl']}; dense model in {run_dir / 'model'}", file=sys.stderr)
     return out
+
+
+def switchlora_callbacks(graphdef, schedule: SwitchSchedule, rank: int, seed: int):
+    """``TrainJob.callbacks`` for SwitchLoRA: switch after each step, the new state back on the mesh."""
+    def callbacks(frozen, placement):
+        switch_step = switchlora_after_step(graphdef, frozen, schedule, rank, seed)
+
+        def after_step(step, st):
+            new = switch_step(step, st)
+            if new is st:
+                return st
+            return new._replace(trainable=placement.put(new.trainable), masks=placement.put(new.masks),
+                                opt_state=placement.put(new.opt_state))
+        return LoopCallbacks(after_step=after_step)
+    return callbacks

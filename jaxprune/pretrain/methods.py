@@ -1,10 +1,13 @@
-"""The four pretraining parameterisations of a random-init LLaMA, and what they share.
+"""The seven pretraining parameterisations of a random-init LLaMA, and what they share.
 
-    full     every weight dense and trainable (the full-rank baseline)
-    lowrank  targeted linears ``W = s·A@B``, A [in, r], B [r, out] (the pure low-rank baseline; B starts
-             random, not 0: see sltrain.py)
-    sltrain  targeted linears ``W = s·A@B + S`` (sltrain.py)
-    slope    targeted linears ``y = x @ (W ⊙ M)``, double-pruned backward, lazy adapters (slope.py)
+    full        every weight dense and trainable (the full-rank baseline)
+    lowrank     targeted linears ``W = s·A@B``, A [in, r], B [r, out] (the pure low-rank baseline; B starts
+                random, not 0: see sltrain.py)
+    sltrain     targeted linears ``W = s·A@B + S`` (sltrain.py)
+    slope       targeted linears ``y = x @ (W ⊙ M)``, double-pruned backward, lazy adapters (slope.py)
+    lost        targeted linears ``W = A@B + S`` from the init's SVD, S on k input channels (lost.py)
+    switchlora  targeted linears ``W + s·A@B``, W frozen, A / B vectors switched from pools (switchlora.py)
+    sste        targeted linears ``y = x @ β·S_soft(W)``, continuous 2:4, straight-through (sste.py)
 
 Embeddings, norms and ``lm_head`` stay dense and trainable in every method (as in both papers'
 code: SLTrain targets the ``attn`` / ``mlp`` linears only, SLoPe skips ``lm_head`` by aspect ratio).
@@ -27,21 +30,26 @@ from flax import nnx
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..layers import Linear, Mask
+from ..layers import Linear
 from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..partition import DEFAULT_LORA_TARGETS, tree_size
 from ..train import make_optimizer
 from ..weights import dense_arrays, model_from_arrays
+from .lost import LOSTLinear, lost_param_count
 from .sltrain import SparseLowRankLinear, sltrain_param_count
 from .slope import SLoPeLinear, aspect_ratio, slope_linears
+from .sste import SSTELinear, sste_linears
+from .switchlora import MASKS, SwitchLoRALinear, switchlora_param_count
 
-METHODS = ("full", "lowrank", "sltrain", "slope")
+METHODS = ("full", "lowrank", "sltrain", "slope", "lost", "switchlora", "sste")
+LOWRANK_METHODS = ("lowrank", "sltrain", "lost", "switchlora")  # the methods that use --lora-rank
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """How the targeted linears are parameterised (``rank``/``alpha``: lowrank and sltrain;
-    ``delta``: sltrain; ``adapter_rank``/``max_aspect_ratio``: slope)."""
+    """How the targeted linears are parameterised (``rank``: lowrank, sltrain, lost, switchlora; ``alpha``:
+    lowrank and sltrain; ``delta``: sltrain; ``adapter_rank``/``max_aspect_ratio``: slope; ``channel_ratio``:
+    lost)."""
 
     method: str = "full"
     rank: int = 32
@@ -50,11 +58,14 @@ class MethodConfig:
     targets: str = DEFAULT_LORA_TARGETS
     adapter_rank: int = 16
     max_aspect_ratio: float = 5.0
+    channel_ratio: float = 0.03
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.method in ("lowrank", "sltrain") and self.rank < 1:
+        if self.method == "lost" and not 0.0 < self.channel_ratio <= 1.0:
+            raise UserError(f"--lost-channel-ratio {self.channel_ratio}: must be in (0, 1]")
+        if self.method in LOWRANK_METHODS and self.rank < 1:
             raise UserError(f"--lora-rank {self.rank}: must be >= 1")
         if self.method == "sltrain" and not 0.0 < self.delta < 1.0:
             raise UserError(f"--sparse-ratio {self.delta}: must be in (0, 1)")
@@ -96,6 +107,15 @@ def _build(cfg: ModelConfig, mc: MethodConfig, seed: int, dtype) -> LlamaForCaus
 
 
 def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
+    if mc.method == "lost":
+        if mc.rank > min(old.in_features, old.out_features):
+            raise UserError(f"lost: --lora-rank {mc.rank} exceeds min(in, out) = "
+                            f"{min(old.in_features, old.out_features)} of a {old.in_features}x{old.out_features} layer")
+        return LOSTLinear(old, rank=mc.rank, ratio=mc.channel_ratio)
+    if mc.method == "switchlora":
+        return SwitchLoRALinear(old, rank=mc.rank, key=rngs.params())
+    if mc.method == "sste":
+        return SSTELinear(old)
     if mc.method in ("lowrank", "sltrain"):
         return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
                                    delta=mc.delta if mc.method == "sltrain" else 0.0,
@@ -107,8 +127,9 @@ def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
 
 
 def partition_pretrain(model: nnx.Module):
-    """-> graphdef, frozen (SLTrain supports), trainable (every nnx.Param), masks (Mask)."""
-    graphdef, trainable, masks, frozen = nnx.split(model, nnx.Param, Mask, ...)
+    """-> graphdef, frozen (SLTrain supports, LOST channels, SwitchLoRA pools, S-STE β), trainable (every
+    nnx.Param), masks (Mask, and SwitchLoRA's switch state: what changes between steps outside the optimizer)."""
+    graphdef, trainable, masks, frozen = nnx.split(model, nnx.Param, MASKS, ...)
     return graphdef, frozen, trainable, masks
 
 
@@ -136,7 +157,8 @@ def linear_param_count(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) ->
     """Parameters of the targeted linears: dense equivalent vs what the method stores.
 
     ``stored``: full ``in·out``; lowrank ``r(in+out)``; sltrain ``r(in+out) + ⌊δ·in·out⌋``;
-    slope ``nnz(M)`` (half of ``in·out``) plus the adapters ``r(in+out)``.
+    slope ``nnz(M)`` (half of ``in·out``) plus the adapters ``r(in+out)``; lost ``r(in+out) + ⌈ρ·in⌉·out``;
+    switchlora ``r(in+out)`` trained (W and the pools are frozen, not counted); sste ``in·out / 2`` (2:4).
     """
     dense = stored = 0
     for i, block, name in target_paths(cfg, mc.targets):
@@ -146,6 +168,12 @@ def linear_param_count(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) ->
         if isinstance(lin, SparseLowRankLinear):
             stored += sltrain_param_count(d_in, d_out, lin.lora_a[...].shape[1],
                                           mc.delta if lin.sparse_values is not None else 0.0)
+        elif isinstance(lin, LOSTLinear):
+            stored += lost_param_count(d_in, d_out, lin.lora_a[...].shape[1], mc.channel_ratio)
+        elif isinstance(lin, SwitchLoRALinear):
+            stored += switchlora_param_count(d_in, d_out, lin.lora_a[...].shape[1])
+        elif isinstance(lin, SSTELinear):
+            stored += d_in * d_out // 2
         elif isinstance(lin, SLoPeLinear):
             stored += int(np.asarray(lin.nm_mask[...]).sum())
             if lin.has_lora:
@@ -161,5 +189,6 @@ def param_summary(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) -> dict
     lin = linear_param_count(model, cfg, mc)
     n_train = tree_size(trainable)
     pruned = sum(int((~np.asarray(l.nm_mask[...])).sum()) for _, l in slope_linears(model))
+    pruned += sum(l.in_features * l.out_features // 2 for _, l in sste_linears(model))
     return {"trainable_params": n_train, "params_stored": n_train - pruned, "linear_params_dense": lin["dense"],
             "linear_params_stored": lin["stored"], "dense_params": cfg.num_params()}
