@@ -273,9 +273,9 @@ def runs(tmp_path_factory, fixtures, small_text):
 
 @pytest.mark.parametrize("name", ["switchlora", "sste"])
 def test_resume_mid_run_is_bitwise_the_same(runs, name, tmp_path, capsys):
-    ref, out, argv = runs[name]
-    run_dir = tmp_path / name
-    shutil.copytree(ref, run_dir)
+    run_dir, out, argv = runs[name]
+    ref = tmp_path / name  # the uninterrupted run (run.json records --out, so the resume happens in place)
+    shutil.copytree(run_dir, ref)
     # "killed" right after the step-4 checkpoint: later checkpoints and outputs gone, the log runs ahead
     for sub in ("checkpoints/8", "model", "pretrain.json", "loss.png"):
         shutil.rmtree(run_dir / sub) if (run_dir / sub).is_dir() else (run_dir / sub).unlink()
