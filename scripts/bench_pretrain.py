@@ -1,4 +1,4 @@
-"""Pretraining a tiny LLaMA from random init: full rank vs low rank vs SLTrain vs SLoPe.
+"""Pretraining a tiny LLaMA from random init: full rank vs low rank vs SLTrain vs SLoPe vs LOST vs SwitchLoRA vs S-STE.
 
 Same model (configs/pretrain_tiny.yaml), same tokens (the training plays, same seeded batches), same
 steps for every method:
@@ -10,8 +10,10 @@ steps for every method:
 3. in one process, per method: trainable parameters, optimizer-state bytes, compiled train-step memory
    (`jax.jit(step).lower(...).compile().memory_analysis()`), and seconds per step, the methods timed
    round-robin (so a shared machine's load hits all alike) and reported as a ratio to full rank.
+   (The timed step is the jitted train step; SwitchLoRA's switch and SLoPe's mask refresh run between
+   steps and are not in it.)
 
-    python scripts/bench_pretrain.py                     # 4 methods, the recipe's steps
+    python scripts/bench_pretrain.py                     # 7 methods, the recipe's steps
     python scripts/bench_pretrain.py --steps 40 --methods full,sltrain --out /tmp/p.json
 Writes benchmarks/pretrain.json (atomically, after every method) and benchmarks/pretrain.png.
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 
-METHODS = ("full", "lowrank", "sltrain", "slope")
+METHODS = ("full", "lowrank", "sltrain", "slope", "lost", "switchlora", "sste")
 
 
 def pretrain_args(argv: list[str]):
@@ -159,7 +161,10 @@ def main() -> None:
               "methods": {"lowrank_sltrain_rank": args0.lora_rank, "lora_alpha": args0.lora_alpha,
                           "sltrain_delta": args0.sparse_ratio, "slope_adapter_rank": args0.adapter_rank,
                           "slope_adapter_frac": args0.adapter_frac, "slope_mask_change_freq": args0.mask_change_freq,
-                          "slope_mask_refresh_frac": args0.mask_refresh_frac},
+                          "slope_mask_refresh_frac": args0.mask_refresh_frac,
+                          "lost_channel_ratio": args0.lost_channel_ratio, "switch_interval": args0.switch_interval,
+                          "switch_descent_ratio": args0.switch_descent_ratio,
+                          "switch_freeze_steps": args0.switch_freeze_steps},
               "eval": {"text": "held-out plays (Hamlet, Macbeth, The Tempest)", "seq_len": 128,
                        "max_tokens": a.eval_tokens},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
