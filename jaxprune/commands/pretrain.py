@@ -50,7 +50,10 @@ def add_pretrain_parser(sub) -> None:
     # --lora-rank is also LOST's and SwitchLoRA's rank; --lora-alpha is lowrank / sltrain only (LOST's
     # SVD factors have no scale, SwitchLoRA's is the official 1 / r).
     p.set_defaults(lora_rank=32, lora_alpha=8.0, seq_len=128, batch_size=4)
-    p.add_argument("--method", choices=METHODS, default="sltrain")
+    p.add_argument("--method", choices=METHODS, default="sltrain",
+                   help="full | lowrank (s·A@B) | sltrain (+ random sparse S) | slope (2:4, double-pruned backward) | "
+                   "lost (SVD low rank + sparse channels) | switchlora (switched LoRA vectors, W frozen) | "
+                   "sste (continuous 2:4 soft-threshold, frozen β, straight-through; no flags of its own)")
     p.add_argument("--tokenizer", default=None,
                    help="dir with tokenizer.json (default: the cached SmolLM2 fixture); sets the vocab size")
     g = p.add_argument_group("model (LLaMA, random init)")
