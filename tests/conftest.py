@@ -38,6 +38,18 @@ def make_hf_llama(tmp_path: Path, seed: int = 0, **overrides):
     return out, model
 
 
+def rewrite_config(src: Path, dst: Path, **changes) -> Path:
+    """A copy of the HF dir ``src`` at ``dst`` with ``changes`` applied to its config.json."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    d = json.loads((dst / "config.json").read_text())
+    d.update(changes)
+    (dst / "config.json").write_text(json.dumps(d))
+    return dst
+
+
 def torch_logits(model, tokens):
     import numpy as np
     import torch

@@ -22,7 +22,7 @@ from jaxprune.partition import combine, partition
 from jaxprune.prune.masks import update_structured_masks
 from jaxprune.prune.shrink import shrink
 
-from conftest import jax_logits, torch_logits
+from conftest import jax_logits, rewrite_config, torch_logits
 
 KW = dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
           num_key_value_heads=3, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -102,7 +102,7 @@ def test_mistral_sliding_window_generate_matches_transformers(tmp_path):
         ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, min_new_tokens=14)
     want = ref[0, len(prompt):].tolist()
     assert generate(model, prompt, max_new_tokens=14, temperature=0.0).tolist() == want
-    unwindowed, _ = load_hf_dir(_rewrite_config(hf_dir, tmp_path / "nowin", sliding_window=None))
+    unwindowed, _ = load_hf_dir(rewrite_config(hf_dir, tmp_path / "nowin", sliding_window=None))
     logits_win, logits_full = jax_logits(model, [prompt * 2]), jax_logits(unwindowed, [prompt * 2])
     assert np.abs(logits_win - logits_full).max() > 1e-3  # the window matters on this sequence
 
@@ -130,20 +130,12 @@ def test_phi3_longrope_partial_rotary(tmp_path):
         np.testing.assert_array_equal(got[name], want[name])
 
 
-def _rewrite_config(src, dst, **changes):
-    shutil.copytree(src, dst)
-    d = json.loads((dst / "config.json").read_text())
-    d.update(changes)
-    (dst / "config.json").write_text(json.dumps(d))
-    return dst
-
-
 def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
     hf_dir, _ = make_hf(tmp_path, "qwen2")
-    bad = _rewrite_config(hf_dir, tmp_path / "win", use_sliding_window=True, sliding_window=8)
+    bad = rewrite_config(hf_dir, tmp_path / "win", use_sliding_window=True, sliding_window=8)
     with pytest.raises(UserError, match="use_sliding_window"):
         load_hf_dir(bad)
-    gemma = _rewrite_config(hf_dir, tmp_path / "gemma", model_type="gemma2")
+    gemma = rewrite_config(hf_dir, tmp_path / "gemma", model_type="gemma2")
     capsys.readouterr()  # transformers' save progress bars
     assert main(["convert", str(gemma), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

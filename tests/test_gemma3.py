@@ -20,7 +20,7 @@ from jaxprune.partition import combine, partition
 from jaxprune.prune.masks import update_structured_masks
 from jaxprune.prune.shrink import shrink
 
-from conftest import jax_logits, torch_logits
+from conftest import jax_logits, rewrite_config, torch_logits
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 #: hidden 40 with 4 heads of head_dim 16 (≠ 40 / 4); sliding, global, sliding layers with a window of 4 < the
@@ -57,14 +57,6 @@ def gemma(request, tmp_path_factory):
     return make_gemma3(tmp_path_factory.mktemp("g3"), name=request.param, **extra)
 
 
-def _rewrite_config(src, dst, **changes):
-    shutil.copytree(src, dst)
-    d = json.loads((dst / "config.json").read_text())
-    d.update(changes)
-    (dst / "config.json").write_text(json.dumps(d))
-    return dst
-
-
 def test_load_matches_transformers(gemma, tmp_path):
     hf_dir, torch_model = gemma
     model, cfg = load_hf_dir(hf_dir)
@@ -79,7 +71,7 @@ def test_load_matches_transformers(gemma, tmp_path):
     for name, change in (("nowin", {"layer_types": [FULL] * 3}),
                          ("base", {"rope_parameters": {**KW["rope_parameters"], SLIDING: {"rope_type": "default",
                                                                                           "rope_theta": 1e4}}})):
-        other, _ = load_hf_dir(_rewrite_config(hf_dir, tmp_path / name, **change))
+        other, _ = load_hf_dir(rewrite_config(hf_dir, tmp_path / name, **change))
         assert np.abs(jax_logits(other, TOKENS) - want).max() > 1e-2, name
 
 
@@ -199,7 +191,7 @@ def test_unsupported_and_mqa_kv_group_are_one_line_errors(tmp_path, capsys, fixt
                                 ("localrope", {"rope_parameters": {**KW["rope_parameters"], SLIDING: {
                                     "rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}}, "sliding_attention")):
         with pytest.raises(UserError, match=words):
-            load_hf_dir(_rewrite_config(hf_dir, tmp_path / name, **change))
+            load_hf_dir(rewrite_config(hf_dir, tmp_path / name, **change))
     capsys.readouterr()
     args = ["--method", "magnitude", "--ratio", "0.5", "--steps", "1", "--text", str(small_text), "--no-progress"]
     assert main(["prune", str(hf_dir), *args, "--out", str(tmp_path / "run")]) == 2

@@ -111,9 +111,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
 
     if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
         hook, hook_state, after_step = None, (), None
-        fresh = jax.tree.map(np.array, s.trainable)  # host copies: the selection run donates its buffers
+        # the selection run trains host copies of s's LoRA (its step donates them), so s.trainable stays fresh
         masks = select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, prev is not None)
-        s = dataclasses.replace(s, trainable=fresh)
     elif args.method == "loraprune":
         hook = importance_hook(cfg, unit, run_cfg.lora_scale, args.beta)
         hook_state = init_importance(cfg, unit)
