@@ -310,6 +310,8 @@ RENDERERS = {
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),
+    "pretrain_new_methods.json": ("Pretraining from random init: LOST, SwitchLoRA, S-STE beside full rank (one seed)",
+                                  render_pretrain),
     "loram.json": ("LoRAM: LoRA trained on the pruned model, inference with the full one", render_loram),
     "loram_align12.json": ("LoRAM with 12 alignment steps of the pruned model", render_loram),
 }
