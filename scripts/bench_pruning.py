@@ -1,18 +1,26 @@
-"""LoRAPrune vs LLM-Pruner vs magnitude vs random on SmolLM2-135M, same data and step budget.
+"""LoRAPrune vs LLM-Pruner (vs magnitude, random) on SmolLM2-135M: same tokens, same recovery, several seeds.
 
-For each (method, ratio): prune (LoRAPrune: iteratively during `--steps` LoRA steps; baselines:
-one shot on `--calib-samples` x 64 tokens, then `--steps` LoRA recovery steps), shrink, and
-measure perplexity on the held-out plays, the fraction of all parameters removed and forward
-tokens/s relative to the dense model measured in the same process.
+Protocol (issue 19, "fair"): LoRAPrune selects its units in a run of `--select-steps` LoRA steps
+(masks set every `--prune-every` steps on the cubic schedule), then freezes the masks and every method
+recovers with fresh LoRA for `--steps` steps at the same schedule on its final shape. LLM-Pruner scores
+its units once on `--calib-samples` sequences of `--seq-len` tokens; by default as many tokens as
+LoRAPrune's selection run sees, so both pick their units from the same number of tokens.
+`--select-steps 0` is the old protocol (LoRAPrune prunes during the `--steps` run).
+A method spec `METHOD:UNIT[:int8][:distill]` adds `--quantize-base int8` or `--distill`.
+Each (seed, ratio, method) is one row (seed: calibration draw, batch order, LoRA init); the table
+rows are mean ± std over seeds. Memory: the compiled memory (`memory_analysis()`) of the method's
+importance pass at the shapes run here (LoRAPrune: one selection step; LLM-Pruner: one calibration
+pass of `--calib-batch` sequences, gradients summed over passes).
 
-    python scripts/bench_pruning.py                       # ratios 0.2,0.5, all methods
-    python scripts/bench_pruning.py --ratios 0.5 --steps 30 --eval-tokens 8192
+    python scripts/bench_pruning.py                       # seeds 0,1,2; ratios 0.2,0.5
+    python scripts/bench_pruning.py --seeds 0 --ratios 0.5 --steps 20 --eval-tokens 8192
 Writes benchmarks/pruning.json (after every run, atomically) and benchmarks/pruning.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -25,24 +33,47 @@ sys.path.insert(0, str(REPO))
 
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 
-RUNS = [("loraprune", "q_head"), ("loraprune", "kv_group"), ("llm-pruner", "q_head"), ("magnitude", "q_head"),
-        ("random", "q_head")]
+RUNS = ["loraprune:kv_group", "loraprune:kv_group:distill", "llm-pruner:kv_group", "llm-pruner:kv_group:distill"]
+OPTIONS = {"int8": ["--quantize-base", "int8"], "distill": ["--distill"]}
 
 
 
 
-def plot(rows, dense_ppl, path: Path) -> None:
+def label(r: dict) -> str:
+    return r["method"] + "".join(f"+{o}" for o in r.get("options", []))
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std (ddof 1) of perplexity over seeds, per (method + options, unit, ratio)."""
+    import numpy as np
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((label(r), r["attn_unit"], r["ratio"]), []).append(r)
+    out = []
+    for (name, unit, ratio), rs in groups.items():
+        ppl = np.array([r["ppl"] for r in rs])
+        out.append({"method": name, "attn_unit": unit, "ratio": ratio, "seeds": [r["seed"] for r in rs],
+                    "ppl_mean": float(ppl.mean()), "ppl_std": float(ppl.std(ddof=1)) if len(rs) > 1 else None,
+                    "ppl_each": ppl.tolist(), "params_removed_fraction": rs[0]["params_removed_fraction"],
+                    "importance_pass_bytes": rs[0].get("importance_pass_bytes"),
+                    "wall_s_mean": float(np.mean([r["wall_s"] for r in rs]))})
+    return out
+
+
+def plot(summary, dense_ppl, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label in sorted({(r["method"], r["attn_unit"]) for r in rows}):
-        pts = sorted((r["params_removed_fraction"], r["ppl"]) for r in rows if (r["method"], r["attn_unit"]) == label)
-        ax.plot(*zip(*pts), "o-", label=f"{label[0]} ({label[1]})")
+    for name in sorted({(s["method"], s["attn_unit"]) for s in summary}):
+        pts = sorted((s["params_removed_fraction"], s["ppl_mean"], s["ppl_std"] or 0.0) for s in summary
+                     if (s["method"], s["attn_unit"]) == name)
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, fmt="o-", capsize=3, label=f"{name[0]} ({name[1]})")
     ax.axhline(dense_ppl, color="gray", ls="--", label="dense")
     ax.set_xlabel("fraction of all parameters removed")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("held-out perplexity (mean ± std over seeds)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -50,20 +81,60 @@ def plot(rows, dense_ppl, path: Path) -> None:
     plt.close(fig)
 
 
+def importance_pass_bytes(method: str, unit: str, a) -> int | None:
+    """Compiled bytes of one importance pass at this run's shapes (SmolLM2-135M, float32, no remat)."""
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_pruning_memory import SHAPES, compile_step, memory
+    from jaxprune.config import ModelConfig
+
+    cfg = ModelConfig(**SHAPES["smollm2-135m"], max_position_embeddings=4096)
+    if method == "loraprune":
+        step, batch = "loraprune", a.batch_size
+    elif method == "llm-pruner":
+        step, batch = "llm_pruner_fused", a.calib_samples
+    else:
+        return None
+    compiled = compile_step(step, cfg, jnp.float32, batch, a.seq_len, a.lora_rank, False, False, unit=unit,
+                            chunk=a.calib_batch)
+    return memory(compiled)["total_bytes"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--methods", default=",".join(f"{m}:{u}" for m, u in RUNS),
-                    help="METHOD:UNIT[:int8], comma-separated (':int8' = --quantize-base int8, LoRAPrune only)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--methods", default=",".join(RUNS), help="METHOD:UNIT[:int8][:distill], comma-separated")
+    ap.add_argument("--seeds", default="0,1,2", help="calibration draw, data order and LoRA init, comma-separated")
+    ap.add_argument("--steps", type=int, default=30, help="LoRA recovery steps on the final shape (every method)")
+    ap.add_argument("--select-steps", type=int, default=20,
+                    help="LoRAPrune: selection-run steps before the masks freeze (0: prune during --steps)")
+    ap.add_argument("--prune-every", type=int, default=4, help="LoRAPrune: steps between mask updates")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (both methods)")
-    ap.add_argument("--prune-every", type=int, default=10, help="LoRAPrune: steps between mask updates")
-    ap.add_argument("--seed", type=int, default=0, help="data order and LoRA init (both methods)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (every method)")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=None,
+                    help="LLM-Pruner calibration sequences of --seq-len tokens (default: LoRAPrune's selection tokens)")
+    ap.add_argument("--calib-batch", type=int, default=None,
+                    help="LLM-Pruner: calibration sequences per pass (default: --batch-size, LoRAPrune's per step)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--speed", action="store_true", help="also time each pruned forward against the dense one "
+                                                         "(meaningful on an idle machine only)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out (same budget) and run only the missing ones")
     a = ap.parse_args()
+    if a.calib_samples is None:
+        a.calib_samples = max(a.select_steps, 1) * a.batch_size * a.grad_accum
+    a.calib_batch = a.calib_batch or a.batch_size
+    seeds = [int(x) for x in a.seeds.split(",")]
+    specs = []
+    for spec in a.methods.split(","):
+        method, unit, *opts = spec.split(":")
+        if any(o not in OPTIONS for o in opts):
+            sys.exit(f"--methods {spec!r}: options after METHOD:UNIT are {', '.join(OPTIONS)}")
+        specs.append((method, unit, opts))
 
     from jaxprune import load
     from jaxprune.cli import build_parser
@@ -75,49 +146,81 @@ def main() -> None:
     tok = load.load_tokenizer(paths.hf_dir)
     heldout = tokenize_text(tok, paths.heldout_text.read_text())
     dense_ppl = perplexity(dense, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens, progress=False)["ppl"]
-    dense_tps = forward_throughput(dense, batch_size=4, seq_len=256)
-    print(f"dense: ppl {dense_ppl:.2f}, {dense_tps:.0f} tokens/s", flush=True)
+    dense_tps = forward_throughput(dense, batch_size=4, seq_len=256) if a.speed else None
+    print(f"dense: ppl {dense_ppl:.2f}", flush=True)
+    memory = {(m, u): importance_pass_bytes(m, u, a) for m, u, _ in specs}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     result = {"benchmark": "pruning", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "budget": {"steps": a.steps, "seq_len": a.seq_len, "batch_size": a.batch_size,
-                         "grad_accum": a.grad_accum, "prune_every": a.prune_every, "seed": a.seed,
-                         "eval_tokens": a.eval_tokens, "eval_seq_len": 256},
-              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps}, "results": []}
-    for ratio in [float(r) for r in a.ratios.split(",")]:
-        for spec in a.methods.split(","):
-            method, unit, *base = spec.split(":")  # loraprune:kv_group:int8 -> --quantize-base int8
-            quant = ["--quantize-base", base[0]] if base else []
-            with tempfile.TemporaryDirectory() as tmp:
-                run = Path(tmp) / "run"
-                argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
-                        "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
-                        "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                        "--prune-every", str(a.prune_every), "--seed", str(a.seed), *quant, "--widths", "layerwise",
-                        "--save-every", str(a.steps), "--val-every", "0",
-                        "--out", str(run), "--json", "--no-progress"]
-                t = time.time()
-                args = build_parser().parse_args(argv)
-                summary = args.fn(args)
-                wall = time.time() - t
-                pruned = load.load_model(run / "model")
-            ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens,
-                             progress=False)["ppl"]
-            speedup, tps = forward_speedup(pruned, dense, batch_size=4, seq_len=256)  # interleaved with dense
-            row = {"method": method, "attn_unit": unit, "base": base[0] if base else "float", "ratio": ratio,
-                   "ppl": ppl,
-                   "params_after": summary["params_after"],
-                   "params_removed_fraction": summary["params_removed_fraction"],
-                   "heads_pruned": summary["heads_pruned"], "channels_pruned": summary["channels_pruned"],
-                   "tokens_per_s": tps, "speedup_vs_dense": speedup, "wall_s": wall}
-            result["results"].append(row)
-            write_json_atomic(out, result)
-            print(f"{method:10s} {unit:8s} {row['base']:5s} ratio {ratio}: ppl {ppl:8.2f}  removed "
-                  f"{row['params_removed_fraction']:.1%}  speed {row['speedup_vs_dense']:.2f}x  ({wall:.0f} s)",
-                  flush=True)
-    plot(result["results"], dense_ppl, out.with_suffix(".png"))
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "loadavg_start": os.getloadavg()[0]},
+              "protocol": "select" if a.select_steps else "during",
+              "budget": {"steps": a.steps, "select_steps": a.select_steps, "seq_len": a.seq_len,
+                         "batch_size": a.batch_size, "grad_accum": a.grad_accum, "prune_every": a.prune_every,
+                         "lora_rank": a.lora_rank, "calib_samples": a.calib_samples, "calib_len": a.seq_len,
+                         "calib_batch": a.calib_batch, "seeds": seeds, "eval_tokens": a.eval_tokens,
+                         "eval_seq_len": 256},
+              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps}, "results": [], "summary": [],
+              "command": "python scripts/bench_pruning.py " + " ".join(sys.argv[1:])}
+    if a.resume and out.exists():
+        old = json.loads(out.read_text())
+        if old.get("budget", {}) | {"seeds": seeds} != result["budget"]:
+            sys.exit(f"--resume: {out} was run with another budget: {old.get('budget')}")
+        result["results"], result["budget"]["seeds"] = old["results"], sorted(set(old["budget"]["seeds"]) | set(seeds))
+        result["command"] = old["command"] + " ; " + result["command"]
+    result["summary"] = summarise(result["results"])
+    done = {(r["seed"], r["ratio"], label(r), r["attn_unit"]) for r in result["results"]}
+    for seed in seeds:
+        for ratio in [float(r) for r in a.ratios.split(",")]:
+            for method, unit, opts in specs:
+                if (seed, ratio, label({"method": method, "options": opts}), unit) in done:
+                    continue
+                row = run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load,
+                              perplexity, forward_speedup)
+                row["importance_pass_bytes"] = memory[(method, unit)]
+                result["results"].append(row)
+                result["summary"] = summarise(result["results"])
+                result["wall_s"] = time.time() - t0
+                result["machine"]["loadavg_end"] = os.getloadavg()[0]
+                write_json_atomic(out, result)
+                print(f"seed {seed} {label(row):22s} {unit:8s} ratio {ratio}: ppl {row['ppl']:8.2f}  removed "
+                      f"{row['params_removed_fraction']:.1%}  ({row['wall_s']:.0f} s)", flush=True)
+    plot(result["summary"], dense_ppl, out.with_suffix(".png"))
+    for s_ in result["summary"]:
+        std = f" ± {s_['ppl_std']:.2f}" if s_["ppl_std"] is not None else ""
+        print(f"{s_['method']:22s} ratio {s_['ratio']}: {s_['ppl_mean']:.2f}{std}  (n={len(s_['seeds'])})")
     print(f"wrote {out}")
+
+
+def run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load, perplexity,
+            forward_speedup) -> dict:
+    """Prune + recover one model in a temporary run dir; its held-out perplexity and counts."""
+    extra = [x for o in opts for x in OPTIONS[o]]
+    if method == "loraprune" and a.select_steps:
+        extra += ["--select-steps", str(a.select_steps), "--recover-steps", str(a.steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
+                "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
+                "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
+                "--lora-rank", str(a.lora_rank), "--prune-every", str(a.prune_every), "--seed", str(seed),
+                "--calib-samples", str(a.calib_samples), "--calib-len", str(a.seq_len),
+                "--calib-batch", str(a.calib_batch), *extra, "--widths", "layerwise",
+                "--save-every", str(max(a.steps, a.select_steps)), "--val-every", "0",
+                "--out", str(run), "--json", "--no-progress"]
+        t = time.time()
+        args = build_parser().parse_args(argv)
+        summary = args.fn(args)
+        wall = time.time() - t
+        pruned = load.load_model(run / "model")
+    ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens, progress=False)["ppl"]
+    speedup = forward_speedup(pruned, dense, batch_size=4, seq_len=256) if a.speed else (None, None)
+    return {"method": method, "attn_unit": unit, "options": opts, "base": "int8" if "int8" in opts else "float",
+            "ratio": ratio, "seed": seed, "ppl": ppl, "params_after": summary["params_after"],
+            "params_removed_fraction": summary["params_removed_fraction"],
+            "heads_pruned": summary["heads_pruned"], "channels_pruned": summary["channels_pruned"],
+            "tokens_per_s": speedup[1], "speedup_vs_dense": speedup[0], "wall_s": wall}
 
 
 if __name__ == "__main__":

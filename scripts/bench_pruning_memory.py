@@ -70,10 +70,10 @@ def memory(compiled) -> dict:
 
 
 def compile_step(step: str, cfg: ModelConfig, dtype, batch: int, seq: int, rank: int, remat: bool,
-                 quantized: bool):
-    """The compiled ``step`` ('loraprune', 'llm_pruner_materialised', 'llm_pruner_fused')."""
+                 quantized: bool, unit: str = "q_head", chunk: int | None = None):
+    """The compiled ``step`` ('loraprune', 'llm_pruner_materialised', 'llm_pruner_fused'); ``chunk``: the fused
+    step's sequences per pass."""
     graphdef, frozen, trainable, masks = abstract_pytrees(cfg, dtype, rank, remat, quantized)
-    unit = "q_head"
     if step == "loraprune":
         tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
         opt = make_optimizer(OptimConfig())
@@ -84,7 +84,7 @@ def compile_step(step: str, cfg: ModelConfig, dtype, batch: int, seq: int, rank:
                         jax.ShapeDtypeStruct((), jnp.int32)).compile()
     calib = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     if step == "llm_pruner_fused":
-        return taylor_importance_step(graphdef, cfg, unit).lower(frozen, trainable, masks, calib).compile()
+        return taylor_importance_step(graphdef, cfg, unit, chunk).lower(frozen, trainable, masks, calib).compile()
     loss_fn = make_loss_fn(graphdef)
     grads_step = jax.jit(lambda fr, tr, mk, b: jax.grad(lambda f: loss_fn(tr, f, mk, b)[0])(fr))
     return grads_step.lower(frozen, trainable, masks, calib).compile()

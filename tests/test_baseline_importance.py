@@ -64,15 +64,16 @@ def tiny(tmp_path_factory):
     return hf_dir, model, tokens
 
 
-@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
-def test_llm_pruner_taylor_scores_equal_torch_autograd_reference(tiny, unit):
+@pytest.mark.parametrize("unit,chunk", [("kv_group", None), ("q_head", None), ("q_head", 3)])
+def test_llm_pruner_taylor_scores_equal_torch_autograd_reference(tiny, unit, chunk):
+    """chunk=3 on 4 sequences: two accumulated passes of 2 (the batch-mean gradient, as one pass)."""
     hf_dir, model, tokens = tiny
     params, grads = torch_params_and_grads(model, tokens)
     want_attn, want_mlp = reference_scores(lambda n: np.abs(params[n] * grads[n]), 2, unit)
 
     jmodel = load.load_model(hf_dir)
     graphdef, frozen, trainable, masks = partition(jmodel)
-    attn, mlp = taylor_importance_step(graphdef, jmodel.config, unit)(frozen, trainable, masks, tokens)
+    attn, mlp = taylor_importance_step(graphdef, jmodel.config, unit, chunk)(frozen, trainable, masks, tokens)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(attn[i]), want_attn[i], rtol=2e-4, err_msg=f"attn {i}")
         np.testing.assert_allclose(np.asarray(mlp[i]), want_mlp[i], rtol=2e-4, err_msg=f"mlp {i}")

@@ -129,7 +129,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                                         strict=False)
         scores = to_host(one_shot_scores(args.method, cfg, unit, frozen=frozen, graphdef=s.graphdef,
                                          trainable=placement.put(s.trainable), masks=placement.put(s.masks),
-                                         calib=calib, seed=args.seed))
+                                         calib=calib, seed=args.seed, calib_batch=args.calib_batch))
         masks = update_structured_masks(to_host(s.masks), scores, args.ratio, cfg, unit, layers)
 
     def callbacks(_frozen, _placement):
@@ -198,7 +198,7 @@ def add_posttraining_args(p) -> None:
     p.add_argument("--calib", default=None, help="calibration text (.txt or dir; default: --text)")
     p.add_argument("--blocksize", type=POSITIVE_INT, default=128, help="sparsegpt: lazy-update block of input rows")
     p.add_argument("--percdamp", type=NONNEG_FLOAT, default=0.01, help="sparsegpt: dampening λ = percdamp·mean(diag H)")
-    p.add_argument("--calib-batch", type=POSITIVE_INT, default=8, help="calibration sequences per jitted pass")
+    p.add_argument("--calib-batch", type=POSITIVE_INT, default=8, help="calibration sequences per jitted pass (llm-pruner, wanda, sparsegpt)")
 
 
 def is_posttraining(args) -> bool:

@@ -29,13 +29,26 @@ def taylor_importance(cfg: ModelConfig, frozen: dict, base_grads: dict, unit: At
     return unit_scores(cfg, element, unit, normalise_modules=False)
 
 
-def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit):
+def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: int | None = None):
     """A jitted ``(frozen, trainable, masks, batch [n, S]) -> UnitScores``: base-weight gradients of the
-    mean NLL on a calibration batch, reduced to units."""
+    mean NLL on a calibration batch, reduced to units.
+
+    ``chunk``: sequences per forward/backward pass. The gradient of the batch mean is accumulated over
+    ``n / c`` equal passes of ``c`` sequences (``c`` the largest divisor of ``n`` not above ``chunk``),
+    ``∂L/∂W = (1/k) Σ_j ∂L_j/∂W``, so the activations of one pass are live at a time; ``None``: one pass."""
     loss_fn = make_loss_fn(graphdef)
 
     @jax.jit
     def step(frozen, trainable, masks, batch):
-        grads = jax.grad(lambda fr: loss_fn(trainable, fr, masks, batch)[0])(frozen)
+        n = batch.shape[0]
+        c = max(d for d in range(1, min(chunk or n, n) + 1) if n % d == 0)
+        grad = jax.grad(lambda fr, b: loss_fn(trainable, fr, masks, b)[0])
+        if c == n:
+            grads = grad(frozen, batch)
+        else:
+            def body(acc, b):
+                return jax.tree.map(jnp.add, acc, grad(frozen, b)), None
+            total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, frozen), batch.reshape(n // c, c, -1))
+            grads = jax.tree.map(lambda g: g * (c / n), total)
         return taylor_importance(cfg, nnx.to_pure_dict(frozen), nnx.to_pure_dict(grads), unit)
     return step
