@@ -14,6 +14,7 @@ Structured masks act on activations:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import Linear, Mask, RMSNorm, with_axes
+from .ops.order import after
 from .rope import apply_rope, layer_rope_tables, rope_kind
 
 #: The decoder layer's linears as (block, name), in order, with their (in, out) logical axes: the one
@@ -85,16 +87,20 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, cache_index, 0, 0))
             cache = KVCache(k, v)
             q_pos = q_pos + cache_index
-        T = k.shape[1]
-        G = H // KV
-        qg = q.reshape(B, S, KV, G, D)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.scalar))
-        causal = q_pos[:, None] >= jnp.arange(T)[None, :]
-        if self.sliding_window is not None:  # Mistral: keys more than W - 1 positions back are out of reach
-            causal = causal & (q_pos[:, None] - jnp.arange(T)[None, :] < self.sliding_window)
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(B, S, H, D)
+        # jax.nn.dot_product_attention: logits in fp32, softmax in fp32, GQA without repeating k/v; cuDNN's
+        # fused kernel where the backend has one (GPU), XLA elsewhere. Same maths as HF's eager attention.
+        scale = 1.0 / math.sqrt(self.scalar)
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)  # W - 1 keys back
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
+                                               local_window_size=window)
+        else:  # decoding: the queries sit at cache_index.., so the causal mask is explicit
+            t = jnp.arange(k.shape[1])[None, :]
+            visible = q_pos[:, None] >= t
+            if window is not None:
+                visible = visible & (q_pos[:, None] - t <= window[0])
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
+                                               mask=visible[None, None])
         out = out * self.head_mask[...].astype(out.dtype)[:, None]
         return self.o_proj(out.reshape(B, S, H * D)), cache
 
@@ -210,12 +216,33 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def _remat_layer(layer: DecoderLayer, x, cos, sin):
-    """``layer(x)`` under jax.checkpoint: only the layer's input is saved for the backward pass."""
+    """``layer(x)`` rematerialised: the forward keeps only the layer's input (and its weights, alive anyway);
+    the backward runs the layer again from that input and differentiates it there.
+
+    Not ``jax.checkpoint``: XLA:CPU drops the optimisation barrier that keeps the recomputation apart from
+    the forward pass, CSE then merges the two, and every layer's activations stay alive until the backward
+    pass (remat in name only). Here the recomputation's input depends on the incoming cotangent
+    (``ops.order.after``), so it cannot run before the backward pass reaches this layer, on any backend.
+    Cotangents of integer / bool leaves (int8 kernels, masks) are float0, of unused ones dead code.
+    """
     graphdef, state = nnx.split(layer)
 
-    @jax.checkpoint
-    def run(state, x, cos, sin):
+    def apply(state, x, cos, sin):
         return nnx.merge(graphdef, state)(x, cos, sin)[0]
+
+    @jax.custom_vjp
+    def run(state, x, cos, sin):
+        return apply(state, x, cos, sin)
+
+    def run_fwd(state, x, cos, sin):
+        return apply(state, x, cos, sin), (state, x, cos, sin)
+
+    def run_bwd(res, g):
+        state, x, cos, sin = res
+        _, vjp = jax.vjp(lambda st, h: apply(st, h, cos, sin), state, after(x, g))
+        return (*vjp(g), jnp.zeros_like(cos), jnp.zeros_like(sin))
+
+    run.defvjp(run_fwd, run_bwd)
     return run(state, x, cos, sin)
 
 

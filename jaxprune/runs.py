@@ -67,6 +67,7 @@ class TrainConfig:
     dtype: str | None = None
     quantize_base: str = "none"
     impl: str = "auto"  # element-masked linears: Pallas kernel or XLA (weights.set_linear_impl)
+    remat: bool = False  # recompute each decoder layer in the backward pass (model._remat_layer)
     quiet: bool = False  # no informational stderr lines (``--json``)
     distill: bool = False  # train on train.DistillConfig(distill_alpha, distill_temp) instead of plain CE
     distill_alpha: float = 0.5
@@ -213,6 +214,7 @@ def setup_lora(model_path: str, cfg: TrainConfig, model=None) -> LoraSetup:
     if cfg.quantize_base == "int8":
         quantize_base(model)
     impl = set_linear_impl(model, cfg.impl)
+    model.remat = cfg.remat  # static: part of the graphdef
     tok = load.load_tokenizer(model_path)
     paths = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, seed=cfg.seed)
     graphdef, frozen, trainable, masks = partition(model)

@@ -25,7 +25,7 @@ from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
 # whatever mesh the resumed run has)
 MESH_RESUME_FREE = {"mesh", "axis_rule", "shard_rule", "distributed", "coordinator", "num_processes", "process_id"}
-RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv",
+RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv", "remat",
                *MESH_RESUME_FREE}
 
 
@@ -69,6 +69,9 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
                             "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never "
                             "differentiate the base")
         add_impl_arg(p)  # pretraining's SLTrain / SLoPe layers have their own matmuls
+        p.add_argument("--remat", action="store_true",
+                       help="recompute each decoder layer in the backward pass: activation memory of one layer "
+                            "instead of all (~1.3x the step's compute; same gradients)")
     add_mesh_args(p)
 
 

@@ -151,6 +151,7 @@ def choose_units(args, run_cfg: TrainConfig, dense, blocks: Blocks, layers, plac
         masks = to_host(run_training(job, pcfg, placement, d, resume=again).state.masks)
     else:
         placement.head_dim = cfg.head_dim
+        dense.remat = run_cfg.remat
         graphdef, frozen, trainable, masks = partition(dense)
         calib = None
         if args.prune_method == "llm-pruner":

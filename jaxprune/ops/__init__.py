@@ -1,2 +1,2 @@
 """Small array operations with no knowledge of the model: int8 weights (``int8``), N:M masks (``nm``), block
-structure of masks (``blocks``)."""
+structure of masks (``blocks``), ordering a recomputation after a value (``order``)."""

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .order import after
+
 
 def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     """W [in, out] float -> (q [in, out] int8, s [out] float32) with W ≈ q · s."""
@@ -46,17 +48,11 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _float_copy(q, anchor, dtype):
-    """``q.astype(dtype)``, made to depend on ``anchor`` (an activation of this call).
-
-    XLA may otherwise hoist the copy out of the gradient-accumulation loop, or share one copy between
-    the forward and the backward pass; either keeps every layer's float weight alive through the
-    whole step, which defeats the int8 base. (Optimisation barriers do not help: XLA:CPU drops them
-    before CSE.) The dependency is an exact zero derived from ``anchor[0]``: 0·a where a is finite,
-    else 0, which no compiler may fold away.
-    """
-    a = anchor.reshape(-1)[0]
-    zero = jnp.where(jnp.isfinite(a), a * 0, 0).astype(q.dtype)
-    return (q + zero).astype(dtype)
+    """``q.astype(dtype)``, made to depend on ``anchor`` (an activation of this call): XLA may otherwise hoist
+    the copy out of the gradient-accumulation loop, or share one copy between the forward and the backward
+    pass; either keeps every layer's float weight alive through the whole step, which defeats the int8 base
+    (see :mod:`jaxprune.ops.order`)."""
+    return after(q, anchor).astype(dtype)
 
 
 def _int8_matmul_fwd(x, q, scale):
