@@ -133,7 +133,46 @@ def render_pruning_memory(data: dict) -> str:
     ])
 
 
+def render_pruning_seeded(data: dict) -> str:
+    """bench_pruning.py with seeds: mean ± std per method and ratio, then every seed's row."""
+    d, b, m = data.get("dense", {}), data.get("budget", {}), data.get("machine", {})
+    pm = lambda s: f"{s['ppl_mean']:.2f}" + (f" ± {s['ppl_std']:.2f}" if s.get("ppl_std") is not None else "")  # noqa: E731
+    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "", "0%", "", ""]]
+    for s in sorted(data["summary"], key=lambda s: (-s["ratio"], s["method"])):
+        mem = s.get("importance_pass_bytes")
+        rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), len(s["seeds"]),
+                     f"{s['params_removed_fraction']:.1%}", _mib(mem) if mem else "–", f"{s['wall_s_mean']:.0f}"])
+    each = [[r["seed"], r["ratio"], r["method"] + "".join(f"+{o}" for o in r.get("options", [])), r["attn_unit"],
+             f"{r['ppl']:.2f}"] for r in data.get("results", [])]
+    select = b.get("select_steps") or 0
+    protocol = (f"LoRAPrune selects its units in a {select}-step LoRA run (masks every {b.get('prune_every')} steps, "
+                f"cubic schedule), then the masks freeze; LLM-Pruner scores once on {b.get('calib_samples')} "
+                f"sequences x {b.get('calib_len')} tokens (the tokens LoRAPrune's selection sees), "
+                f"{b.get('calib_batch')} per pass. "
+                f"Then every method recovers with fresh rank-{b.get('lora_rank')} LoRA for {b.get('steps')} steps of "
+                f"{b.get('grad_accum', 1)} x {b.get('batch_size')} x {b.get('seq_len')} tokens at the same schedule"
+                if select else
+                f"LoRAPrune prunes during {b.get('steps')} LoRA steps; the baselines prune first, then recover")
+    return "\n".join([
+        f"SmolLM2-135M, every layer but the first 3 and the last (`--widths layerwise`). {protocol}. "
+        "`+distill`: recovery on 0.5·CE + 0.5·KL to the unpruned model (`--distill`). Perplexity on "
+        f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
+        f"{', '.join(map(str, b.get('seeds', [])))} (seed: calibration draw, batch order, LoRA init). Memory: compiled "
+        "bytes of one importance pass at these shapes (`memory_analysis()`, no remat).", "",
+        table(["method", "attention unit", "ratio", "perplexity", "seeds", "all params removed",
+               "importance pass MiB", "wall s / run"], rows), "",
+        "<details><summary>every run</summary>", "",
+        table(["seed", "ratio", "method", "unit", "perplexity"], each), "", "</details>", "",
+        f"Command: `{data.get('command', '?')}` ({data.get('wall_s', 0) / 60:.0f} min). Machine: "
+        f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs, load average {m.get('loadavg_start', 0):.1f} at start, "
+        f"{m.get('loadavg_end', 0):.1f} at end.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
 def render_pruning(data: dict) -> str:
+    if data.get("summary"):
+        return render_pruning_seeded(data)
     d = data.get("dense", {})
     b = data.get("budget", {})
     rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "0%", "", "", "1.00x"]]
