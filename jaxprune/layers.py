@@ -34,6 +34,7 @@ from flax import nnx
 
 from . import kernels
 from .ops.int8 import dequantize, int8_matmul
+from .ops.lora import lora_matmul
 
 AXES_KEY = "logical_axes"  #: the NNX metadata key holding a Variable's logical axis names
 Axes = tuple  # tuple[str | None, ...]: one logical name (or None) per dimension
@@ -171,13 +172,17 @@ class Linear(nnx.Module):
             else:
                 y = x @ self.merged_kernel()
         else:
-            if self.kernel_scale is None:
-                y = x @ self.kernel[...]
-            else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
-                y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
-            if self.has_lora:
-                a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-                y = y + self.lora_scale * ((x @ a) @ b)
+            if self.kernel_scale is None and self.has_lora and x.dtype == self.kernel.dtype == jnp.float32:
+                y = lora_matmul(x, self.kernel[...], self.lora_a[...].astype(x.dtype),
+                                self.lora_b[...].astype(x.dtype), self.lora_scale)  # one matmul (ops/lora.py)
+            else:
+                if self.kernel_scale is None:
+                    y = x @ self.kernel[...]
+                else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
+                    y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
+                if self.has_lora:
+                    a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+                    y = y + self.lora_scale * ((x @ a) @ b)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

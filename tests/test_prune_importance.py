@@ -206,17 +206,25 @@ def _frozen_matrix_shapes(frozen) -> set[tuple[int, ...]]:
     return {tuple(x.shape) for x in jax.tree.leaves(frozen) if x.ndim == 2}
 
 
-def _count_shaped_outputs(jaxpr, shapes) -> int:
-    """Number of equation outputs (recursively, through jit / scan / custom_jvp bodies) whose shape is
-    one of ``shapes``. Inputs are not counted: only values the computation *forms*."""
+def _count_shaped_outputs(jaxpr, shapes, min_contraction: int = 0) -> int:
+    """Number of equation outputs (recursively, through jit / scan / custom_jvp / custom_vjp bodies) whose
+    shape is one of ``shapes``. Inputs are not counted: only values the computation *forms*. With
+    ``min_contraction``: only dot_generals contracting at least that many elements per output, i.e. sums over
+    tokens (a weight gradient Σ_t x_t·dy_t), not rank-r products (W + s·A@B, LoRAPrune's G)."""
     n = 0
     for eqn in jaxpr.eqns:
-        n += sum(tuple(getattr(v.aval, "shape", ())) in shapes for v in eqn.outvars)
+        if min_contraction:
+            if eqn.primitive.name == "dot_general":
+                (lhs_c, _), _ = eqn.params["dimension_numbers"]
+                size = int(np.prod([eqn.invars[0].aval.shape[d] for d in lhs_c]))
+                n += size >= min_contraction and tuple(eqn.outvars[0].aval.shape) in shapes
+        else:
+            n += sum(tuple(getattr(v.aval, "shape", ())) in shapes for v in eqn.outvars)
         for p in eqn.params.values():
             for sub in (p if isinstance(p, (tuple, list)) else (p,)):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    n += _count_shaped_outputs(inner, shapes)
+                    n += _count_shaped_outputs(inner, shapes, min_contraction)
     return n
 
 
@@ -267,21 +275,27 @@ def test_loraprune_step_forms_no_base_weight_gradient():
 
     with_hook = make_train_step(graphdef, optimizer, grad_hook=recording_hook, donate=False)
     without = make_train_step(graphdef, optimizer, donate=False)
-    n_with = _count_shaped_outputs(jax.make_jaxpr(with_hook)(*args()).jaxpr, shapes)
+    tokens = batch.shape[1] * batch.shape[2]  # a weight gradient sums over every token of the micro-batch
+    jaxpr_with = jax.make_jaxpr(with_hook)(*args()).jaxpr
     # (i)
     assert seen["paths"] and all(p[-1] in ("lora_a", "lora_b") for p in seen["paths"])
     assert not seen["shapes"] & shapes
-    # (ii)
-    n_without = _count_shaped_outputs(jax.make_jaxpr(without)(*args()).jaxpr, shapes)
+    # (ii) W-shaped sums over tokens: none in the LoRAPrune step (with or without the hook) ...
+    jaxpr_without = jax.make_jaxpr(without)(*args()).jaxpr
+    assert _count_shaped_outputs(jaxpr_with, shapes, tokens) == 0
+    assert _count_shaped_outputs(jaxpr_without, shapes, tokens) == 0
+    # ... and the hook adds its own W-shaped values (W', G), the step's backward none beyond its forward's
     zero_grads = jax.tree.map(jnp.zeros_like, trainable)
     n_hook = _count_shaped_outputs(jax.make_jaxpr(inner_hook)(hook_state, trainable, zero_grads, frozen, masks,
                                                              jnp.int32(0)).jaxpr, shapes)
-    assert n_without == 0
-    assert n_hook > 0 and n_with == n_hook
+    assert n_hook > 0
+    assert _count_shaped_outputs(jaxpr_with, shapes) == _count_shaped_outputs(jaxpr_without, shapes) + n_hook
+    # positive control: LLM-Pruner's Taylor step forms one per frozen linear kernel (the embedding's is a scatter)
     taylor = taylor_importance_step(graphdef, UNIQUE, "q_head")
-    n_taylor = _count_shaped_outputs(jax.make_jaxpr(taylor)(frozen, trainable, masks, batch[0]).jaxpr, shapes)
-    n_frozen_matrices = sum(x.ndim == 2 for x in jax.tree.leaves(frozen))
-    assert n_taylor >= n_frozen_matrices
+    n_taylor = _count_shaped_outputs(jax.make_jaxpr(taylor)(frozen, trainable, masks, batch[0]).jaxpr, shapes,
+                                     tokens)
+    n_frozen_kernels = sum(x.ndim == 2 for x in jax.tree.leaves(frozen)) - 1
+    assert n_taylor >= n_frozen_kernels
 
     # (iii)
     out = with_hook(*args())
