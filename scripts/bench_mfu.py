@@ -45,15 +45,14 @@ def median_time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(sizes, iters: int) -> dict:
+def matmul_peak(sizes, iters: int, dtype) -> dict:
     import jax
-    import jax.numpy as jnp
 
     out = {}
     for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-        dot = jax.jit(jnp.dot)
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+        dot = jax.jit(lambda x, y: x @ y)
         t = median_time(lambda: jax.block_until_ready(dot(a, b)), iters)
         out[n] = 2 * n ** 3 / t
     return out
@@ -79,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     ap.add_argument("--sizes", default="1024,2048,3072", help="square matmul sizes for the peak")
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights, activations and the peak's matmul (bfloat16: the GPU/TPU row)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "mfu.json"))
     a = ap.parse_args(argv)
 
@@ -94,12 +95,13 @@ def main(argv=None) -> int:
     from jaxprune.prune.loraprune import importance_hook, init_importance
     from jaxprune.train import OptimConfig, make_optimizer, make_train_step
 
-    peaks = matmul_peak([int(s) for s in a.sizes.split(",")], iters=5)
+    dtype = jnp.dtype(a.dtype)
+    peaks = matmul_peak([int(s) for s in a.sizes.split(",")], iters=5, dtype=dtype)
     peak = max(peaks.values())
     print("matmul peak: " + ", ".join(f"{n}: {f / 1e9:.1f} GFLOP/s" for n, f in peaks.items()), flush=True)
 
     cfg = ModelConfig(**SHAPES["smollm2-135m"], max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0))
     model.remat = a.remat
     add_lora(model, rank=8, alpha=16)
     graphdef, frozen, trainable, masks = partition(model)
@@ -113,8 +115,8 @@ def main(argv=None) -> int:
     t = median_time(lambda: jax.block_until_ready(step(*args)), a.steps)
     flops = model_flops(cfg, a.batch, a.seq_len)
     result = {
-        "benchmark": "mfu", "model_shape": "SmolLM2-135M (random weights)", "step": "LoRAPrune (fp32, rank 8)",
-        "batch": a.batch, "seq_len": a.seq_len, "remat": a.remat,
+        "benchmark": "mfu", "model_shape": "SmolLM2-135M (random weights)", "step": f"LoRAPrune ({a.dtype}, rank 8)",
+        "batch": a.batch, "seq_len": a.seq_len, "remat": a.remat, "dtype": a.dtype,
         "matmul_peak_flops": {str(n): f for n, f in peaks.items()}, "peak_flops": peak,
         "step_s": t, "tokens_per_s": a.batch * a.seq_len / t,
         "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,

@@ -82,6 +82,31 @@ def render_forward(data: dict) -> str:
         f"Machine: {m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, jax {m.get('jax', '?')} "
         f"({m.get('jax_backend', '?')}), torch {m.get('torch', '?')}, transformers {m.get('transformers', '?')}; "
         f"max |logit diff| {_cell(data.get('max_abs_logit_diff'))}; {data.get('date', '')}.",
+        *([f"Back to back ({data.get('rounds', '?')} pairs of one jaxprune and one torch forward, median time "
+           f"ratio): {data['ratio_back_to_back_median']:.2f}x."] if data.get("ratio_back_to_back_median") else []),
+        *([f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
+def render_mfu(data: dict) -> str:
+    m = data.get("machine", {})
+    peaks = ", ".join(f"{n}: {f / 1e9:.1f}" for n, f in data.get("matmul_peak_flops", {}).items())
+    rows = [[data.get("step"), f"{data['batch']} x {data['seq_len']}", "on" if data.get("remat") else "off",
+             f"{data['step_s']:.2f}", f"{data['tokens_per_s']:.0f}", f"{data['model_flops_per_step'] / 1e9:.1f}",
+             f"{data['achieved_model_flops'] / 1e9:.1f}", f"{data['mfu']:.1%}",
+             f"{data['xla_flops_per_step'] / 1e9:.1f}", f"{data['xla_flops_utilisation']:.1%}"]]
+    return "\n".join([
+        f"{data.get('model_shape')}: one jitted LoRAPrune step (forward, backward w.r.t. LoRA, importance EMA, "
+        "AdamW). Model FLOPs: 2 x the forward's (matmuls incl. lm_head, causal attention); the frozen base needs "
+        f"no weight gradient. Peak: best square fp32 `jnp.dot` here (GFLOP/s by size: {peaks}).", "",
+        table(["step", "tokens", "remat", "s / step", "tokens/s", "model GFLOP", "GFLOP/s", "MFU",
+               "XLA-counted GFLOP", "XLA FLOPs / peak"], rows), "",
+        f"Machine: {m.get('platform', '?')}, {m.get('cpus', '?')} CPUs, jax {m.get('jax', '?')} ({m.get('backend')}), "
+        f"load average {m.get('loadavg', 0):.1f}; {data.get('date', '')}. Command: `{data.get('command', '')}`.",
+        *([] if m.get("backend") in ("gpu", "tpu") else [
+            "", "**No GPU row**: no GPU was lent to any session so far; on one, `python scripts/bench_mfu.py --dtype "
+            "bfloat16 --out benchmarks/mfu_gpu.json` measures the bf16 row."]),
+        *([f"Note: {data['note']}"] if data.get("note") else []),
     ])
 
 
@@ -344,6 +369,8 @@ RENDERERS = {
                                       render_pruning),
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
+    "mfu.json": ("Model FLOP utilisation of the LoRAPrune step", render_mfu),
+    "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU", render_mfu),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32)", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
