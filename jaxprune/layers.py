@@ -171,18 +171,17 @@ class Linear(nnx.Module):
                 y = kernels.masked_lowrank_matmul(x, w, a, b, self.weight_mask[...], s, impl="pallas")
             else:
                 y = x @ self.merged_kernel()
+        elif self.kernel_scale is None and self.has_lora and x.dtype == self.kernel.dtype == jnp.float32:
+            y = lora_matmul(x, self.kernel[...], self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype),
+                            self.lora_scale)  # one matmul (ops/lora.py)
         else:
-            if self.kernel_scale is None and self.has_lora and x.dtype == self.kernel.dtype == jnp.float32:
-                y = lora_matmul(x, self.kernel[...], self.lora_a[...].astype(x.dtype),
-                                self.lora_b[...].astype(x.dtype), self.lora_scale)  # one matmul (ops/lora.py)
-            else:
-                if self.kernel_scale is None:
-                    y = x @ self.kernel[...]
-                else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
-                    y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
-                if self.has_lora:
-                    a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-                    y = y + self.lora_scale * ((x @ a) @ b)
+            if self.kernel_scale is None:
+                y = x @ self.kernel[...]
+            else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
+                y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
+            if self.has_lora:
+                a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+                y = y + self.lora_scale * ((x @ a) @ b)
         if self.bias is not None:
             y = y + self.bias[...]
         return y

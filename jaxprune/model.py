@@ -92,15 +92,14 @@ class Attention(nnx.Module):
         scale = 1.0 / math.sqrt(self.scalar)
         window = None if self.sliding_window is None else (self.sliding_window - 1, 0)  # W - 1 keys back
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
-                                               local_window_size=window)
+            masking = {"is_causal": True, "local_window_size": window}
         else:  # decoding: the queries sit at cache_index.., so the causal mask is explicit
             t = jnp.arange(k.shape[1])[None, :]
             visible = q_pos[:, None] >= t
             if window is not None:
                 visible = visible & (q_pos[:, None] - t <= window[0])
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
-                                               mask=visible[None, None])
+            masking = {"mask": visible[None, None]}
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, **masking)
         out = out * self.head_mask[...].astype(out.dtype)[:, None]
         return self.o_proj(out.reshape(B, S, H * D)), cache
 

@@ -108,6 +108,17 @@ def make_loss_fn(graphdef, compute_dtype=None, distill: DistillConfig | None = N
     return loss_fn
 
 
+def mean_over_microbatches(fn, batches):
+    """The mean of the pytree ``fn(b)`` over the leading axis of ``batches`` [k, ...], scanned so that one
+    micro-batch's activations are live at a time (gradient accumulation: summed, then divided by k)."""
+    def body(acc, b):
+        return jax.tree.map(jnp.add, acc, fn(b)), None
+
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(fn, batches[0]))
+    total, _ = jax.lax.scan(body, zeros, batches)
+    return jax.tree.map(lambda t: t / batches.shape[0], total)
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_hook: GradHook | None = None,
                     compute_dtype=None, donate: bool = True, state_shardings=None,
                     distill: DistillConfig | None = None):
@@ -120,14 +131,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
-        def micro(acc, tokens):
+        def micro(tokens):
             (loss, _), g = grad_fn(trainable, frozen, masks, tokens)
-            return jax.tree.map(jnp.add, acc, (loss, g)), None
+            return loss, g
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, batch)
-        n = batch.shape[0]
-        loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        loss, grads = mean_over_microbatches(micro, batch)
         if grad_hook is not None:
             hook_state = grad_hook(hook_state, trainable, grads, frozen, masks, step_index)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)

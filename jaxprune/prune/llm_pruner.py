@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import ModelConfig
-from ..train import make_loss_fn
+from ..train import make_loss_fn, mean_over_microbatches
 from .groups import AttnUnit
 from .importance import UnitScores, unit_scores
 
@@ -46,9 +46,6 @@ def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: in
         if c == n:
             grads = grad(frozen, batch)
         else:
-            def body(acc, b):
-                return jax.tree.map(jnp.add, acc, grad(frozen, b)), None
-            total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, frozen), batch.reshape(n // c, c, -1))
-            grads = jax.tree.map(lambda g: g * (c / n), total)
+            grads = mean_over_microbatches(lambda b: grad(frozen, b), batch.reshape(n // c, c, -1))
         return taylor_importance(cfg, nnx.to_pure_dict(frozen), nnx.to_pure_dict(grads), unit)
     return step
