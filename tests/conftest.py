@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -209,3 +210,21 @@ def rel_err(got, want) -> float:
     import numpy as np
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.abs(got - want).max(initial=0.0) / max(np.abs(want).max(initial=0.0), 1e-30))
+
+
+def flat_params(ckpt_dir) -> dict:
+    """A saved pretrain checkpoint's params as {key path: array}."""
+    import jax
+    import numpy as np
+
+    from jaxprune.checkpoint import restore_pytree
+    return {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(restore_pytree(ckpt_dir / "params"))[0]}
+
+
+def run_main_json(capsys, *args) -> dict:
+    """``jaxprune ARGS`` in this process (exit 0 asserted); its last stdout line as JSON."""
+    from jaxprune.cli import main
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
+    return json.loads(capsys.readouterr().out.splitlines()[-1])

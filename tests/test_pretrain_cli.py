@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import jax_logits, torch_logits
+from conftest import flat_params, jax_logits, torch_logits
+from conftest import run_main_json as run
 from jaxprune.checkpoint import restore_pytree
 from jaxprune.cli import main
 
@@ -30,17 +31,6 @@ def metrics(run_dir):
 
 def trajectory(run_dir):
     return [(r["step"], r["loss"], r["grad_norm"], r.get("val_ppl")) for r in metrics(run_dir)]
-
-
-def flat_params(ckpt_dir):
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(restore_pytree(ckpt_dir / "params"))[0]}
-
-
-def run(capsys, *args) -> dict:
-    capsys.readouterr()
-    assert main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
-    return json.loads(capsys.readouterr().out.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import jax_logits, torch_logits
-from jaxprune.checkpoint import restore_pytree
+from conftest import flat_params, jax_logits, torch_logits
+from conftest import run_main_json as run
 from jaxprune.cli import main
 from jaxprune.config import ModelConfig
 from jaxprune.errors import UserError
@@ -225,17 +225,6 @@ METHOD_ARGS = {
 
 def metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
-def flat_params(ckpt_dir):
-    return {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(restore_pytree(ckpt_dir / "params"))[0]}
-
-
-def run(capsys, *args) -> dict:
-    capsys.readouterr()
-    assert main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
-    return json.loads(capsys.readouterr().out.splitlines()[-1])
 
 
 def model_at(run_dir, step):
