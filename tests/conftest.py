@@ -65,7 +65,8 @@ def fixtures():
     from jaxprune.fixtures import fixture_paths
 
     paths = fixture_paths()
-    if not (paths.hf_dir / "model.safetensors").exists() or not paths.play_text.exists():
+    if not all(p.exists() for p in (paths.hf_dir / "model.safetensors", paths.play_text,
+                                     paths.plays_tokenizer / "tokenizer.json")):
         subprocess.run([sys.executable, str(REPO / "scripts" / "fixtures.py")], check=True)
     return paths
 

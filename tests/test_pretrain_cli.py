@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import flat_params, jax_logits, torch_logits
+from conftest import REPO, flat_params, jax_logits, torch_logits
 from conftest import run_main_json as run
 from jaxprune.checkpoint import restore_pytree
 from jaxprune.cli import main
@@ -178,3 +178,33 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(common, tmp_path, capsys, e
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxprune pretrain: error:") and needle in lines[0], lines
     assert not out.exists()
+
+
+def test_plays_tokenizer_is_deterministic_lossless_and_sets_the_vocab(fixtures, small_text, tmp_path, capsys):
+    """`--tokenizer plays-bpe-4096`: the fixture's byte-level BPE (4,096 tokens, trained on the training plays)
+    is rebuilt bitwise from the same text, decodes the held-out plays back exactly, and a pretraining run with
+    it has a 4,096 x hidden embedding."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from jaxprune import load
+    from jaxprune.commands.pretrain import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location("fixtures_script", REPO / "scripts" / "fixtures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    again = SimpleNamespace(train_text=fixtures.train_text, plays_tokenizer=tmp_path / "tok")
+    script.train_plays_tokenizer(again)
+    assert (again.plays_tokenizer / "tokenizer.json").read_bytes() == \
+        (fixtures.plays_tokenizer / "tokenizer.json").read_bytes()
+    tok = load_tokenizer("plays-bpe-4096")
+    assert len(tok) == tok.vocab_size == 4096
+    text = fixtures.heldout_text.read_text()[:20_000]
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text and len(ids) < len(text) / 2.5  # lossless, ~2.9 characters a token
+    out = tmp_path / "run"
+    args = ["--text", str(small_text), *TINY, "--tokenizer", "plays-bpe-4096", "--method", "full", "--steps", "1",
+            "--val-every", "0", "--out", str(out)]
+    run(capsys, "pretrain", *args)
+    assert flat_params(out / "model")["['embed_tokens']"].shape == (4096, 32)
+    assert len(load.load_tokenizer(out / "model")) == 4096

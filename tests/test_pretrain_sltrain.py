@@ -80,6 +80,26 @@ def test_lowrank_baseline_count_init_and_live_gradients():
     assert max(factor_grads(zero_b).values()) == 0.0  # the saddle
 
 
+def test_sltrain_b_init_zero_is_the_official_start_and_uniform_matches_lowrank(sltrain_model):
+    """Official SLTrain: B = 0, so W = S at init (the sparse part alone). ``sltrain_b_init="uniform"`` draws
+    B ~ U(±1/√r) as the low-rank baseline does; the support, the values and the parameter count do not change."""
+    lin0 = sltrain_model.layers[0].mlp.up_proj
+    assert float(jnp.abs(lin0.lora_b[...]).max()) == 0.0
+    w0 = np.asarray(lin0.merged_kernel()).reshape(-1)
+    idx = np.asarray(lin0.sparse_index[...])
+    assert np.count_nonzero(w0) == idx.size and np.array_equal(w0[idx], np.asarray(lin0.sparse_values[...]))
+    mc = MethodConfig("sltrain", rank=R, alpha=ALPHA, delta=DELTA, sltrain_b_init="uniform")
+    lin1 = build_model(CFG, mc, seed=0).layers[0].mlp.up_proj
+    b = np.asarray(lin1.lora_b[...])
+    assert 0 < np.abs(b).max() <= 1 / np.sqrt(R) and abs(b.std() - 1 / np.sqrt(3 * R)) < 0.1 / np.sqrt(R)
+    assert np.array_equal(np.asarray(lin1.sparse_index[...]), idx)  # every other draw is the same
+    assert np.array_equal(np.asarray(lin1.sparse_values[...]), np.asarray(lin0.sparse_values[...]))
+    assert np.array_equal(np.asarray(lin1.lora_a[...]), np.asarray(lin0.lora_a[...]))
+    assert layer_trainable(lin1) == layer_trainable(lin0)
+    with pytest.raises(Exception, match="sltrain-b-init"):
+        MethodConfig("sltrain", sltrain_b_init="normal")
+
+
 def test_support_sampling_uniform_without_replacement():
     idx = np.asarray(sample_support(jax.random.key(3), 48, 32, DELTA))
     assert idx.dtype == np.int32 and len(idx) == int(DELTA * 48 * 32) == 46

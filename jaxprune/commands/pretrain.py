@@ -22,7 +22,7 @@ from ..config import ModelConfig
 from ..data import Blocks, token_stream
 from ..errors import UserError
 from ..fileio import write_json_atomic
-from ..fixtures import fixture_paths
+from ..fixtures import PLAYS_TOKENIZER, fixture_paths, named_tokenizer_dir
 from ..hf import load_tokenizer as hf_tokenizer
 from ..load import DTYPES
 from ..partition import tree_bytes
@@ -55,7 +55,8 @@ def add_pretrain_parser(sub) -> None:
                    "lost (SVD low rank + sparse channels) | switchlora (switched LoRA vectors, W frozen) | "
                    "sste (continuous 2:4 soft-threshold, frozen β, straight-through; no flags of its own)")
     p.add_argument("--tokenizer", default=None,
-                   help="dir with tokenizer.json (default: the cached SmolLM2 fixture); sets the vocab size")
+                   help="dir with tokenizer.json, or a cached one by name: smollm2 (the default, 49,152 tokens) or "
+                   f"{PLAYS_TOKENIZER} (the plays' own BPE); sets the vocab size")
     g = p.add_argument_group("model (LLaMA, random init)")
     g.add_argument("--hidden-size", type=POSITIVE_INT, default=128)
     g.add_argument("--intermediate-size", type=POSITIVE_INT, default=352)
@@ -67,6 +68,9 @@ def add_pretrain_parser(sub) -> None:
                    help="share embed_tokens and lm_head (SmolLM2 does); --no-tie-word-embeddings unties")
     g = p.add_argument_group("sltrain")
     g.add_argument("--sparse-ratio", type=OPEN_FRACTION, default=0.03, help="δ: the support holds ⌊δ·in·out⌋ entries")
+    g.add_argument("--sltrain-b-init", choices=("zero", "uniform"), default="zero",
+                   help="the up factor B at init: zero (the official code: W starts as S alone) or U(±1/√r) "
+                   "(as the low-rank baseline)")
     g = p.add_argument_group("slope")
     g.add_argument("--adapter-rank", type=NONNEG_INT, default=16, help="lazy adapter rank r (0: none)")
     g.add_argument("--adapter-frac", type=FRACTION, default=0.01, help="fraction of final steps with adapters")
@@ -90,7 +94,7 @@ def add_pretrain_parser(sub) -> None:
 def method_config(args) -> MethodConfig:
     return MethodConfig(method=args.method, rank=args.lora_rank, alpha=args.lora_alpha, delta=args.sparse_ratio,
                         targets=args.targets, adapter_rank=args.adapter_rank, max_aspect_ratio=args.max_aspect_ratio,
-                        channel_ratio=args.lost_channel_ratio)
+                        channel_ratio=args.lost_channel_ratio, sltrain_b_init=args.sltrain_b_init)
 
 
 def slope_schedule(args):
@@ -102,7 +106,8 @@ def switch_schedule(args):
 
 
 def load_tokenizer(path):
-    p = Path(path) if path else fixture_paths().hf_dir
+    """The tokenizer of DIR, or of a cached fixture by name (``smollm2``, ``plays-bpe-4096``)."""
+    p = (named_tokenizer_dir(path) or Path(path)) if path else fixture_paths().hf_dir
     if not p.is_dir():
         raise UserError(f"{p}: no such tokenizer dir" + ("" if path else
                         " (pass --tokenizer DIR, or run scripts/fixtures.py for the SmolLM2 one)"))

@@ -198,7 +198,8 @@ def add_posttraining_args(p) -> None:
     p.add_argument("--calib", default=None, help="calibration text (.txt or dir; default: --text)")
     p.add_argument("--blocksize", type=POSITIVE_INT, default=128, help="sparsegpt: lazy-update block of input rows")
     p.add_argument("--percdamp", type=NONNEG_FLOAT, default=0.01, help="sparsegpt: dampening λ = percdamp·mean(diag H)")
-    p.add_argument("--calib-batch", type=POSITIVE_INT, default=8, help="calibration sequences per jitted pass (llm-pruner, wanda, sparsegpt)")
+    p.add_argument("--calib-batch", type=POSITIVE_INT, default=8,
+                   help="calibration sequences per jitted pass (llm-pruner, wanda, sparsegpt)")
 
 
 def is_posttraining(args) -> bool:

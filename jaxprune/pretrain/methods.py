@@ -49,7 +49,8 @@ LOWRANK_METHODS = ("lowrank", "sltrain", "lost", "switchlora")  # the methods th
 class MethodConfig:
     """How the targeted linears are parameterised (``rank``: lowrank, sltrain, lost, switchlora; ``alpha``:
     lowrank and sltrain; ``delta``: sltrain; ``adapter_rank``/``max_aspect_ratio``: slope; ``channel_ratio``:
-    lost)."""
+    lost; ``sltrain_b_init``: SLTrain's up factor at init, ``zero`` as the official code or ``uniform``
+    U(±1/√r) as the low-rank baseline's)."""
 
     method: str = "full"
     rank: int = 32
@@ -59,6 +60,7 @@ class MethodConfig:
     adapter_rank: int = 16
     max_aspect_ratio: float = 5.0
     channel_ratio: float = 0.03
+    sltrain_b_init: str = "zero"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -69,6 +71,8 @@ class MethodConfig:
             raise UserError(f"--lora-rank {self.rank}: must be >= 1")
         if self.method == "sltrain" and not 0.0 < self.delta < 1.0:
             raise UserError(f"--sparse-ratio {self.delta}: must be in (0, 1)")
+        if self.sltrain_b_init not in ("zero", "uniform"):
+            raise UserError(f"--sltrain-b-init {self.sltrain_b_init!r}: expected zero or uniform")
         if self.adapter_rank < 0:
             raise UserError(f"--adapter-rank {self.adapter_rank}: must be >= 0")
         try:
@@ -119,7 +123,7 @@ def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
     if mc.method in ("lowrank", "sltrain"):
         return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
                                    delta=mc.delta if mc.method == "sltrain" else 0.0,
-                                   zero_b=mc.method == "sltrain", rngs=rngs,
+                                   zero_b=mc.method == "sltrain" and mc.sltrain_b_init == "zero", rngs=rngs,
                                    use_bias=old.bias is not None, dtype=dtype, axes=old.axes)
     if aspect_ratio(old.in_features, old.out_features) > mc.max_aspect_ratio:
         return old  # SLoPe leaves very thin / wide layers dense

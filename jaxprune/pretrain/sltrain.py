@@ -86,11 +86,8 @@ class SparseLowRankLinear(Linear):
                  axes: tuple[str | None, str | None] = (None, None)):
         super().__init__(in_features, out_features, axes=axes, use_bias=use_bias, dtype=dtype, with_kernel=False)
         bound = 1.0 / math.sqrt(in_features)
-        a = jax.random.uniform(rngs.params(), (in_features, rank), dtype, -bound, bound)
-        b_bound = 1.0 / math.sqrt(rank)
-        b = (jnp.zeros((rank, out_features), dtype) if zero_b else
-             jax.random.uniform(rngs.params(), (rank, out_features), dtype, -b_bound, b_bound))
-        self.set_lora(a, b, float(alpha) / float(rank))
+        a_key = rngs.params()
+        a = jax.random.uniform(a_key, (in_features, rank), dtype, -bound, bound)
         if delta > 0:
             self.sparse_index = nnx.data(SparseIndex(sample_support(rngs.params(), in_features, out_features,
                                                                     delta)))
@@ -100,6 +97,13 @@ class SparseLowRankLinear(Linear):
         else:
             self.sparse_index = nnx.data(None)
             self.sparse_values = nnx.data(None)
+        # SLTrain's random B (``--sltrain-b-init uniform``) takes its key from A's, not from the shared
+        # stream, so every other draw of the model (A, supports, values) is bitwise the one with B = 0
+        b_bound = 1.0 / math.sqrt(rank)
+        b_key = jax.random.fold_in(a_key, 1) if delta > 0 else rngs.params()
+        b = (jnp.zeros((rank, out_features), dtype) if zero_b else
+             jax.random.uniform(b_key, (rank, out_features), dtype, -b_bound, b_bound))
+        self.set_lora(a, b, float(alpha) / float(rank))
 
     def merged_kernel(self) -> jax.Array:
         """``s·A@B + S`` as a dense [in, out] weight."""
