@@ -1,6 +1,6 @@
 """Pretraining a tiny LLaMA from random init: full rank vs low rank vs SLTrain vs SLoPe vs LOST vs SwitchLoRA vs S-STE.
 
-Same model (configs/pretrain_tiny.yaml), same tokens (the training plays, same seeded batches), same
+Same model (configs/pretrain_1m.yaml), same tokens (the training plays, same seeded batches), same
 steps for every method:
 
 1. `jaxprune pretrain --config configs/pretrain_tiny.yaml --method M --steps N` (in-process, the CLI

@@ -66,8 +66,10 @@ def test_forward_weight_is_2_4_along_the_input_dim():
     assert np.mean(sparse == 0) == 0.5
 
 
-def test_backward_input_grad_uses_the_double_pruned_weight():
+@pytest.mark.parametrize("impl", ["xla", "pallas"])  # pallas: the masked low-rank kernel (interpret mode on CPU)
+def test_backward_input_grad_uses_the_double_pruned_weight(impl):
     lin = slope_layer()
+    lin.impl = impl
     w = np.asarray(lin.kernel[...])
     m = nm_reference(w, 0)
     m2 = m & nm_reference(np.where(m, w, 0), 1)  # W ⊙ M pruned 2:4 again along `out`
@@ -78,8 +80,12 @@ def test_backward_input_grad_uses_the_double_pruned_weight():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 32)), jnp.float32)
     g = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 48)), jnp.float32)
     graphdef, params, rest = nnx.split(lin, nnx.Param, ...)
-    _, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x)
+    y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x)
+    jaxpr = str(jax.make_jaxpr(lambda p, x, g: jax.vjp(lambda p, x: nnx.merge(graphdef, p, rest)(x), p, x)[1](g))(
+        params, x, g))
+    assert jaxpr.count("pallas_call") == (2 if impl == "pallas" else 0)  # forward and dx through the kernel
     g_params, g_x = vjp(g)
+    np.testing.assert_allclose(y, np.asarray(x) @ np.where(m, w, 0), rtol=1e-5, atol=1e-5)
     # reference: jax.vjp of a plain matmul with the double-pruned weight, w.r.t. x
     _, ref_vjp = jax.vjp(lambda x: x @ jnp.asarray(w_dp), x)
     np.testing.assert_allclose(g_x, ref_vjp(g)[0], rtol=1e-5, atol=1e-5)

@@ -75,11 +75,11 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
     add_mesh_args(p)
 
 
-def add_impl_arg(p: argparse.ArgumentParser) -> None:
+def add_impl_arg(p: argparse.ArgumentParser, what: str = "element-masked linears ((W + s·A@B) ⊙ M: "
+                 "--sparsity/--pattern models, --keep-sparsity)") -> None:
     p.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
-                   help="element-masked linears ((W + s·A@B) ⊙ M: --sparsity/--pattern models, --keep-sparsity): "
-                        "the Pallas masked low-rank kernel or XLA; auto = the kernel on GPU/TPU, XLA on CPU; "
-                        "pallas on CPU runs interpret mode (slow, for checks)")
+                   help=f"{what}: the Pallas masked low-rank kernel or XLA; auto = the kernel on GPU/TPU, XLA on "
+                        "CPU; pallas on CPU runs interpret mode (slow, for checks)")
 
 
 def add_mesh_args(p) -> None:

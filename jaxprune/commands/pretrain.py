@@ -35,7 +35,8 @@ from ..pretrain.switchlora import make_after_step as switchlora_after_step
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training
 from ..sharding import init_distributed, is_main_process, placement_for
 from ..train import LoopCallbacks
-from .common import add_run_args, mesh_config, run_record, train_config, with_config
+from ..weights import set_linear_impl
+from .common import add_impl_arg, add_run_args, mesh_config, run_record, train_config, with_config
 from .flags import AT_LEAST_1, FRACTION, NONNEG_INT, OPEN_FRACTION, POSITIVE_INT, float_range
 
 FRACTION_ABOVE_0 = float_range(0.0, 1.0, lo_open=True)  # (0, 1]
@@ -78,6 +79,7 @@ def add_pretrain_parser(sub) -> None:
     g.add_argument("--mask-refresh-frac", type=FRACTION, default=0.1,
                    help="fraction of initial steps during which the forward 2:4 mask is refreshed too")
     g.add_argument("--max-aspect-ratio", type=AT_LEAST_1, default=5.0, help="layers thinner than this stay dense")
+    add_impl_arg(g, "SLoPe's 2:4 products x @ (W ⊙ M) and the double-pruned dy @ (W ⊙ M ⊙ M₂)ᵀ")
     g = p.add_argument_group("lost (low-rank from the init's top-r SVD + sparse input channels of the rest)")
     g.add_argument("--lost-channel-ratio", type=FRACTION_ABOVE_0, default=0.03,
                    help="ρ: the sparse part holds ⌈ρ·in⌉ input channels (0.03 = SLTrain's δ budget)")
@@ -147,6 +149,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     blocks = Blocks.from_stream(token_stream(args.text, tok), args.seq_len, seed=args.seed)
     model = build_model(cfg, method, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
     summary = param_summary(model, cfg, method)
+    impl = set_linear_impl(model, args.impl)  # a static attribute of the graphdef: set before the split
     graphdef, frozen, trainable, masks = partition_pretrain(model)
     run_dir, prev = prepare_run_dir(run_cfg.out, run_record(args, "pretrain"), resume=run_cfg.resume,
                                     overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir
@@ -180,8 +183,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     if is_main_process():
         checkpoint.save_model(dense, run_dir / "model", tokenizer=tok, overwrite=True,
                               extra_meta={"pretrain_method": method.method})
-    out = {"method": method.method, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), **summary,
-           "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
+    out = {"method": method.method, "impl": impl, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
+           **summary, "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
     if schedule is not None:
         out["adapter_start_step"] = schedule.adapter_start
     if switching is not None:

@@ -11,7 +11,9 @@ Read off the official code (Mohammad-Mozaffari/slope: ``slope/slope.py`` ``prune
 * Backward (double pruning): ``∂L/∂x = ∂L/∂y @ (W ⊙ M ⊙ M₂)ᵀ`` where ``M₂`` is 2:4 along the
   output dim of the already-pruned ``W ⊙ M`` (``prune_column_wise``), so that the transposed
   product is 2:4 too; ``∂L/∂W = (xᵀ @ ∂L/∂y) ⊙ M`` (``grad_weight[mask] = 0``). A ``jax.custom_vjp``
-  (:func:`double_pruned_matmul`).
+  (:func:`double_pruned_matmul`). With ``pretrain --impl pallas`` (``auto`` on GPU/TPU) both masked
+  products run through the Pallas masked low-rank kernel (``kernels/masked_lowrank.py``, a zero adapter),
+  which applies the mask per tile instead of forming ``W ⊙ M``; ``∂L/∂W`` stays an XLA matmul.
 * Masks: ``M`` from ``|W|`` at initialisation; both ``M`` and ``M₂`` are recomputed from the current
   magnitudes every ``mask_change_freq`` steps during the first ``refresh_frac`` of training, and
   ``M₂`` alone every ``mask_change_freq`` steps afterwards (the official sparse AdamW re-prunes the
@@ -32,11 +34,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import kernels
 from ..errors import UserError
 from ..layers import Linear, Mask
 from ..ops.nm import nm_keep_mask
@@ -65,19 +69,31 @@ def double_pruned_mask(w: jax.Array, fwd_mask: jax.Array) -> jax.Array:
     return fwd_mask & nm_mask(jnp.where(fwd_mask, w, 0), axis=1)
 
 
-@jax.custom_vjp
-def double_pruned_matmul(x: jax.Array, w: jax.Array, fwd_mask: jax.Array, bwd_mask: jax.Array) -> jax.Array:
-    """``x [..., in] @ (w ⊙ fwd_mask) [in, out]``; the x-gradient uses ``w ⊙ bwd_mask`` (see module doc)."""
-    return x @ jnp.where(fwd_mask, w, 0).astype(x.dtype)
+def masked_matmul(x: jax.Array, w: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+    """``x [..., in] @ (w ⊙ mask) [in, out]``: XLA (``"xla"``), or the Pallas masked low-rank kernel with a
+    zero rank-1 adapter (``"pallas"``: compiled on GPU/TPU, interpret mode on CPU), which merges the mask
+    tile by tile and never forms ``w ⊙ mask``."""
+    if impl == "pallas":
+        a, b = jnp.zeros((w.shape[0], 1), w.dtype), jnp.zeros((1, w.shape[1]), w.dtype)
+        return kernels.masked_lowrank_matmul(x, w, a, b, mask, 0.0, impl="pallas").astype(x.dtype)
+    return x @ jnp.where(mask, w, 0).astype(x.dtype)
 
 
-def _dpm_fwd(x, w, fwd_mask, bwd_mask):
-    return double_pruned_matmul(x, w, fwd_mask, bwd_mask), (x, w, fwd_mask, bwd_mask)
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def double_pruned_matmul(x: jax.Array, w: jax.Array, fwd_mask: jax.Array, bwd_mask: jax.Array,
+                         impl: str = "xla") -> jax.Array:
+    """``x [..., in] @ (w ⊙ fwd_mask) [in, out]``; the x-gradient uses ``w ⊙ bwd_mask`` (see module doc).
+    ``impl``: both masked products through XLA or the Pallas kernel (:func:`masked_matmul`)."""
+    return masked_matmul(x, w, fwd_mask, impl)
 
 
-def _dpm_bwd(res, g):
+def _dpm_fwd(x, w, fwd_mask, bwd_mask, impl):
+    return double_pruned_matmul(x, w, fwd_mask, bwd_mask, impl), (x, w, fwd_mask, bwd_mask)
+
+
+def _dpm_bwd(impl, res, g):
     x, w, fwd_mask, bwd_mask = res
-    dx = g @ jnp.where(bwd_mask, w, 0).astype(g.dtype).T
+    dx = masked_matmul(g, w.T, bwd_mask.T, impl)  # ∂L/∂y @ (W ⊙ M ⊙ M₂)ᵀ
     dw = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
     dw = jnp.where(fwd_mask, dw, 0).astype(w.dtype)
     return dx.astype(x.dtype), dw, None, None
@@ -127,7 +143,7 @@ class SLoPeLinear(Linear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]."""
-        y = double_pruned_matmul(x, self.kernel[...], self.nm_mask[...], self.backward_mask[...])
+        y = double_pruned_matmul(x, self.kernel[...], self.nm_mask[...], self.backward_mask[...], self.impl)
         if self.has_lora:
             a, b, s = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype), self.lora_scale
             y = y + jax.lax.cond(self.adapter_on[...], lambda: s * ((x @ a) @ b),
