@@ -6,7 +6,8 @@ recovers with fresh LoRA for `--steps` steps at the same schedule on its final s
 its units once on `--calib-samples` sequences of `--seq-len` tokens; by default as many tokens as
 LoRAPrune's selection run sees, so both pick their units from the same number of tokens.
 `--select-steps 0` is the old protocol (LoRAPrune prunes during the `--steps` run).
-A method spec `METHOD:UNIT[:int8][:distill]` adds `--quantize-base int8` or `--distill`.
+A method spec `METHOD:UNIT[:int8][:distill][:attnmean]` adds `--quantize-base int8`, `--distill` or (LoRAPrune)
+`--attn-score mean`.
 Each (seed, ratio, method) is one row (seed: calibration draw, batch order, LoRA init); the table
 rows are mean ± std over seeds. Memory: the compiled memory (`memory_analysis()`) of the method's
 importance pass at the shapes run here (LoRAPrune: one selection step; LLM-Pruner: one calibration
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 
 RUNS = ["loraprune:kv_group", "loraprune:kv_group:distill", "llm-pruner:kv_group", "llm-pruner:kv_group:distill"]
-OPTIONS = {"int8": ["--quantize-base", "int8"], "distill": ["--distill"]}
+OPTIONS = {"int8": ["--quantize-base", "int8"], "distill": ["--distill"], "attnmean": ["--attn-score", "mean"]}
 
 
 
@@ -104,7 +105,8 @@ def importance_pass_bytes(method: str, unit: str, a) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--methods", default=",".join(RUNS), help="METHOD:UNIT[:int8][:distill], comma-separated")
+    ap.add_argument("--methods", default=",".join(RUNS),
+                    help="METHOD:UNIT[:int8][:distill][:attnmean], comma-separated")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draw, data order and LoRA init, comma-separated")
     ap.add_argument("--steps", type=int, default=30, help="LoRA recovery steps on the final shape (every method)")
     ap.add_argument("--select-steps", type=int, default=20,

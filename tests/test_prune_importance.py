@@ -195,6 +195,38 @@ def test_ema_update_and_nan_guard():
         assert int(out.updates) == 3
 
 
+def test_attn_score_mean_ranks_by_the_window_sum_where_ema_ranks_by_recency():
+    """Two accepted steps of attention scores for a 3-KV-group layer, β = 0.5: the EMA is
+    [3, 2.5, 3.75] (group 1 lowest), the sum [6, 10, 10] (group 0 lowest). ``--attn-score ema`` prunes
+    group 1, ``mean`` group 0; MLP channels follow the EMA either way."""
+    from types import SimpleNamespace
+
+    from jaxprune.model import LlamaForCausalLM
+    from jaxprune.partition import partition
+    from jaxprune.prune.loraprune import scheduled_mask_update
+    from jaxprune.prune.schedule import CubicSchedule
+
+    cfg = GQA.replace(num_heads=3, num_kv_heads=3, head_dim=8, num_layers=1)
+    state = init_importance(cfg, "kv_group")
+    mlp_steps = (np.arange(20, dtype=np.float32), np.arange(20, dtype=np.float32)[::-1].copy())
+    for attn, mlp in zip(([0.0, 10.0, 5.0], [6.0, 0.0, 5.0]), mlp_steps):
+        state = ema_update(state, ((jnp.asarray(attn, jnp.float32),), (jnp.asarray(mlp),)), 0.5)
+    np.testing.assert_allclose(np.asarray(state.attn[0]), [3.0, 2.5, 3.75])
+    np.testing.assert_allclose(np.asarray(state.attn_sum[0]), [6.0, 10.0, 10.0])
+    masks = partition(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))[3]
+    schedule = CubicSchedule(4, 0.4, warmup=0.0, cooldown=0.0, every=4)  # one prune step, at t = 4: ratio 0.4
+    kept = {}
+    for how in ("ema", "mean"):
+        st = SimpleNamespace(hook_state=state, masks=masks, _replace=lambda **kw: SimpleNamespace(**kw))
+        out = scheduled_mask_update(cfg, "kv_group", [0], schedule, attn_score=how)(3, st)
+        d = nnx.to_pure_dict(out.masks)["layers"][0]
+        kept[how] = (np.asarray(d["self_attn"]["head_mask"]), np.asarray(d["mlp"]["channel_mask"]))
+    assert kept["ema"][0].tolist() == [True, False, True] and kept["mean"][0].tolist() == [False, True, True]
+    # EMA of the channels: 0.25·i + 0.5·(19 − i) is lowest for the largest i: channels 12..19 (8 = int(0.4·20))
+    want = np.arange(20) < 12
+    assert np.array_equal(kept["ema"][1], want) and np.array_equal(kept["mean"][1], want)
+
+
 # ---- 6. no base-weight gradient in the LoRAPrune step --------------------------------------------
 # Shapes chosen so no LoRA factor, activation or other weight shares a frozen 2-D weight's shape:
 # hidden 40, intermediate 72, 6 heads x 8 = 48 (q, o), 3 KV heads x 8 = 24 (k, v), vocab 56, rank 4.

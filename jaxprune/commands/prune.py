@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..fileio import check_output_dir, write_json_atomic
 from ..partition import tree_size
 from ..prune.groups import WIDTHS, check_attn_unit, structured_layers
-from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_update
+from ..prune.loraprune import ATTN_SCORES, importance_hook, init_importance, scheduled_mask_update
 from ..prune.masks import structured_sparsity, update_structured_masks
 from ..prune.oneshot import one_shot_scores
 from ..prune.posttraining import POSTTRAINING_METHODS, calibration_tokens, posttraining_layers, prune_model
@@ -61,6 +61,9 @@ def add_prune_parser(sub) -> None:
                    help="LoRAPrune: fraction of steps before pruning")
     p.add_argument("--cooldown-frac", type=FRACTION_BELOW_1, default=0.1, help="LoRAPrune: final fine-tuning fraction")
     p.add_argument("--beta", type=FRACTION_BELOW_1, default=0.9, help="LoRAPrune: importance moving-average factor")
+    p.add_argument("--attn-score", choices=ATTN_SCORES, default="ema",
+                   help="LoRAPrune: rank attention units by the moving average at the prune step (ema, the "
+                        "paper's) or by the mean score over every step so far (mean)")
     p.add_argument("--calib-samples", type=POSITIVE_INT, default=10, help="baselines: calibration sequences")
     p.add_argument("--calib-len", type=SEQ_LEN, default=64, help="baselines: calibration sequence length")
     p.add_argument("--recover-steps", type=POSITIVE_INT, default=None,
@@ -118,7 +121,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         hook_state = init_importance(cfg, unit)
         schedule = CubicSchedule(args.steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
                                  every=args.prune_every)
-        after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
+        after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put, args.attn_score)
         masks = s.masks
     else:
         hook, hook_state, after_step = None, (), None
@@ -151,6 +154,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
         "distill": {"alpha": args.distill_alpha, "temperature": args.distill_temp} if args.distill else None,
         "select_steps": args.select_steps if split else None,
+        "attn_score": args.attn_score if args.method == "loraprune" else None,
         "select": last_metrics(run_dir / "select") if split else None,
     }
     if is_main_process():
@@ -172,7 +176,7 @@ def select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, 
     cfg, unit = sel.model.config, args.attn_unit
     schedule = CubicSchedule(args.select_steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
                              every=args.prune_every)
-    after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
+    after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put, args.attn_score)
     job = TrainJob(sel.graphdef, placement.put(sel.frozen), jax.tree.map(np.array, sel.trainable),
                    jax.tree.map(np.array, sel.masks), sel.blocks, make_optimizer(scfg.optim()),
                    head_dim=cfg.head_dim, grad_hook=importance_hook(cfg, unit, scfg.lora_scale, args.beta),

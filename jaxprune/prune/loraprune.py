@@ -63,26 +63,29 @@ def lora_guided_importance(cfg: ModelConfig, trainable: dict, grads: dict, froze
 
 
 class ImportanceState(NamedTuple):
-    """Moving averages of unit importance, one array per layer; ``updates`` counts accepted updates."""
+    """Moving averages of unit importance, one array per layer; ``updates`` counts accepted updates;
+    ``attn_sum`` sums the accepted raw attention scores (``--attn-score mean`` ranks by it)."""
     attn: tuple
     mlp: tuple
     updates: jax.Array
+    attn_sum: tuple = ()
 
 
 def init_importance(cfg: ModelConfig, unit: AttnUnit) -> ImportanceState:
     attn = tuple(jnp.zeros((num_attention_units(cfg.heads(i), cfg.kv_heads(i), unit),), jnp.float32)
                  for i in range(cfg.num_layers))
     mlp = tuple(jnp.zeros((cfg.mlp_width(i),), jnp.float32) for i in range(cfg.num_layers))
-    return ImportanceState(attn, mlp, jnp.zeros((), jnp.int32))
+    return ImportanceState(attn, mlp, jnp.zeros((), jnp.int32), tuple(jnp.zeros_like(a) for a in attn))
 
 
 def ema_update(state: ImportanceState, scores, beta: float) -> ImportanceState:
-    """β·old + (1 − β)·new, or old unchanged when any new score is not finite."""
+    """β·old + (1 − β)·new (and ``attn_sum + new``), or old unchanged when any new score is not finite."""
     attn, mlp = scores
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in (*attn, *mlp)]))
     mix = lambda old, new: jnp.where(ok, beta * old + (1.0 - beta) * new, old)  # noqa: E731
+    add = lambda total, new: jnp.where(ok, total + new, total)  # noqa: E731
     return ImportanceState(tuple(map(mix, state.attn, attn)), tuple(map(mix, state.mlp, mlp)),
-                           state.updates + ok.astype(jnp.int32))
+                           state.updates + ok.astype(jnp.int32), tuple(map(add, state.attn_sum, attn)))
 
 
 class ImportanceTransform(NamedTuple):
@@ -114,15 +117,27 @@ def importance_hook(cfg: ModelConfig, unit: AttnUnit, lora_scale: float, beta: f
     return hook
 
 
+ATTN_SCORES = ("ema", "mean")
+
+
 def scheduled_mask_update(cfg: ModelConfig, unit: AttnUnit, layers: Sequence[int], schedule: CubicSchedule,
-                          place: Callable = lambda tree: tree):
+                          place: Callable = lambda tree: tree, attn_score: str = "ema"):
     """The train loop's ``after_step(step, state) -> state``: at each of the schedule's prune steps, the
     masks of ``layers`` grow to ``schedule.ratio(t)`` by the moving-average scores (on the host, between
-    jitted steps); ``place`` puts the new masks back onto the mesh."""
+    jitted steps); ``place`` puts the new masks back onto the mesh.
+
+    ``attn_score``: attention units ranked by the moving average at that step (``"ema"``, the paper's eq. 9)
+    or by the mean of every accepted step's score so far (``"mean"``: with few KV groups per layer the
+    attention decision is one-shot, and the mean over the whole window is less noisy than an EMA whose
+    weights fall off over ~1/(1 − β) steps). MLP channels always use the moving average."""
+    if attn_score not in ATTN_SCORES:
+        raise ValueError(f"attn_score {attn_score!r}: expected one of {ATTN_SCORES}")
+
     def after_step(step: int, st):
         t = step + 1
         if schedule.is_prune_step(t):
-            scores, masks = to_host(((st.hook_state.attn, st.hook_state.mlp), st.masks))
+            attn = st.hook_state.attn if attn_score == "ema" else st.hook_state.attn_sum  # a sum ranks as a mean
+            scores, masks = to_host(((attn, st.hook_state.mlp), st.masks))
             masks = update_structured_masks(masks, scores, schedule.ratio(t), cfg, unit, layers)
             st = st._replace(masks=place(masks))
         return st
