@@ -148,8 +148,12 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return method, flags
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """Per spec: val / held-out perplexity mean ± std (ddof 1) over its seeds."""
+TIMING = ("step_memory", "step_time_s", "step_time_vs_full")  # per spec, from the timing pass
+
+
+def summarize(results: list[dict], timed: dict | None = None) -> list[dict]:
+    """Per spec: val / held-out perplexity mean ± std (ddof 1) over its seeds (and the timing fields an
+    earlier invocation measured, ``timed[spec]``)."""
     import numpy as np
 
     out = []
@@ -160,7 +164,8 @@ def summarize(results: list[dict]) -> list[dict]:
         out.append({"spec": spec, "method": rows[0]["method"], "seeds": [r["seed"] for r in rows],
                     "trainable_params": rows[0]["trainable_params"],
                     "val_ppl_mean": float(np.mean(val)), "val_ppl_std": std(val),
-                    "heldout_ppl_mean": float(np.mean(held)), "heldout_ppl_std": std(held)})
+                    "heldout_ppl_mean": float(np.mean(held)), "heldout_ppl_std": std(held),
+                    **(timed or {}).get(spec, {})})
     return out
 
 
@@ -220,6 +225,9 @@ def main() -> None:
             raise SystemExit(f"error: --resume: {out} has another recipe or budget; use another --out")
         result["results"] = old.get("results", [])
         result["command"] = f"{old.get('command')} ; {command}"
+        timed = {s["spec"]: {k: s[k] for k in TIMING if k in s} for s in old.get("summary", [])}
+    else:
+        timed = {}
     done = {(r["spec"], r["seed"]) for r in result["results"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     heldout_text = paths.heldout_text.read_text()
@@ -243,12 +251,12 @@ def main() -> None:
             row.update(spec=spec, seed=seed, heldout_ppl=ev["ppl"], train_wall_s=wall,
                        val_curve=[[r["step"], r["val_ppl"]] for r in recs if "val_ppl" in r])
             result["results"].append(row)
-            result["summary"] = summarize(result["results"])
+            result["summary"] = summarize(result["results"], timed)
             print(f"{spec} seed {seed}: val ppl {row['val_ppl']:.2f}, held-out ppl {ev['ppl']:.2f}, "
                   f"{row['trainable_params']:,} trainable, {wall:.0f}s", flush=True)
             write_json_atomic(out, result)
             plot(result["results"], out.with_suffix(".png"))
-    result["summary"] = summarize(result["results"])
+    result["summary"] = summarize(result["results"], timed)
 
     if a.time_rounds > 0:
         setups = {spec: step_setup(pretrain_args([*base, "--method", parsed[spec][0], *parsed[spec][1],
