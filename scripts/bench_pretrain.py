@@ -15,8 +15,8 @@ steps for every method:
 
     python scripts/bench_pretrain.py --seeds 0,1               # 7 methods, configs/pretrain_1m.yaml
     python scripts/bench_pretrain.py --steps 40 --methods full,sltrain --out /tmp/p.json
-    python scripts/bench_pretrain.py --methods sltrain:lr=1e-2,sltrain:lora-alpha=32 --time-rounds 0 \
-        --out benchmarks/pretrain_sltrain_sweep.json            # a sweep: METHOD:flag=value...
+    python scripts/bench_pretrain.py --resume --methods sltrain:lora-alpha=32,sltrain:sltrain-b-init=uniform \
+        --time-rounds 0                                         # a sweep: METHOD:flag=value... beside them
 Writes benchmarks/pretrain.json (atomically, after every run; `--resume` keeps the finished runs) and
 benchmarks/pretrain.png (validation curves, the mean over seeds).
 """

@@ -416,9 +416,7 @@ RENDERERS = {
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init, 1M tokens: full rank, low rank, SLTrain, SLoPe, LOST, "
-                      "SwitchLoRA, S-STE", render_pretrain),
-    "pretrain_sltrain_sweep.json": ("Pretraining from random init, 1M tokens: what moves SLTrain (and low rank)",
-                                    render_pretrain),
+                      "SwitchLoRA, S-STE, and the SLTrain sweep", render_pretrain),
     "pretrain_tiny.json": ("Pretraining from random init, tiny recipe (102k tokens, 49k vocabulary): full rank, "
                            "low rank, SLTrain, SLoPe (one seed; superseded by the 1M-token table)", render_pretrain),
     "pretrain_tiny_new_methods.json": ("Pretraining, tiny recipe (102k tokens): LOST, SwitchLoRA, S-STE beside full "
