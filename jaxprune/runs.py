@@ -152,6 +152,11 @@ def release_run_dirs() -> None:
         release_run_dir(Path(key))
 
 
+#: Flags added after runs were recorded, and the value a run.json without them had in effect: such a run
+#: still resumes when the new flag is left at that value.
+IMPLIED_BEFORE_RECORDED = {"impl": "auto", "sltrain_b_init": "zero", "attn_score": "ema"}
+
+
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
     """The checks of ``prepare_run_dir``, writing nothing."""
     if not out:
@@ -162,7 +167,8 @@ def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: boo
         if not run_file.exists():
             raise UserError(f"{run_dir}: nothing to resume (no run.json)")
         prev = json.loads(run_file.read_text())
-        diff = {k: (prev.get(k), v) for k, v in record.items() if prev.get(k) != v}
+        was = lambda k: prev.get(k, IMPLIED_BEFORE_RECORDED.get(k))  # noqa: E731
+        diff = {k: (was(k), v) for k, v in record.items() if was(k) != v}
         if diff:
             k, (old, new) = next(iter(diff.items()))
             raise UserError(f"--resume with a different {k!r} ({old!r} -> {new!r}); runs must match to resume")

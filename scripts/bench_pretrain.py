@@ -3,11 +3,11 @@
 Same model (configs/pretrain_1m.yaml), same tokens (the training plays, same seeded batches), same
 steps for every method:
 
-1. `jaxprune pretrain --config configs/pretrain_tiny.yaml --method M --steps N` (in-process, the CLI
+1. `jaxprune pretrain --config configs/pretrain_1m.yaml --method M [flags of the spec]` (in-process, the CLI
    code): validation perplexity every `val-every` steps (the held-out tail of the training stream);
 2. held-out perplexity of RUN_DIR/model (dense) on Hamlet, Macbeth and The Tempest (README protocol,
    seq-len 128, the first `--eval-tokens` tokens);
-3. in one process, per method: trainable parameters, optimizer-state bytes, compiled train-step memory
+3. in one process, per spec: trainable parameters, optimizer-state bytes, compiled train-step memory
    (`jax.jit(step).lower(...).compile().memory_analysis()`), and seconds per step, the methods timed
    round-robin (so a shared machine's load hits all alike) and reported as a ratio to full rank.
    (The timed step is the jitted train step; SwitchLoRA's switch and SLoPe's mask refresh run between
@@ -76,8 +76,14 @@ def step_setup(args):
     from jaxprune.train import make_train_step
     from jaxprune.commands.common import train_config
 
+    from jaxprune.load import DTYPES
+    from jaxprune.weights import set_linear_impl
+
     cfg = model_config(args, load_tokenizer(args.tokenizer))
-    graphdef, frozen, trainable, masks = partition_pretrain(build_model(cfg, method_config(args), seed=args.seed))
+    model = build_model(cfg, method_config(args), seed=args.seed,
+                        dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
+    set_linear_impl(model, args.impl)  # as `jaxprune pretrain` does
+    graphdef, frozen, trainable, masks = partition_pretrain(model)
     optimizer = make_pretrain_optimizer(train_config(args).optim(), trainable)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.batch_size, args.seq_len)),
                         jnp.int32)

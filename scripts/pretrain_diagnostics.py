@@ -40,16 +40,29 @@ def restore_run(run_dir: Path):
     from jaxprune.commands.pretrain import load_tokenizer, method_config, model_config
     from jaxprune.partition import combine
     from jaxprune.pretrain.methods import build_model, make_pretrain_optimizer, partition_pretrain
-    from jaxprune.train import OptimConfig, TrainState, restore_latest
+    from jaxprune.load import DTYPES
+    from jaxprune.pretrain.sltrain import restore_support
+    from jaxprune.train import OptimConfig, TrainCheckpoints, TrainState
 
     rec = json.loads((run_dir / "run.json").read_text())
     rec.setdefault("sltrain_b_init", "zero")  # runs recorded before the flag existed
     args = argparse.Namespace(**rec)
     cfg = model_config(args, load_tokenizer(args.tokenizer))
-    init = build_model(cfg, method_config(args), seed=args.seed)
-    graphdef, frozen, trainable, masks = partition_pretrain(build_model(cfg, method_config(args), seed=args.seed))
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    build = (lambda: build_model(cfg, method_config(args), seed=args.seed, dtype=dtype)) if dtype else \
+        (lambda: build_model(cfg, method_config(args), seed=args.seed))
+    init = build()
+    graphdef, frozen, trainable, masks = partition_pretrain(build())
+    frozen = restore_support(run_dir, frozen)  # the saved support (bitwise the rebuilt one)
     like = TrainState(trainable, make_pretrain_optimizer(OptimConfig(), trainable).init(trainable), (), masks)
-    state, step = restore_latest(run_dir, like)
+    ckpts = TrainCheckpoints(run_dir / "checkpoints")  # read only: never removes a checkpoint it cannot read
+    try:
+        step = ckpts.manager.latest_step()
+        if step is None:
+            raise SystemExit(f"error: {run_dir}: no checkpoint")
+        state, _ = ckpts.restore(step, like)
+    finally:
+        ckpts.close()
     return args, combine(graphdef, frozen, state.trainable, state.masks), init, step
 
 

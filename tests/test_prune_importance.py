@@ -176,13 +176,16 @@ def test_ema_update_and_nan_guard():
     assert [a.shape for a in state.attn] == [(6,)] * 2 and [m.shape for m in state.mlp] == [(20,)] * 2
     rng = np.random.default_rng(0)
     old = ImportanceState(tuple(jnp.asarray(rng.random(6), jnp.float32) for _ in range(2)),
-                          tuple(jnp.asarray(rng.random(20), jnp.float32) for _ in range(2)), jnp.int32(3))
+                          tuple(jnp.asarray(rng.random(20), jnp.float32) for _ in range(2)), jnp.int32(3),
+                          tuple(jnp.asarray(rng.random(6), jnp.float32) for _ in range(2)))
     new = (tuple(jnp.asarray(rng.random(6), jnp.float32) for _ in range(2)),
            tuple(jnp.asarray(rng.random(20), jnp.float32) for _ in range(2)))
     beta = 0.9
     out = jax.jit(ema_update, static_argnums=2)(old, new, beta)
     for o, n, got in zip((*old.attn, *old.mlp), (*new[0], *new[1]), (*out.attn, *out.mlp)):
         np.testing.assert_allclose(np.asarray(got), beta * np.asarray(o) + (1 - beta) * np.asarray(n), rtol=1e-6)
+    for o, n, got in zip(old.attn_sum, new[0], out.attn_sum):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(o) + np.asarray(n), rtol=1e-6)
     assert int(out.updates) == 4
 
     for bad in (np.nan, np.inf):
@@ -190,7 +193,7 @@ def test_ema_update_and_nan_guard():
         mlp1[7] = bad
         poisoned = (new[0], (new[1][0], jnp.asarray(mlp1)))
         out = jax.jit(ema_update, static_argnums=2)(old, poisoned, beta)
-        for o, got in zip((*old.attn, *old.mlp), (*out.attn, *out.mlp)):
+        for o, got in zip((*old.attn, *old.mlp, *old.attn_sum), (*out.attn, *out.mlp, *out.attn_sum)):
             assert np.array_equal(np.asarray(got), np.asarray(o))
         assert int(out.updates) == 3
 
@@ -207,7 +210,8 @@ def test_attn_score_mean_ranks_by_the_window_sum_where_ema_ranks_by_recency():
     from jaxprune.prune.schedule import CubicSchedule
 
     cfg = GQA.replace(num_heads=3, num_kv_heads=3, head_dim=8, num_layers=1)
-    state = init_importance(cfg, "kv_group")
+    assert init_importance(cfg, "kv_group").attn_sum == ()  # the default (ema) keeps the old checkpoint layout
+    state = init_importance(cfg, "kv_group", track_sum=True)
     mlp_steps = (np.arange(20, dtype=np.float32), np.arange(20, dtype=np.float32)[::-1].copy())
     for attn, mlp in zip(([0.0, 10.0, 5.0], [6.0, 0.0, 5.0]), mlp_steps):
         state = ema_update(state, ((jnp.asarray(attn, jnp.float32),), (jnp.asarray(mlp),)), 0.5)

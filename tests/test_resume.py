@@ -77,3 +77,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_hf_with_tokeni
     assert all(np.any(np.asarray(want_flat[k])) for k in lora_keys)  # B moved away from 0
     for k in want_flat:
         assert np.array_equal(np.asarray(got_flat[k]), np.asarray(want_flat[k])), k
+
+
+def test_run_recorded_before_a_flag_existed_resumes_at_the_flags_old_value(tmp_path):
+    """A run.json written before --attn-score / --impl / --sltrain-b-init existed resumes when the new flag
+    is left at the value such a run had in effect, and is refused otherwise."""
+    import json as _json
+
+    import pytest
+
+    from jaxprune.errors import UserError
+    from jaxprune.runs import IMPLIED_BEFORE_RECORDED, check_run_dir
+
+    assert IMPLIED_BEFORE_RECORDED == {"impl": "auto", "sltrain_b_init": "zero", "attn_score": "ema"}
+    (tmp_path / "run.json").write_text(_json.dumps({"kind": "prune", "steps": 4}))
+    record = {"kind": "prune", "steps": 4, "attn_score": "ema", "impl": "auto"}
+    assert check_run_dir(str(tmp_path), record, resume=True, overwrite=False)[1]["steps"] == 4
+    with pytest.raises(UserError, match="different 'attn_score' \\('ema' -> 'mean'\\)"):
+        check_run_dir(str(tmp_path), {**record, "attn_score": "mean"}, resume=True, overwrite=False)

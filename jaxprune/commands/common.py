@@ -68,7 +68,7 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
                             "channel (absmax/127, as the official LoRAPrune's load_in_8bit); 0.41x of the fp32 "
                             "model's bytes on SmolLM2 (benchmarks/int8_base.json). Only for methods that never "
                             "differentiate the base")
-        add_impl_arg(p)  # pretraining's SLTrain / SLoPe layers have their own matmuls
+        add_impl_arg(p)  # pretrain adds its own --impl (SLoPe's masked products)
         p.add_argument("--remat", action="store_true",
                        help="recompute each decoder layer in the backward pass: activation memory of one layer "
                             "instead of all (~1.3x the step's compute; same gradients)")
@@ -77,6 +77,7 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
 
 def add_impl_arg(p: argparse.ArgumentParser, what: str = "element-masked linears ((W + s·A@B) ⊙ M: "
                  "--sparsity/--pattern models, --keep-sparsity)") -> None:
+    """``--impl`` on ``p`` (a parser or one of its argument groups); ``what`` says which products it routes."""
     p.add_argument("--impl", choices=IMPL_CHOICES, default="auto",
                    help=f"{what}: the Pallas masked low-rank kernel or XLA; auto = the kernel on GPU/TPU, XLA on "
                         "CPU; pallas on CPU runs interpret mode (slow, for checks)")

@@ -109,10 +109,11 @@ def switch_schedule(args):
 
 def load_tokenizer(path):
     """The tokenizer of DIR, or of a cached fixture by name (``smollm2``, ``plays-bpe-4096``)."""
-    p = (named_tokenizer_dir(path) or Path(path)) if path else fixture_paths().hf_dir
+    named = named_tokenizer_dir(path) if path and not Path(path).is_dir() else None
+    p = (named or Path(path)) if path else fixture_paths().hf_dir
     if not p.is_dir():
-        raise UserError(f"{p}: no such tokenizer dir" + ("" if path else
-                        " (pass --tokenizer DIR, or run scripts/fixtures.py for the SmolLM2 one)"))
+        raise UserError(f"{p}: no such tokenizer dir" + ("" if path and not named else
+                        " (run scripts/fixtures.py to build the cached tokenizers, or pass --tokenizer DIR)"))
     tok = hf_tokenizer(p)
     if tok is None:
         raise UserError(f"{p}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
@@ -183,8 +184,9 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     if is_main_process():
         checkpoint.save_model(dense, run_dir / "model", tokenizer=tok, overwrite=True,
                               extra_meta={"pretrain_method": method.method})
-    out = {"method": method.method, "impl": impl, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
-           **summary, "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
+    out = {"method": method.method, "impl": impl if method.method == "slope" else None,  # only SLoPe's products
+           "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), **summary,
+           "opt_state_bytes": tree_bytes(result.state.opt_state), **last_metrics(run_dir)}
     if schedule is not None:
         out["adapter_start_step"] = schedule.adapter_start
     if switching is not None:

@@ -118,7 +118,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         masks = select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, prev is not None)
     elif args.method == "loraprune":
         hook = importance_hook(cfg, unit, run_cfg.lora_scale, args.beta)
-        hook_state = init_importance(cfg, unit)
+        hook_state = init_importance(cfg, unit, track_sum=args.attn_score == "mean")
         schedule = CubicSchedule(args.steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
                                  every=args.prune_every)
         after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put, args.attn_score)
@@ -180,7 +180,7 @@ def select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, 
     job = TrainJob(sel.graphdef, placement.put(sel.frozen), jax.tree.map(np.array, sel.trainable),
                    jax.tree.map(np.array, sel.masks), sel.blocks, make_optimizer(scfg.optim()),
                    head_dim=cfg.head_dim, grad_hook=importance_hook(cfg, unit, scfg.lora_scale, args.beta),
-                   hook_state=init_importance(cfg, unit),
+                   hook_state=init_importance(cfg, unit, track_sum=args.attn_score == "mean"),
                    callbacks=lambda _f, _p: LoopCallbacks(after_step=after_step,
                                                           describe=describe_sparsity(cfg, layers)))
     return to_host(run_training(job, scfg, placement, d, resume=again).state.masks)

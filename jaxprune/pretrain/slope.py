@@ -12,8 +12,9 @@ Read off the official code (Mohammad-Mozaffari/slope: ``slope/slope.py`` ``prune
   output dim of the already-pruned ``W ⊙ M`` (``prune_column_wise``), so that the transposed
   product is 2:4 too; ``∂L/∂W = (xᵀ @ ∂L/∂y) ⊙ M`` (``grad_weight[mask] = 0``). A ``jax.custom_vjp``
   (:func:`double_pruned_matmul`). With ``pretrain --impl pallas`` (``auto`` on GPU/TPU) both masked
-  products run through the Pallas masked low-rank kernel (``kernels/masked_lowrank.py``, a zero adapter),
-  which applies the mask per tile instead of forming ``W ⊙ M``; ``∂L/∂W`` stays an XLA matmul.
+  products run through the Pallas masked low-rank kernel (``kernels/masked_lowrank.py``, a zero rank-1
+  adapter), which applies the mask per tile instead of forming ``W ⊙ M``; the backward calls it on the
+  transposed weight and mask (XLA copies ``Wᵀ`` and ``M₂ᵀ`` for it); ``∂L/∂W`` stays an XLA matmul.
 * Masks: ``M`` from ``|W|`` at initialisation; both ``M`` and ``M₂`` are recomputed from the current
   magnitudes every ``mask_change_freq`` steps during the first ``refresh_frac`` of training, and
   ``M₂`` alone every ``mask_change_freq`` steps afterwards (the official sparse AdamW re-prunes the

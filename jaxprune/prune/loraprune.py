@@ -71,11 +71,14 @@ class ImportanceState(NamedTuple):
     attn_sum: tuple = ()
 
 
-def init_importance(cfg: ModelConfig, unit: AttnUnit) -> ImportanceState:
+def init_importance(cfg: ModelConfig, unit: AttnUnit, *, track_sum: bool = False) -> ImportanceState:
+    """Zero moving averages; ``track_sum`` (``--attn-score mean``) adds the attention-score sums, so runs
+    without it keep the checkpoint layout they always had."""
     attn = tuple(jnp.zeros((num_attention_units(cfg.heads(i), cfg.kv_heads(i), unit),), jnp.float32)
                  for i in range(cfg.num_layers))
     mlp = tuple(jnp.zeros((cfg.mlp_width(i),), jnp.float32) for i in range(cfg.num_layers))
-    return ImportanceState(attn, mlp, jnp.zeros((), jnp.int32), tuple(jnp.zeros_like(a) for a in attn))
+    return ImportanceState(attn, mlp, jnp.zeros((), jnp.int32),
+                           tuple(jnp.zeros_like(a) for a in attn) if track_sum else ())
 
 
 def ema_update(state: ImportanceState, scores, beta: float) -> ImportanceState:
@@ -123,7 +126,7 @@ ATTN_SCORES = ("ema", "mean")
 def scheduled_mask_update(cfg: ModelConfig, unit: AttnUnit, layers: Sequence[int], schedule: CubicSchedule,
                           place: Callable = lambda tree: tree, attn_score: str = "ema"):
     """The train loop's ``after_step(step, state) -> state``: at each of the schedule's prune steps, the
-    masks of ``layers`` grow to ``schedule.ratio(t)`` by the moving-average scores (on the host, between
+    masks of ``layers`` grow to ``schedule.ratio(t)`` by the importance scores (on the host, between
     jitted steps); ``place`` puts the new masks back onto the mesh.
 
     ``attn_score``: attention units ranked by the moving average at that step (``"ema"``, the paper's eq. 9)
@@ -136,6 +139,8 @@ def scheduled_mask_update(cfg: ModelConfig, unit: AttnUnit, layers: Sequence[int
     def after_step(step: int, st):
         t = step + 1
         if schedule.is_prune_step(t):
+            if attn_score == "mean" and not st.hook_state.attn_sum:
+                raise ValueError("attn_score 'mean' needs init_importance(..., track_sum=True)")
             attn = st.hook_state.attn if attn_score == "ema" else st.hook_state.attn_sum  # a sum ranks as a mean
             scores, masks = to_host(((attn, st.hook_state.mlp), st.masks))
             masks = update_structured_masks(masks, scores, schedule.ratio(t), cfg, unit, layers)
