@@ -37,22 +37,22 @@ def top_r_energy(dw: np.ndarray, r: int) -> float:
 
 def restore_run(run_dir: Path):
     """(args, model at the last checkpoint, model at init) of a pretraining run dir."""
+    import jax.numpy as jnp
+
     from jaxprune.commands.pretrain import load_tokenizer, method_config, model_config
     from jaxprune.partition import combine
     from jaxprune.pretrain.methods import build_model, make_pretrain_optimizer, partition_pretrain
     from jaxprune.load import DTYPES
     from jaxprune.pretrain.sltrain import restore_support
+    from jaxprune.runs import IMPLIED_BEFORE_RECORDED
     from jaxprune.train import OptimConfig, TrainCheckpoints, TrainState
 
-    rec = json.loads((run_dir / "run.json").read_text())
-    rec.setdefault("sltrain_b_init", "zero")  # runs recorded before the flag existed
-    args = argparse.Namespace(**rec)
+    # runs recorded before a flag existed had its old value (the rule --resume uses)
+    args = argparse.Namespace(**{**IMPLIED_BEFORE_RECORDED, **json.loads((run_dir / "run.json").read_text())})
     cfg = model_config(args, load_tokenizer(args.tokenizer))
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    build = (lambda: build_model(cfg, method_config(args), seed=args.seed, dtype=dtype)) if dtype else \
-        (lambda: build_model(cfg, method_config(args), seed=args.seed))
-    init = build()
-    graphdef, frozen, trainable, masks = partition_pretrain(build())
+    init = build_model(cfg, method_config(args), seed=args.seed,
+                       dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
+    graphdef, frozen, trainable, masks = partition_pretrain(init)  # split leaves ``init`` as it is
     frozen = restore_support(run_dir, frozen)  # the saved support (bitwise the rebuilt one)
     like = TrainState(trainable, make_pretrain_optimizer(OptimConfig(), trainable).init(trainable), (), masks)
     ckpts = TrainCheckpoints(run_dir / "checkpoints")  # read only: never removes a checkpoint it cannot read
