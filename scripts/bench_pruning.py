@@ -6,8 +6,8 @@ recovers with fresh LoRA for `--steps` steps at the same schedule on its final s
 its units once on `--calib-samples` sequences of `--seq-len` tokens; by default as many tokens as
 LoRAPrune's selection run sees, so both pick their units from the same number of tokens.
 `--select-steps 0` is the old protocol (LoRAPrune prunes during the `--steps` run).
-A method spec `METHOD:UNIT[:int8][:distill][:attnmean]` adds `--quantize-base int8`, `--distill` or (LoRAPrune)
-`--attn-score mean`.
+A method spec `METHOD:UNIT[:int8][:distill][:attnmean][:flag=value...]` adds `--quantize-base int8`,
+`--distill`, (LoRAPrune) `--attn-score mean`, or any `prune` flag (`llm-pruner:kv_group:distill:distill-alpha=1`).
 Each (seed, ratio, method) is one row (seed: calibration draw, batch order, LoRA init); the table
 rows are mean ± std over seeds. Memory: the compiled memory (`memory_analysis()`) of the method's
 importance pass at the shapes run here (LoRAPrune: one selection step; LLM-Pruner: one calibration
@@ -36,6 +36,16 @@ from jaxprune.fileio import write_json_atomic  # noqa: E402
 
 RUNS = ["loraprune:kv_group", "loraprune:kv_group:distill", "llm-pruner:kv_group", "llm-pruner:kv_group:distill"]
 OPTIONS = {"int8": ["--quantize-base", "int8"], "distill": ["--distill"], "attnmean": ["--attn-score", "mean"]}
+
+
+def option_flags(option: str) -> list[str]:
+    """CLI flags of one spec option: a name in OPTIONS or ``flag=value``."""
+    if option in OPTIONS:
+        return OPTIONS[option]
+    key, eq, value = option.partition("=")
+    if not eq or not key:
+        raise SystemExit(f"error: spec option {option!r}: expected one of {', '.join(OPTIONS)} or flag=value")
+    return [f"--{key}", value]
 
 
 
@@ -106,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--methods", default=",".join(RUNS),
-                    help="METHOD:UNIT[:int8][:distill][:attnmean], comma-separated")
+                    help="METHOD:UNIT[:int8][:distill][:attnmean][:flag=value...], comma-separated")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draw, data order and LoRA init, comma-separated")
     ap.add_argument("--steps", type=int, default=30, help="LoRA recovery steps on the final shape (every method)")
     ap.add_argument("--select-steps", type=int, default=20,
@@ -134,8 +144,8 @@ def main() -> None:
     specs = []
     for spec in a.methods.split(","):
         method, unit, *opts = spec.split(":")
-        if any(o not in OPTIONS for o in opts):
-            sys.exit(f"--methods {spec!r}: options after METHOD:UNIT are {', '.join(OPTIONS)}")
+        for o in opts:
+            option_flags(o)  # exits with one line on a malformed option
         specs.append((method, unit, opts))
 
     from jaxprune import load
@@ -198,7 +208,7 @@ def main() -> None:
 def run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load, perplexity,
             forward_speedup) -> dict:
     """Prune + recover one model in a temporary run dir; its held-out perplexity and counts."""
-    extra = [x for o in opts for x in OPTIONS[o]]
+    extra = [x for o in opts for x in option_flags(o)]
     if method == "loraprune" and a.select_steps:
         extra += ["--select-steps", str(a.select_steps), "--recover-steps", str(a.steps)]
     with tempfile.TemporaryDirectory() as tmp:

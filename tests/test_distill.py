@@ -16,7 +16,7 @@ from jaxprune.config import tiny_config
 from jaxprune.layers import Mask
 from jaxprune.partition import partition
 from jaxprune.train import DistillConfig, distillation_loss, make_loss_fn
-from jaxprune.weights import model_arrays, model_from_arrays
+from jaxprune.weights import linears, model_arrays, model_from_arrays
 
 from conftest import random_llama
 
@@ -79,6 +79,71 @@ def test_cli_prune_distill(tiny_hf_with_tokenizer, small_text, tmp_path, capsys)
     assert kd["distill"] == {"alpha": 1.0, "temperature": 1.0}
     first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("plain", "kd")]
     assert first[1] < first[0]  # the KL to the unpruned model is far below the LM loss of a random 49k-vocab model
+
+
+@pytest.fixture(scope="module")
+def element_pruned(tiny_hf_with_tokenizer, small_text, tmp_path_factory):
+    """(unpruned HF dir, magnitude 50% checkpoint, SparseGPT 50% checkpoint) of the tiny model."""
+    hf_dir, _ = tiny_hf_with_tokenizer
+    out = tmp_path_factory.mktemp("element")
+    for method in ("magnitude", "sparsegpt"):
+        assert main(["prune", str(hf_dir), "--method", method, "--sparsity", "0.5", "--calib", str(small_text),
+                     "--calib-samples", "4", "--calib-len", "32", "--out", str(out / method), "--no-progress"]) == 0
+    return hf_dir, out / "magnitude", out / "sparsegpt"
+
+
+def test_element_teacher_is_the_unpruned_model(element_pruned):
+    """After restore_pruned_weights the student still computes the pruned model, and the distillation
+    objective at a = 1 is KL(unpruned ‖ pruned) computed from two independent forward passes."""
+    from jaxprune import load
+    from jaxprune.prune.element_teacher import restore_pruned_weights, rezero_pruned_weights
+    from jaxprune.prune.posttraining import attach_sparsity_masks
+
+    hf_dir, ckpt, _ = element_pruned
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 49152, (2, 16)))
+    want_student = np.asarray(load.load_model(ckpt)(tokens))
+    want_teacher = np.asarray(load.load_model(hf_dir)(tokens))
+    model = load.load_model(ckpt)
+    attach_sparsity_masks(model)
+    masked = [(p, lin) for p, lin in linears(model) if lin.weight_mask is not None]
+    zeros = {p: float(np.mean(np.asarray(lin.kernel[...]) == 0)) for p, lin in masked}
+    assert len(masked) == 7 * model.config.num_layers and min(zeros.values()) >= 0.5
+    n = restore_pruned_weights(model, load.load_model(hf_dir), str(hf_dir))
+    assert n == sum(int(np.size(l.weight_mask[...]) - np.count_nonzero(l.weight_mask[...])) for _, l in masked)
+    assert all(float(np.mean(np.asarray(l.kernel[...]) == 0)) < 0.01 for _, l in masked)
+    np.testing.assert_allclose(np.asarray(model(tokens)), want_student, rtol=1e-5, atol=1e-5)
+    graphdef, frozen, trainable, masks = partition(model)
+    got, _ = jax.jit(make_loss_fn(graphdef, distill=DistillConfig(alpha=1.0)))(trainable, frozen, masks, tokens)
+    want = _np_distill(want_student, want_teacher, np.asarray(tokens), 1.0, 1.0)
+    assert want > 1e-4 and float(got) == pytest.approx(want, rel=2e-3)  # a small KL: fp32 rounding of p·(log p - log q)
+    rezero_pruned_weights(model)
+    assert {p: float(np.mean(np.asarray(lin.kernel[...]) == 0)) for p, lin in masked} == zeros
+
+
+def test_cli_finetune_distill_element_wise(element_pruned, small_text, tmp_path, capsys):
+    from jaxprune import load
+
+    hf_dir, ckpt, sgpt = element_pruned
+    common = ["finetune", str(ckpt), "--keep-sparsity", "--text", str(small_text), "--steps", "2", "--seq-len", "32",
+              "--batch-size", "2", "--lora-rank", "4", "--warmup-steps", "1", "--val-every", "0", "--no-progress"]
+    assert main(common + ["--distill", "--distill-alpha", "1.0", "--out", str(tmp_path / "kd"), "--json"]) == 0
+    assert main(common + ["--out", str(tmp_path / "plain"), "--json"]) == 0
+    run = json.loads((tmp_path / "kd" / "run.json").read_text())
+    assert (run["teacher"], run["distill"], run["distill_alpha"]) == (str(hf_dir), True, 1.0)  # from 'pruned_from'
+    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("plain", "kd")]
+    assert 0 < first[1] < first[0]  # KL to the unpruned model vs the LM loss, same first batch, B = 0
+    before, after = load.load_model(ckpt), load.load_model(tmp_path / "kd" / "model")
+    pairs = [(p, a, b) for (p, a), (_, b) in zip(linears(before), linears(after)) if a.weight_mask is not None]
+    assert len(pairs) == 7 * before.config.num_layers
+    for p, a, b in pairs:  # same masks; pruned weights saved as zeros
+        np.testing.assert_array_equal(np.asarray(b.weight_mask[...]), np.asarray(a.weight_mask[...]))
+        assert not np.any(np.asarray(b.kernel[...])[~np.asarray(a.weight_mask[...])]), p
+    capsys.readouterr()
+    assert main(["finetune", str(sgpt), *common[2:], "--distill", "--teacher", str(hf_dir),
+                 "--out", str(tmp_path / "sgpt")]) == 2
+    assert "sparsegpt rewrites them" in capsys.readouterr().err and not (tmp_path / "sgpt").exists()
+    assert main(["finetune", str(hf_dir), "--distill", "--text", str(small_text), "--out", str(tmp_path / "x")]) == 2
+    assert "pass --keep-sparsity" in capsys.readouterr().err
     assert main(["prune", str(hf_dir), "--method", "magnitude", "--sparsity", "0.5", "--distill",
-                 "--out", str(tmp_path / "x")]) == 2
-    assert "--distill applies to structured pruning" in capsys.readouterr().err
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "finetune CKPT --keep-sparsity --distill" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from ..quantize import QUANTIZE_CHOICES
 from ..runs import TrainConfig
 from ..sharding import MeshConfig
 from ..weights import IMPL_CHOICES
-from .flags import NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN
+from .flags import FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN
 
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
 # whatever mesh the resumed run has)
@@ -73,6 +73,13 @@ def add_run_args(p: argparse.ArgumentParser, *, steps: int, lr: float = 2e-4, fr
                        help="recompute each decoder layer in the backward pass: activation memory of one layer "
                             "instead of all (~1.3x the step's compute; same gradients)")
     add_mesh_args(p)
+
+
+def add_distill_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--distill`` (``what`` says what it does in this command), ``--distill-alpha``, ``--distill-temp``."""
+    p.add_argument("--distill", action="store_true", help=what)
+    p.add_argument("--distill-alpha", type=FRACTION, default=0.5, help="--distill: weight a of the KL term")
+    p.add_argument("--distill-temp", type=POSITIVE_FLOAT, default=1.0, help="--distill: temperature T")
 
 
 def add_impl_arg(p: argparse.ArgumentParser, what: str = "element-masked linears ((W + s·A@B) ⊙ M: "

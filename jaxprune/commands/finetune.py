@@ -7,25 +7,38 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import checkpoint, load
+from ..errors import UserError
 from ..partition import tree_size
+from ..prune.element_teacher import restore_pruned_weights, rezero_pruned_weights
 from ..prune.posttraining import attach_sparsity_masks
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora
-from ..sharding import init_distributed, is_main_process, placement_for
+from ..sharding import init_distributed, is_main_process, log, placement_for
 from ..train import make_optimizer
 from ..weights import merge_lora
-from .common import add_run_args, mesh_config, run_record, train_config, with_config
+from .common import add_distill_args, add_run_args, mesh_config, run_record, train_config, with_config
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict:
     cfg, mc = train_config(args), mesh_config(args)
     init_distributed(mc)
     placement = placement_for(mc, cfg.batch_shape)  # a bad --mesh fails before anything is written
+    if args.teacher and not args.distill:
+        raise UserError("--teacher applies to --distill")
+    if args.distill and not args.keep_sparsity:
+        raise UserError("finetune --distill distils an element-wise pruned model into its sparsity: pass "
+                        "--keep-sparsity (structured pruning distils in `prune --distill`)")
     model = None
     if args.keep_sparsity:  # element masks: kept from a checkpoint, else W != 0
         model = load.load_model(args.model, cfg.dtype)
         attach_sparsity_masks(model)
+        if args.distill:  # the base holds the teacher's weights under the masks: the teacher costs no memory
+            args.teacher = teacher_path(args)
+            restored = restore_pruned_weights(model, load.load_model(args.teacher, cfg.dtype), args.teacher)
+            if not cfg.quiet:
+                log(f"distilling from {args.teacher}: its {restored:,} pruned weights restored under the masks")
     s = setup_lora(args.model, cfg, model)
     run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
                                     overwrite=cfg.overwrite)  # after the checks above: bad input leaves no run dir
@@ -33,6 +46,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
                    head_dim=s.model.config.head_dim)
     result = run_training(job, cfg, placement, run_dir, resume=prev is not None)
     model = merge_lora(result.model) if args.merge else result.model
+    if args.distill:
+        rezero_pruned_weights(model)  # saved element-masked models keep their pruned weights at 0
     if is_main_process():
         checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
     return {"run_dir": str(run_dir), "impl": s.impl, "trainable_params": tree_size(result.state.trainable),
@@ -46,4 +61,21 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--merge", action="store_true", help="fold LoRA into the base weights in RUN_DIR/model")
     p.add_argument("--keep-sparsity", action="store_true",
                    help="train through (W + s·A@B) ⊙ M: masks from the checkpoint, else M = (W != 0)")
+    add_distill_args(p, "with --keep-sparsity: recover a magnitude / Wanda model on (1-a)·CE + a·T²·KL to the "
+                        "model it was pruned from (--teacher), computed in the same step from the frozen base, "
+                        "which holds the teacher's weights under the masks (no second copy)")
+    p.add_argument("--teacher", default=None,
+                   help="--distill: the unpruned model (default: the checkpoint's 'pruned_from')")
     p.set_defaults(fn=with_config(cmd_finetune, p))
+
+
+def teacher_path(args: argparse.Namespace) -> str:
+    """--teacher, else the 'pruned_from' that `prune --sparsity` wrote into the checkpoint."""
+    if args.teacher:
+        return args.teacher
+    kind, path = load.resolve(args.model)
+    origin = checkpoint.read_meta(path).get("pruned_from") if kind == "checkpoint" else None
+    if origin is None or not Path(origin).exists():
+        raise UserError(f"finetune --distill: pass --teacher MODEL (the unpruned model; {args.model} names "
+                        f"{'none' if origin is None else f'{origin}, which does not exist here'})")
+    return origin

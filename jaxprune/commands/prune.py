@@ -34,8 +34,8 @@ from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training, setup_
 from ..sharding import init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import linears, merge_lora
-from .common import add_run_args, mesh_config, run_record, train_config, with_config
-from .flags import FRACTION, FRACTION_BELOW_1, NONNEG_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEQ_LEN
+from .common import add_distill_args, add_run_args, mesh_config, run_record, train_config, with_config
+from .flags import FRACTION_BELOW_1, NONNEG_FLOAT, POSITIVE_INT, SEQ_LEN
 
 METHODS = ("loraprune", "llm-pruner", "magnitude", "random", "wanda", "sparsegpt")
 
@@ -74,11 +74,9 @@ def add_prune_parser(sub) -> None:
                         "(the fair comparison with one-shot methods); default: prune during the one run")
     p.add_argument("--select-lora-rank", type=POSITIVE_INT, default=None,
                    help="LoRAPrune --select-steps: LoRA rank of the selection run (default: --lora-rank)")
-    p.add_argument("--distill", action="store_true",
-                   help="structured methods: recover (and, for LoRAPrune, prune) on (1-a)·CE + a·T²·KL to the "
-                        "unpruned model, computed in the same step from the frozen base (Minitron)")
-    p.add_argument("--distill-alpha", type=FRACTION, default=0.5, help="--distill: weight a of the KL term")
-    p.add_argument("--distill-temp", type=POSITIVE_FLOAT, default=1.0, help="--distill: temperature T")
+    add_distill_args(p, "structured methods: recover (and, for LoRAPrune, prune) on (1-a)·CE + a·T²·KL to the "
+                        "unpruned model, computed in the same step from the frozen base (Minitron); element-wise "
+                        "models distil in `finetune --keep-sparsity --distill`")
     add_posttraining_args(p)  # wanda / sparsegpt / magnitude --sparsity: element masks, out = a checkpoint
     p.set_defaults(fn=with_config(cmd_prune, p))
 
@@ -89,8 +87,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                         f"(--method {args.method} reads base-weight gradients or rewrites the weights)")
     if is_posttraining(args):
         if args.distill:
-            raise UserError("--distill applies to structured pruning (its teacher is the frozen base with every "
-                            "mask on); element-wise methods zero the base weights they prune")
+            raise UserError("--distill: element-wise pruning writes a checkpoint without recovery; recover it with "
+                            "`jaxprune finetune CKPT --keep-sparsity --distill --text FILE --out RUN_DIR`")
         return cmd_prune_posttraining(args)
     if not 0.0 <= args.ratio < 1.0:
         raise UserError(f"--ratio {args.ratio}: must be in [0, 1)")
