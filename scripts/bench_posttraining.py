@@ -10,10 +10,13 @@ pruning wall time and the peak memory XLA reports for the compiled pruning passe
 steps on the training plays, measure perplexity again and check that the merged model's zeros are
 exactly the pruning masks' zeros. The dense model gets the same LoRA fine-tuning as a control (the
 training plays are in-domain for the held-out plays, so LoRA lowers the dense perplexity too).
+With `--distill`, magnitude and Wanda models are also recovered by `finetune --keep-sparsity --distill`
+(KL to the unpruned model mixed with the LM loss, same steps and tokens; SparseGPT is refused there).
 
     python scripts/bench_posttraining.py
     python scripts/bench_posttraining.py --calib-samples 4 --recover-steps 0 --eval-tokens 2048   # smoke run
     python scripts/bench_posttraining.py --plot-only     # redraw benchmarks/posttraining.png from the JSON
+    python scripts/bench_posttraining.py --methods magnitude,wanda --distill --out benchmarks/posttraining_distill.json
 Writes benchmarks/posttraining.json (after every run, atomically) and benchmarks/posttraining.png.
 """
 
@@ -115,6 +118,9 @@ def main() -> None:
     ap.add_argument("--recover-batch-size", type=int, default=4)
     ap.add_argument("--no-dense-recovery", dest="dense_recovery", action="store_false",
                     help="skip the dense model's LoRA fine-tuning control")
+    ap.add_argument("--distill", action="store_true",
+                    help="also recover magnitude / Wanda models with `finetune --distill` (teacher: the dense model)")
+    ap.add_argument("--distill-alpha", type=float, default=0.5, help="--distill: weight of the KL term")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. why the budget was reduced)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "posttraining.json"))
@@ -142,14 +148,16 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens, progress=False)["ppl"]
 
-    def recover(model, keep_sparsity: bool):
-        """LoRA fine-tuning (+ merge) of ``model``; returns (merged model, seconds)."""
+    def recover(model, keep_sparsity: bool, distill: bool = False):
+        """LoRA fine-tuning (+ merge) of ``model`` (``distill``: from the dense model); (merged model, seconds)."""
         with tempfile.TemporaryDirectory() as tmp:
             ckpt, run = Path(tmp) / "pruned", Path(tmp) / "run"
             checkpoint.save_model(model, ckpt, tokenizer=tok)
             t = time.time()
             code = cli_main(["finetune", str(ckpt), "--text", str(paths.train_text),
                              *(["--keep-sparsity"] if keep_sparsity else []),
+                             *(["--distill", "--teacher", str(paths.hf_dir), "--distill-alpha", str(a.distill_alpha)]
+                               if distill else []),
                              "--merge", "--steps", str(a.recover_steps), "--seq-len", str(a.recover_seq_len),
                              "--batch-size", str(a.recover_batch_size), "--save-every", str(a.recover_steps),
                              "--val-every", "0", "--out", str(run), "--no-progress"])
@@ -167,7 +175,7 @@ def main() -> None:
               "budget": {"calib_samples": a.calib_samples, "calib_len": a.calib_len,
                          "recover_steps": a.recover_steps, "recover_seq_len": a.recover_seq_len,
                          "recover_batch_size": a.recover_batch_size, "eval_tokens": a.eval_tokens,
-                         "eval_seq_len": 256},
+                         "eval_seq_len": 256, "distill_alpha": a.distill_alpha if a.distill else None},
               "note": a.note, "dense": {}, "results": []}
 
     def save():
@@ -205,10 +213,16 @@ def main() -> None:
                 row.update(ppl_recovered=ppl(recovered), recover_s=secs,
                            sparsity_after_recovery=sparsity_of(recovered),
                            zeros_are_masks=zeros_are_masks(model, recovered))
+                if a.distill and method != "sparsegpt":
+                    distilled, secs = recover(model, keep_sparsity=True, distill=True)
+                    row.update(ppl_recovered_distill=ppl(distilled), recover_distill_s=secs,
+                               zeros_are_masks_distill=zeros_are_masks(model, distilled))
             result["results"].append(row)
             save()
             rec = (f"  recovered {row['ppl_recovered']:8.2f} (zeros kept: {row['zeros_are_masks']})"
                    if "ppl_recovered" in row else "")
+            rec += (f"  distilled {row['ppl_recovered_distill']:8.2f} (zeros kept: {row['zeros_are_masks_distill']})"
+                    if "ppl_recovered_distill" in row else "")
             print(f"{method:10s} {pattern:12s}: ppl {row['ppl']:8.2f}{rec}  sparsity {row['sparsity_measured']:.3f}  "
                   f"prune {row['prune_s']:.1f} s  peak {row['peak_compiled_bytes'] / 2**20:.1f} MiB", flush=True)
     print(f"wrote {out} ({time.time() - t_start:.0f} s)")
