@@ -180,7 +180,8 @@ def render_pruning_seeded(data: dict) -> str:
                 f"LoRAPrune prunes during {b.get('steps')} LoRA steps; the baselines prune first, then recover")
     return "\n".join([
         f"SmolLM2-135M, every layer but the first 3 and the last (`--widths layerwise`). {protocol}. "
-        "`+distill`: recovery on 0.5·CE + 0.5·KL to the unpruned model (`--distill`). Perplexity on "
+        "`+distill`: recovery on (1-a)·CE + a·KL to the unpruned model (`--distill`; a = 0.5 unless "
+        "`+distill-alpha=a`). Perplexity on "
         f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
         f"{', '.join(map(str, b.get('seeds', [])))} (seed: calibration draw, batch order, LoRA init). Memory: compiled "
         "bytes of one importance pass at these shapes (`memory_analysis()`, no remat).", "",
@@ -223,11 +224,14 @@ def render_posttraining(data: dict) -> str:
     results = data.get("results", [])
     rec = b.get("recover_steps", 0) > 0
     fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else ""  # noqa: E731
-    rows = [["dense", "", "0%", fmt(d.get("ppl")), fmt(d.get("ppl_recovered")), "", "", "", ""]]
+    kd = any("ppl_recovered_distill" in r for r in results)  # bench_posttraining.py --distill
+    zeros_kept = lambda r: {True: "yes", False: "NO"}.get(  # noqa: E731
+        r.get("zeros_are_masks") if r.get("zeros_are_masks_distill", True) else False, "")
+    rows = [["dense", "", "0%", fmt(d.get("ppl")), fmt(d.get("ppl_recovered")), *([""] if kd else []), "", "", "", ""]]
     for r in results:
         rows.append([r["method"], r["pattern"], f"{r['sparsity_measured']:.1%}", fmt(r["ppl"]),
-                     fmt(r.get("ppl_recovered")),
-                     {True: "yes", False: "NO"}.get(r.get("zeros_are_masks"), ""),
+                     fmt(r.get("ppl_recovered")), *([fmt(r.get("ppl_recovered_distill")) or "–"] if kd else []),
+                     zeros_kept(r),
                      f"{r['prune_s']:.0f}", _mib(r["peak_compiled_bytes"]) if r.get("peak_compiled_bytes") else "–",
                      r.get("damp_retries", "")])
     order = []
@@ -246,8 +250,10 @@ def render_posttraining(data: dict) -> str:
         f"(magnitude uses none), {recovery}. Perplexity on the first {b.get('eval_tokens')} held-out tokens at seq-len "
         f"{b.get('eval_seq_len')}. Peak memory: the largest compiled pruning pass (calibration capture, SparseGPT "
         "sweep or layer forward), arguments + outputs + temporaries.", "",
-        table(["method", "pattern", "zeros", "perplexity", "after recovery", "zeros = mask after merge",
-               "prune s", "peak compiled MiB", "damp retries"], rows), "",
+        *([f"After distillation: the same recovery with `--distill --distill-alpha {b.get('distill_alpha')}` (KL to "
+           "the unpruned model; SparseGPT refuses it: it rewrites the kept weights).", ""] if kd else []),
+        table(["method", "pattern", "zeros", "perplexity", "after recovery", *(["after distillation"] if kd else []),
+               "zeros = mask after merge", "prune s", "peak compiled MiB", "damp retries"], rows), "",
         "Order by perplexity (papers: SparseGPT ≤ Wanda < magnitude):", "", *order, "",
         *([f"Note: {data['note']}", ""] if data.get("note") else []),
         *([f"Note added after the run: {data['note_after_run']}", ""] if data.get("note_after_run") else []),
@@ -408,6 +414,8 @@ RENDERERS = {
     "pruning_ratio02_steps120.json": ("Structured pruning of SmolLM2-135M, ratio 0.2, 120-step budget",
                                       render_pruning),
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
+    "posttraining_distill.json": ("Element-wise pruning: LoRA recovery vs distillation recovery at equal tokens",
+                                  render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "mfu.json": ("Model FLOP utilisation of the LoRAPrune step", render_mfu),
     "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU", render_mfu),
