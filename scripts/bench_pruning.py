@@ -67,8 +67,27 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "ppl_mean": float(ppl.mean()), "ppl_std": float(ppl.std(ddof=1)) if len(rs) > 1 else None,
                     "ppl_each": ppl.tolist(), "params_removed_fraction": rs[0]["params_removed_fraction"],
                     "importance_pass_bytes": rs[0].get("importance_pass_bytes"),
-                    "wall_s_mean": float(np.mean([r["wall_s"] for r in rs]))})
+                    "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+                    **paired_with_base(rs, rows)})
     return out
+
+
+def paired_with_base(rs: list[dict], rows: list[dict]) -> dict:
+    """For a method with options (e.g. +distill): its perplexity over the same method without options at the
+    same seed and ratio (the same units picked: the options change the recovery only, so seed-to-seed noise in
+    the selection cancels), and on how many seeds it is lower by more than 0.1%. ``{}`` for a plain method or
+    when no seed has both."""
+    import numpy as np
+
+    if not rs[0].get("options"):
+        return {}
+    base = {(r["seed"], r["ratio"]): r["ppl"] for r in rows
+            if r["method"] == rs[0]["method"] and r["attn_unit"] == rs[0]["attn_unit"] and not r.get("options")}
+    ratios = [r["ppl"] / base[(r["seed"], r["ratio"])] for r in rs if (r["seed"], r["ratio"]) in base]
+    if not ratios:
+        return {}
+    return {"vs": rs[0]["method"], "ppl_ratio_vs_plain_each": ratios, "ppl_ratio_vs_plain_mean": float(np.mean(ratios)),
+            "lower_than_plain_on": f"{sum(x < 0.999 for x in ratios)} of {len(ratios)} seeds"}  # by > 0.1%
 
 
 def plot(summary, dense_ppl, path: Path) -> None:
@@ -201,7 +220,9 @@ def main() -> None:
     plot(result["summary"], dense_ppl, out.with_suffix(".png"))
     for s_ in result["summary"]:
         std = f" ± {s_['ppl_std']:.2f}" if s_["ppl_std"] is not None else ""
-        print(f"{s_['method']:22s} ratio {s_['ratio']}: {s_['ppl_mean']:.2f}{std}  (n={len(s_['seeds'])})")
+        vs = (f"  {s_['ppl_ratio_vs_plain_mean']:.4f}x {s_['vs']} at the same seeds "
+              f"(lower on {s_['lower_than_plain_on']})" if "vs" in s_ else "")
+        print(f"{s_['method']:22s} ratio {s_['ratio']}: {s_['ppl_mean']:.2f}{std}  (n={len(s_['seeds'])}){vs}")
     print(f"wrote {out}")
 
 

@@ -162,10 +162,12 @@ def render_pruning_seeded(data: dict) -> str:
     """bench_pruning.py with seeds: mean ± std per method and ratio, then every seed's row."""
     d, b, m = data.get("dense", {}), data.get("budget", {}), data.get("machine", {})
     pm = lambda s: f"{s['ppl_mean']:.2f}" + (f" ± {s['ppl_std']:.2f}" if s.get("ppl_std") is not None else "")  # noqa: E731
-    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "", "0%", "", ""]]
+    paired = lambda s: (f"{s['ppl_ratio_vs_plain_mean']:.3f}x ({s['lower_than_plain_on']} lower)"  # noqa: E731
+                        if "vs" in s else "")
+    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "", "", "0%", "", ""]]
     for s in sorted(data["summary"], key=lambda s: (-s["ratio"], s["method"])):
         mem = s.get("importance_pass_bytes")
-        rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), len(s["seeds"]),
+        rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), paired(s), len(s["seeds"]),
                      f"{s['params_removed_fraction']:.1%}", _mib(mem) if mem else "–", f"{s['wall_s_mean']:.0f}"])
     each = [[r["seed"], r["ratio"], r["method"] + "".join(f"+{o}" for o in r.get("options", [])), r["attn_unit"],
              f"{r['ppl']:.2f}"] for r in data.get("results", [])]
@@ -185,7 +187,9 @@ def render_pruning_seeded(data: dict) -> str:
         f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
         f"{', '.join(map(str, b.get('seeds', [])))} (seed: calibration draw, batch order, LoRA init). Memory: compiled "
         "bytes of one importance pass at these shapes (`memory_analysis()`, no remat).", "",
-        table(["method", "attention unit", "ratio", "perplexity", "seeds", "all params removed",
+        "Paired: perplexity over the plain method's at the same seeds (same units; only the recovery differs), and "
+        "on how many seeds it is lower by more than 0.1%.", "",
+        table(["method", "attention unit", "ratio", "perplexity", "paired vs plain", "seeds", "all params removed",
                "importance pass MiB", "wall s / run"], rows), "",
         "<details><summary>every run</summary>", "",
         table(["seed", "ratio", "method", "unit", "perplexity"], each), "", "</details>", "",
