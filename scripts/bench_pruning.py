@@ -8,6 +8,9 @@ LoRAPrune's selection run sees, so both pick their units from the same number of
 `--select-steps 0` is the old protocol (LoRAPrune prunes during the `--steps` run).
 A method spec `METHOD:UNIT[:int8][:distill][:attnmean][:flag=value...]` adds `--quantize-base int8`,
 `--distill`, (LoRAPrune) `--attn-score mean`, or any `prune` flag (`llm-pruner:kv_group:distill:distill-alpha=1`).
+`--teacher-correction N` first fine-tunes the dense model on the training plays for N LoRA steps and merges it
+(Minitron's teacher correction: the teacher then knows the distillation data's domain); every method then prunes
+that model and `--distill` distils from it.
 Each (seed, ratio, method) is one row (seed: calibration draw, batch order, LoRA init); the table
 rows are mean ± std over seeds. Memory: the compiled memory (`memory_analysis()`) of the method's
 importance pass at the shapes run here (LoRAPrune: one selection step; LLM-Pruner: one calibration
@@ -149,6 +152,9 @@ def main() -> None:
                     help="LLM-Pruner calibration sequences of --seq-len tokens (default: LoRAPrune's selection tokens)")
     ap.add_argument("--calib-batch", type=int, default=None,
                     help="LLM-Pruner: calibration sequences per pass (default: --batch-size, LoRAPrune's per step)")
+    ap.add_argument("--teacher-correction", type=int, default=0,
+                    help="fine-tune the dense model for this many LoRA steps (merged) before pruning: the base and "
+                         "teacher of every method (0: the model as shipped)")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--speed", action="store_true", help="also time each pruned forward against the dense one "
                                                          "(meaningful on an idle machine only)")
@@ -173,12 +179,17 @@ def main() -> None:
     from jaxprune.fixtures import fixture_paths
 
     paths = fixture_paths()
-    dense = load.load_model(paths.hf_dir)
+    base = corrected_base(a, paths, build_parser) if a.teacher_correction else paths.hf_dir
     tok = load.load_tokenizer(paths.hf_dir)
     heldout = tokenize_text(tok, paths.heldout_text.read_text())
-    dense_ppl = perplexity(dense, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens, progress=False)["ppl"]
+    ppl_of = lambda m: perplexity(m, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens,  # noqa: E731
+                                  progress=False)["ppl"]
+    shipped_ppl = ppl_of(load.load_model(paths.hf_dir)) if a.teacher_correction else None
+    dense = load.load_model(base)
+    dense_ppl = ppl_of(dense)
     dense_tps = forward_throughput(dense, batch_size=4, seq_len=256) if a.speed else None
-    print(f"dense: ppl {dense_ppl:.2f}", flush=True)
+    print(f"dense: ppl {dense_ppl:.2f}" + (f" (teacher-corrected; as shipped {shipped_ppl:.2f})"
+                                           if a.teacher_correction else ""), flush=True)
     memory = {(m, u): importance_pass_bytes(m, u, a) for m, u, _ in specs}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +202,11 @@ def main() -> None:
                          "batch_size": a.batch_size, "grad_accum": a.grad_accum, "prune_every": a.prune_every,
                          "lora_rank": a.lora_rank, "calib_samples": a.calib_samples, "calib_len": a.seq_len,
                          "calib_batch": a.calib_batch, "seeds": seeds, "eval_tokens": a.eval_tokens,
-                         "eval_seq_len": 256},
-              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps}, "results": [], "summary": [],
+                         "eval_seq_len": 256, **({"teacher_correction": a.teacher_correction}
+                                                 if a.teacher_correction else {})},
+              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps,
+                        **({"ppl_as_shipped": shipped_ppl} if a.teacher_correction else {})},
+              "results": [], "summary": [],
               "command": "python scripts/bench_pruning.py " + " ".join(sys.argv[1:])}
     if a.resume and out.exists():
         old = json.loads(out.read_text())
@@ -207,7 +221,7 @@ def main() -> None:
             for method, unit, opts in specs:
                 if (seed, ratio, label({"method": method, "options": opts}), unit) in done:
                     continue
-                row = run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load,
+                row = run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load,
                               perplexity, forward_speedup)
                 row["importance_pass_bytes"] = memory[(method, unit)]
                 result["results"].append(row)
@@ -226,7 +240,25 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load, perplexity,
+def corrected_base(a, paths, build_parser) -> Path:
+    """The dense model after ``--teacher-correction`` LoRA steps on the training plays (seed 0, merged),
+    cached in the fixture cache (deterministic: one run per step count)."""
+    from jaxprune.checkpoint import is_checkpoint
+    from jaxprune.fixtures import cache_dir
+
+    run = cache_dir() / "bench" / f"teacher-correction-{a.teacher_correction}-{a.batch_size}x{a.seq_len}"
+    if not is_checkpoint(run / "model"):
+        argv = ["finetune", str(paths.hf_dir), "--text", str(paths.train_text), "--steps", str(a.teacher_correction),
+                "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--lora-rank", str(a.lora_rank),
+                "--merge", "--val-every", "0", "--save-every", str(a.teacher_correction), "--out", str(run),
+                "--overwrite", "--json", "--no-progress"]
+        run.parent.mkdir(parents=True, exist_ok=True)
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+    return run / "model"
+
+
+def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load, perplexity,
             forward_speedup) -> dict:
     """Prune + recover one model in a temporary run dir; its held-out perplexity and counts."""
     extra = [x for o in opts for x in option_flags(o)]
@@ -234,7 +266,7 @@ def run_one(a, paths, heldout, dense, method, unit, opts, ratio, seed, build_par
         extra += ["--select-steps", str(a.select_steps), "--recover-steps", str(a.steps)]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        argv = ["prune", str(paths.hf_dir), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
+        argv = ["prune", str(base), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
                 "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
                 "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
                 "--lora-rank", str(a.lora_rank), "--prune-every", str(a.prune_every), "--seed", str(seed),
