@@ -165,6 +165,8 @@ def render_pruning_seeded(data: dict) -> str:
     paired = lambda s: (f"{s['ppl_ratio_vs_plain_mean']:.3f}x ({s['lower_than_plain_on']} lower)"  # noqa: E731
                         if "vs" in s else "")
     rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "", "", "0%", "", ""]]
+    if b.get("teacher_correction"):
+        rows[0][0] = f"dense after teacher correction (as shipped: {d.get('ppl_as_shipped', 0):.2f})"
     for s in sorted(data["summary"], key=lambda s: (-s["ratio"], s["method"])):
         mem = s.get("importance_pass_bytes")
         rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), paired(s), len(s["seeds"]),
@@ -181,6 +183,9 @@ def render_pruning_seeded(data: dict) -> str:
                 if select else
                 f"LoRAPrune prunes during {b.get('steps')} LoRA steps; the baselines prune first, then recover")
     return "\n".join([
+        *([f"Teacher correction: the dense model first gets {b['teacher_correction']} LoRA steps of "
+           f"{b.get('batch_size')} x {b.get('seq_len')} tokens on the training plays, merged (Minitron); every method "
+           "prunes that model and `+distill` distils from it.", ""] if b.get("teacher_correction") else []),
         f"SmolLM2-135M, every layer but the first 3 and the last (`--widths layerwise`). {protocol}. "
         "`+distill`: recovery on (1-a)·CE + a·KL to the unpruned model (`--distill`; a = 0.5 unless "
         "`+distill-alpha=a`). Perplexity on "
@@ -426,6 +431,8 @@ RENDERERS = {
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32)", render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
+    "pruning_corrected.json": ("Structured pruning of a teacher-corrected SmolLM2-135M: LoRA vs distillation "
+                               "recovery", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
     "pretrain.json": ("Pretraining from random init, 1M tokens: full rank, low rank, SLTrain, SLoPe, LOST, "
                       "SwitchLoRA, S-STE, and the SLTrain sweep", render_pretrain),
