@@ -4,7 +4,8 @@ Tile sizes are a *performance* knob only: every kernel pads its operands with ze
 multiple of the tile size (and masks the padding out, see each kernel's docstring), so any shape
 is accepted and results never depend on the tile size beyond float rounding.
 
-Table rationale (not tuned by measurement -- see ``scripts/bench_kernels.py``):
+Table rationale (not yet tuned by measurement: no GPU/TPU has been available; ``python
+scripts/bench_kernels.py --tiles`` on one times every candidate and records it in benchmarks/kernels.json):
 
 * ``tpu``: 128 x 128 tiles match the MXU and the (8, 128) VMEM tiling; ``bm`` = 128.
 * ``gpu``: 64 x 64 tiles are a safe Triton default (power-of-2, >= 16 for ``tl.dot``).

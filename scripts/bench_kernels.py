@@ -14,7 +14,12 @@ On CPU there is no meaningful timing (Pallas runs in the Python-level interprete
 checks interpret-mode correctness on small shapes and says so.  Results go to
 ``benchmarks/kernels.json`` (atomic write: temp file + ``os.replace``).
 
-Usage: ``python scripts/bench_kernels.py [--quick] [--out benchmarks/kernels.json]``
+``--tiles`` (GPU/TPU) also times each kernel over candidate tile sizes at one SmolLM2 and one LLaMA-7B
+shape (90% block sparsity) and stores every candidate tried, with its error if it failed to lower, as
+``tiles_tried``: the measured table ``kernels/block_sizes.py`` is to be set from (it holds hand-picked
+defaults until a GPU/TPU run exists). On CPU it checks that every candidate gives the reference result.
+
+Usage: ``python scripts/bench_kernels.py [--quick] [--tiles] [--out benchmarks/kernels.json]``
 """
 
 from __future__ import annotations
@@ -128,6 +133,44 @@ def check_point(k, n, sparsity, args) -> dict:
 
 
 
+MLR_TILES = [(64, 64, 64), (128, 64, 128), (128, 128, 128), (64, 128, 128), (128, 256, 128), (256, 128, 256)]
+BS_BLOCK_M = [32, 64, 128, 256]
+TILE_SHAPES = [(576, 1536), (4096, 11008)]
+
+
+def tiles_tried(args, timed: bool) -> list[dict]:
+    """Every candidate tile of both kernels at ``TILE_SHAPES`` (90% sparsity): forward ms (``timed``, on an
+    accelerator) or the max relative error against the XLA reference (interpret mode, small stand-in shapes)."""
+    out = []
+    shapes = TILE_SHAPES if timed else [(96, 160)]
+    for k, n in shapes:
+        block = (args.block, args.block) if timed else (32, 32)
+        p = problem(k, n, args.tokens if timed else 64, 0.9, block, args.rank if timed else 8,
+                    jnp.bfloat16 if timed else jnp.float32)
+        x, w, a, b, mask, bsm = (p[q] for q in ("x", "w", "a", "b", "mask", "bsm"))
+        ref = {"masked_lowrank": K.masked_lowrank_matmul(x, w, a, b, mask, 0.5, impl="xla"),
+               "block_sparse": x @ bsm.to_dense()}
+        cands = [("masked_lowrank", t, lambda x, t=t: K.masked_lowrank_matmul(x, w, a, b, mask, 0.5, impl="pallas",
+                                                                              block_sizes=t)) for t in MLR_TILES]
+        cands += [("block_sparse", (bm_, *block), lambda x, bm_=bm_: K.block_sparse_matmul(x, bsm, impl="pallas",
+                                                                                         block_m=bm_))
+                  for bm_ in BS_BLOCK_M]
+        for kernel, tile, fn in cands:
+            row = {"kernel": kernel, "shape": [k, n], "tile": list(tile)}
+            try:
+                if timed:
+                    row["fwd_ms"] = time_fn(jax.jit(fn), x, iters=args.iters)
+                else:
+                    got, want = jax.jit(fn)(x), ref[kernel]
+                    row["max_rel_err"] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+            except Exception as e:  # a tile a backend cannot lower is a result, not a crash
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            out.append(row)
+            print(f"  tiles {kernel:14s} {k}x{n} {tuple(tile)}: " + (
+                row.get("error") or (f"{row['fwd_ms']:.3f} ms" if timed else f"rel err {row['max_rel_err']:.1e}")))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, fewer tokens/iters")
@@ -136,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="timed runs per point (default 20; --quick 5)")
     ap.add_argument("--block", type=int, default=128, help="block-sparse block size (square)")
     ap.add_argument("--rank", type=int, default=16, help="low-rank r of the masked low-rank kernel")
+    ap.add_argument("--tiles", action="store_true", help="also try every candidate tile size (see the docstring)")
     args = ap.parse_args(argv)
     args.tokens = args.tokens or (512 if args.quick else 2048)
     args.iters = args.iters or (5 if args.quick else 20)
@@ -155,10 +199,13 @@ def main(argv=None) -> int:
                 print(f"  interpret check {k}x{n} sparsity {sp:.0%}: max rel err "
                       f"block_sparse {r['max_rel_err']['block_sparse']:.1e}, "
                       f"masked_lowrank {r['max_rel_err']['masked_lowrank']:.1e}  {'OK' if r['ok'] else 'FAIL'}")
+        tiles = tiles_tried(args, timed=False) if args.tiles else None
+        tiles_ok = all(t.get("max_rel_err", 1.0) <= 1e-4 for t in tiles or [])
         write_json_atomic(args.out, {**meta, "mode": "interpret-correctness", "note": CPU_NOTE,
-                                     "timings": None, "checks": rows})
+                                     "timings": None, "checks": rows,
+                                     **({"tiles_checked": tiles} if tiles is not None else {})})
         print(f"wrote {args.out}")
-        return 0 if all(r["ok"] for r in rows) else 1
+        return 0 if all(r["ok"] for r in rows) and tiles_ok else 1
 
     shapes = SHAPES["smollm2"] + ([] if args.quick else SHAPES["llama7b"])
     rows = []
@@ -172,8 +219,10 @@ def main(argv=None) -> int:
                   f"x{s['block_sparse_vs_xla_merge']:.2f} vs XLA merge) | masked_lowrank "
                   f"{f['masked_lowrank']:.3f} (x{s['masked_lowrank_vs_dense']:.2f} vs dense, "
                   f"x{s['masked_lowrank_vs_xla_merge']:.2f} vs XLA merge)")
+    tiles = tiles_tried(args, timed=True) if args.tiles else None
     write_json_atomic(args.out, {**meta, "mode": "timing", "dtype": "bfloat16", "block": args.block,
-                                 "rank": args.rank, "iters": args.iters, "results": rows})
+                                 "rank": args.rank, "iters": args.iters, "results": rows,
+                                 **({"tiles_tried": tiles} if tiles is not None else {})})
     print(f"wrote {args.out}")
     return 0
 

@@ -346,13 +346,30 @@ def render_kernels(data: dict) -> str:
                 for c in data.get("checks", [])]
         return "\n".join([
             f"{data.get('note', '')}", "",
-            "**No timings**: no GPU/TPU was lent to the sessions so far; on one, `python scripts/bench_kernels.py` "
-            "times both kernels against dense `jnp.dot` and the XLA masked merge (aims: block-sparse at 90% >= 4x "
-            "over dense, masked low-rank >= 1.3x over the XLA merge).", "",
+            "**No timings**: no GPU/TPU was lent to the sessions so far; on one, `python scripts/bench_kernels.py "
+            "--tiles` times both kernels against dense `jnp.dot` and the XLA masked merge (aims: block-sparse at 90% "
+            ">= 4x over dense, masked low-rank >= 1.3x over the XLA merge) and every candidate tile size "
+            "(`kernels/block_sizes.py` holds hand-picked defaults until then).", "",
             table(["K x N", "sparsity", "block-sparse max rel err", "masked low-rank max rel err", "ok"], rows), "",
             f"Backend {data.get('backend')}, jax {data.get('jax')}.",
         ])
-    return render_generic(data)
+    sp = lambda r, mode, key: f"{r[mode][key]:.2f}x"  # noqa: E731
+    rows = [[f"{r['shape'][0]}x{r['shape'][1]}", f"{r['sparsity']:.0%}", f"{r['fwd_ms']['dense']:.3f}",
+             sp(r, "fwd_speedup", "block_sparse_vs_dense"), sp(r, "fwd_speedup", "masked_lowrank_vs_xla_merge"),
+             sp(r, "fwd_bwd_speedup", "block_sparse_vs_dense"), sp(r, "fwd_bwd_speedup", "masked_lowrank_vs_xla_merge")]
+            for r in data.get("results", [])]
+    tiles = [[t["kernel"], f"{t['shape'][0]}x{t['shape'][1]}", "x".join(map(str, t["tile"])),
+              f"{t['fwd_ms']:.3f}" if "fwd_ms" in t else t.get("error", "")] for t in data.get("tiles_tried", [])]
+    return "\n".join([
+        f"{data.get('dtype')}, {data.get('iters')} timed runs (median), block {data.get('block')}, rank "
+        f"{data.get('rank')}; speedups are the reference's time over the kernel's.", "",
+        table(["K x N", "block sparsity", "dense fwd ms", "block-sparse vs dense (fwd)",
+               "masked low-rank vs XLA merge (fwd)", "block-sparse vs dense (fwd+bwd)",
+               "masked low-rank vs XLA merge (fwd+bwd)"], rows), "",
+        *(["Tile sizes tried (90% block sparsity, forward):", "", table(["kernel", "K x N", "tile", "ms"], tiles), ""]
+          if tiles else []),
+        f"Backend {data.get('backend')} ({', '.join(data.get('devices', [])[:1])}), jax {data.get('jax')}.",
+    ])
 
 
 def render_export(data: dict) -> str:
