@@ -213,14 +213,15 @@ def stage_dir(run_dir: Path, name: str, record: dict, resume: bool) -> tuple[Pat
     return d, prev is not None
 
 
-def setup_lora(model_path: str, cfg: TrainConfig, model=None) -> LoraSetup:
-    """Load ``model_path`` (or take ``model``), int8 its base if asked, attach LoRA, read ``cfg.text``."""
+def setup_lora(model_path: str, cfg: TrainConfig, model=None, *, mesh_devices: int = 1) -> LoraSetup:
+    """Load ``model_path`` (or take ``model``), int8 its base if asked, attach LoRA, read ``cfg.text``;
+    ``mesh_devices``: the run's mesh size (``weights.set_linear_impl``)."""
     if not cfg.text:
         raise UserError("--text FILE is required")
     model = model if model is not None else load.load_model(model_path, cfg.dtype)
     if cfg.quantize_base == "int8":
         quantize_base(model)
-    impl = set_linear_impl(model, cfg.impl)
+    impl = set_linear_impl(model, cfg.impl, mesh_devices=mesh_devices)
     model.remat = cfg.remat  # static: part of the graphdef
     tok = load.load_tokenizer(model_path)
     paths = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, seed=cfg.seed)

@@ -33,7 +33,8 @@ def linears(model: nnx.Module):
 IMPL_CHOICES = ("auto", "xla", "pallas")
 
 
-def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool = False) -> str:
+def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool = False, mesh_devices: int = 1,
+                    backend: str | None = None) -> str:
     """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
     (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU) and XLA
     elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns the path
@@ -41,8 +42,18 @@ def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool
 
     ``block_sparse`` (inference: eval, generate): with the Pallas path, a layer whose mask is whole square
     blocks (``prune --pattern block:BxB``, found by ``ops.blocks.block_shape_of``) is converted to its live
-    blocks and runs ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block."""
-    variant, _ = kernels.resolve_impl(impl)
+    blocks and runs ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block.
+
+    ``mesh_devices``: the devices of the run's mesh. A compiled Pallas call is not partitioned by XLA's SPMD
+    partitioner (Mosaic: "cannot be automatically partitioned") and the kernels are not wrapped in ``shard_map``
+    yet, so on a multi-device GPU/TPU mesh ``auto`` keeps XLA and ``pallas`` is refused (interpret mode, plain
+    jax ops, partitions like any other).  ``backend``: default ``jax.default_backend()``."""
+    variant, interpret = kernels.resolve_impl(impl, backend=backend)
+    if variant != "xla" and not interpret and mesh_devices > 1:
+        if impl != "auto":
+            raise UserError(f"--impl {impl} on a {mesh_devices}-device mesh: the Pallas kernels are not wrapped in "
+                            "shard_map yet; use --impl xla (or auto), or a one-device mesh")
+        variant = "xla"
     chosen = "xla" if variant == "xla" else "pallas"
     for _, lin in linears(model):
         lin.impl = chosen

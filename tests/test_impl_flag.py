@@ -56,3 +56,20 @@ def test_keep_sparsity_finetune_through_the_kernel_equals_xla(sparse_ckpt, small
     assert pallas["final_loss"] == pytest.approx(xla["final_loss"], rel=1e-5)
     assert pallas["val_ppl"] == pytest.approx(xla["val_ppl"], rel=1e-5)
     assert json.loads((tmp_path / "pallas" / "run.json").read_text())["impl"] == "pallas"
+
+
+def test_multi_device_mesh_keeps_xla_until_the_kernels_are_shard_mapped():
+    """A compiled Pallas call is not partitioned by SPMD: on a multi-device GPU/TPU mesh `auto` resolves to XLA
+    and `pallas` is refused; one device, or interpret mode (CPU), keeps the kernel."""
+    from conftest import random_llama
+    from jaxprune.config import tiny_config
+    from jaxprune.errors import UserError
+    from jaxprune.weights import set_linear_impl
+
+    model = random_llama(tiny_config(), seed=0)
+    assert [set_linear_impl(model, "auto", mesh_devices=n, backend=b) for n, b in
+            ((1, "gpu"), (8, "gpu"), (8, "tpu"), (1, "cpu"), (8, "cpu"))] == ["pallas", "xla", "xla", "xla", "xla"]
+    assert set_linear_impl(model, "pallas", mesh_devices=8, backend="cpu") == "pallas"  # interpret: plain jax ops
+    assert set_linear_impl(model, "pallas", mesh_devices=1, backend="tpu") == "pallas"
+    with pytest.raises(UserError, match="--impl pallas on a 8-device mesh"):
+        set_linear_impl(model, "pallas", mesh_devices=8, backend="gpu")

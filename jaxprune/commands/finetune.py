@@ -39,7 +39,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
             restored = restore_pruned_weights(model, load.load_model(args.teacher, cfg.dtype), args.teacher)
             if not cfg.quiet:
                 log(f"distilling from {args.teacher}: its {restored:,} pruned weights restored under the masks")
-    s = setup_lora(args.model, cfg, model)
+    s = setup_lora(args.model, cfg, model, mesh_devices=placement.mesh.size)
     run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
                                     overwrite=cfg.overwrite)  # after the checks above: bad input leaves no run dir
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(cfg.optim()),

@@ -102,7 +102,7 @@ def cmd_loram(args: argparse.Namespace) -> dict:
         small = align(args, run_cfg, small, align_blocks, tok, placement, run_dir, record, resume)
     d, again = stage_dir(run_dir, "train", record, resume)
     lora_cfg = dataclasses.replace(run_cfg, out=str(d))
-    s = setup_lora(args.model, lora_cfg, model=small)
+    s = setup_lora(args.model, lora_cfg, model=small, mesh_devices=placement.mesh.size)
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(lora_cfg.optim()),
                    head_dim=cfg.head_dim)
     result = run_training(job, lora_cfg, placement, d, resume=again)
@@ -141,7 +141,8 @@ def choose_units(args, run_cfg: TrainConfig, dense, blocks: Blocks, layers, plac
         d, again = stage_dir(run_dir, "prune", record, resume)
         # the float base: --quantize-base is QLoRAM's, for the LoRA stage on the pruned model
         pcfg = dataclasses.replace(run_cfg, out=str(d), steps=args.prune_steps or run_cfg.steps, quantize_base="none")
-        s = setup_lora(args.model, pcfg, model=dense)  # W0 is on the host already: LoRA may go on `dense`
+        # W0 is on the host already: LoRA may go on `dense`
+        s = setup_lora(args.model, pcfg, model=dense, mesh_devices=placement.mesh.size)
         schedule = CubicSchedule(pcfg.steps, args.ratio, warmup=0.1, cooldown=0.1, every=args.prune_every)
         after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
         job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(pcfg.optim()),

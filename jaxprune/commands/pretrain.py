@@ -150,7 +150,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     blocks = Blocks.from_stream(token_stream(args.text, tok), args.seq_len, seed=args.seed)
     model = build_model(cfg, method, seed=args.seed, dtype=DTYPES[args.dtype] if args.dtype else jnp.float32)
     summary = param_summary(model, cfg, method)
-    impl = set_linear_impl(model, args.impl)  # a static attribute of the graphdef: set before the split
+    # a static attribute of the graphdef: set before the split
+    impl = set_linear_impl(model, args.impl, mesh_devices=placement.mesh.size)
     graphdef, frozen, trainable, masks = partition_pretrain(model)
     run_dir, prev = prepare_run_dir(run_cfg.out, run_record(args, "pretrain"), resume=run_cfg.resume,
                                     overwrite=run_cfg.overwrite)  # after the checks above: bad input leaves no run dir

@@ -100,7 +100,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     run_cfg, mc = train_config(args), mesh_config(args)
     init_distributed(mc)
     placement = placement_for(mc, run_cfg.batch_shape)
-    s = setup_lora(args.model, run_cfg)
+    s = setup_lora(args.model, run_cfg, mesh_devices=placement.mesh.size)
     cfg, unit = s.model.config, args.attn_unit
     placement.head_dim = cfg.head_dim
     layers = structured_layers(cfg.num_layers, args.exclude_layers, args.widths)
@@ -170,7 +170,7 @@ def select_with_loraprune(args, run_cfg, s, layers, placement, run_dir, record, 
     d, again = stage_dir(run_dir, "select", record, resume)
     rank = args.select_lora_rank or run_cfg.lora_rank
     scfg = dataclasses.replace(run_cfg, out=str(d), steps=args.select_steps, lora_rank=rank, distill=False)
-    sel = s if rank == run_cfg.lora_rank else setup_lora(args.model, scfg)
+    sel = s if rank == run_cfg.lora_rank else setup_lora(args.model, scfg, mesh_devices=placement.mesh.size)
     cfg, unit = sel.model.config, args.attn_unit
     schedule = CubicSchedule(args.select_steps, args.ratio, warmup=args.warmup_frac, cooldown=args.cooldown_frac,
                              every=args.prune_every)
