@@ -216,6 +216,7 @@ def main() -> None:
         result["command"] = old["command"] + " ; " + result["command"]
     result["summary"] = summarise(result["results"])
     done = {(r["seed"], r["ratio"], label(r), r["attn_unit"]) for r in result["results"]}
+    ran = False
     for seed in seeds:
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for method, unit, opts in specs:
@@ -225,12 +226,17 @@ def main() -> None:
                               perplexity, forward_speedup)
                 row["importance_pass_bytes"] = memory[(method, unit)]
                 result["results"].append(row)
+                ran = True
                 result["summary"] = summarise(result["results"])
                 result["wall_s"] = time.time() - t0
                 result["machine"]["loadavg_end"] = os.getloadavg()[0]
                 write_json_atomic(out, result)
                 print(f"seed {seed} {label(row):22s} {unit:8s} ratio {ratio}: ppl {row['ppl']:8.2f}  removed "
                       f"{row['params_removed_fraction']:.1%}  ({row['wall_s']:.0f} s)", flush=True)
+    if not ran and a.resume and out.exists():  # nothing new: refresh the summary only, keep the run's record
+        result = {**json.loads(out.read_text()), "summary": summarise(result["results"])}
+    result["summary"] = summarise(result["results"])
+    write_json_atomic(out, result)
     plot(result["summary"], dense_ppl, out.with_suffix(".png"))
     for s_ in result["summary"]:
         std = f" ± {s_['ppl_std']:.2f}" if s_["ppl_std"] is not None else ""
