@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--distill", action="store_true",
                     help="also recover magnitude / Wanda models with `finetune --distill` (teacher: the dense model)")
     ap.add_argument("--distill-alpha", type=float, default=0.5, help="--distill: weight of the KL term")
+    ap.add_argument("--base", default=None,
+                    help="the dense model to prune (and the --distill teacher); default: SmolLM2 as shipped. E.g. "
+                         "the teacher-corrected model bench_pruning.py --teacher-correction caches")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. why the budget was reduced)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "posttraining.json"))
@@ -143,6 +146,7 @@ def main() -> None:
 
     paths = fixture_paths()
     tok = load.load_tokenizer(paths.hf_dir)
+    base = Path(a.base) if a.base else paths.hf_dir
     heldout = tokenize_text(tok, paths.heldout_text.read_text())
 
     def ppl(model) -> float:
@@ -156,7 +160,7 @@ def main() -> None:
             t = time.time()
             code = cli_main(["finetune", str(ckpt), "--text", str(paths.train_text),
                              *(["--keep-sparsity"] if keep_sparsity else []),
-                             *(["--distill", "--teacher", str(paths.hf_dir), "--distill-alpha", str(a.distill_alpha)]
+                             *(["--distill", "--teacher", str(base), "--distill-alpha", str(a.distill_alpha)]
                                if distill else []),
                              "--merge", "--steps", str(a.recover_steps), "--seq-len", str(a.recover_seq_len),
                              "--batch-size", str(a.recover_batch_size), "--save-every", str(a.recover_steps),
@@ -175,7 +179,8 @@ def main() -> None:
               "budget": {"calib_samples": a.calib_samples, "calib_len": a.calib_len,
                          "recover_steps": a.recover_steps, "recover_seq_len": a.recover_seq_len,
                          "recover_batch_size": a.recover_batch_size, "eval_tokens": a.eval_tokens,
-                         "eval_seq_len": 256, "distill_alpha": a.distill_alpha if a.distill else None},
+                         "eval_seq_len": 256, "distill_alpha": a.distill_alpha if a.distill else None,
+                         "base": str(base)},
               "note": a.note, "dense": {}, "results": []}
 
     def save():
@@ -184,7 +189,7 @@ def main() -> None:
         write_json_atomic(out, result)
         plot(result, out.with_suffix(".png"))
 
-    dense = load.load_model(paths.hf_dir)
+    dense = load.load_model(base)
     result["dense"]["ppl"] = ppl(dense)
     save()
     print(f"dense: ppl {result['dense']['ppl']:.2f}", flush=True)
@@ -199,7 +204,7 @@ def main() -> None:
         nm = parse_pattern(pattern)
         sparsity = 1 - nm[0] / nm[1] if nm else a.sparsity
         for method in a.methods.split(","):
-            model = load.load_model(paths.hf_dir)
+            model = load.load_model(base)
             report = prune_model(model, None if method == "magnitude" else calib, method=method, sparsity=sparsity,
                                  nm=nm, batch_size=a.calib_batch, progress=False, measure_memory=True)
             row = {"method": method, "pattern": pattern, "sparsity": sparsity,

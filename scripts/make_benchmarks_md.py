@@ -259,6 +259,9 @@ def render_posttraining(data: dict) -> str:
         f"(magnitude uses none), {recovery}. Perplexity on the first {b.get('eval_tokens')} held-out tokens at seq-len "
         f"{b.get('eval_seq_len')}. Peak memory: the largest compiled pruning pass (calibration capture, SparseGPT "
         "sweep or layer forward), arguments + outputs + temporaries.", "",
+        *([f"Base: `{Path(b['base']).parent.name}` (SmolLM2 after merged LoRA steps on the training plays: "
+           "Minitron's teacher correction, from `bench_pruning.py --teacher-correction`); it is pruned and it is the "
+           "teacher.", ""] if "teacher-correction" in str(b.get("base", "")) else []),
         *([f"After distillation: the same recovery with `--distill --distill-alpha {b.get('distill_alpha')}` (KL to "
            "the unpruned model; SparseGPT refuses it: it rewrites the kept weights).", ""] if kd else []),
         table(["method", "pattern", "zeros", "perplexity", "after recovery", *(["after distillation"] if kd else []),
@@ -442,6 +445,8 @@ RENDERERS = {
     "posttraining.json": ("Post-training element-wise pruning: magnitude, Wanda, SparseGPT", render_posttraining),
     "posttraining_distill.json": ("Element-wise pruning: LoRA recovery vs distillation recovery at equal tokens",
                                   render_posttraining),
+    "posttraining_distill_corrected.json": ("Element-wise pruning of a teacher-corrected SmolLM2: LoRA vs "
+                                            "distillation recovery at equal tokens", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "mfu.json": ("Model FLOP utilisation of the LoRAPrune step", render_mfu),
     "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU", render_mfu),
