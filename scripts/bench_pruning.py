@@ -77,9 +77,9 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def paired_with_base(rs: list[dict], rows: list[dict]) -> dict:
     """For a method with options (e.g. +distill): its perplexity over the same method without options at the
-    same seed and ratio (the same units picked: the options change the recovery only, so seed-to-seed noise in
-    the selection cancels), and on how many seeds it is lower by more than 0.1%. ``{}`` for a plain method or
-    when no seed has both."""
+    same seed and ratio, and on how many seeds it is lower by more than 0.1%. For options that change the
+    recovery only (+distill) the same units are picked, so seed-to-seed noise in the selection cancels; +int8
+    and +attnmean may change the selection too. ``{}`` for a plain method or when no seed has both."""
     import numpy as np
 
     if not rs[0].get("options"):
@@ -252,7 +252,8 @@ def corrected_base(a, paths, build_parser) -> Path:
     from jaxprune.checkpoint import is_checkpoint
     from jaxprune.fixtures import cache_dir
 
-    run = cache_dir() / "bench" / f"teacher-correction-{a.teacher_correction}-{a.batch_size}x{a.seq_len}"
+    run = (cache_dir() / "bench"
+           / f"teacher-correction-{a.teacher_correction}-{a.batch_size}x{a.seq_len}-r{a.lora_rank}")
     if not is_checkpoint(run / "model"):
         argv = ["finetune", str(paths.hf_dir), "--text", str(paths.train_text), "--steps", str(a.teacher_correction),
                 "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), "--lora-rank", str(a.lora_rank),

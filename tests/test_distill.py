@@ -144,6 +144,8 @@ def test_cli_finetune_distill_element_wise(element_pruned, small_text, tmp_path,
     assert "sparsegpt rewrites them" in capsys.readouterr().err and not (tmp_path / "sgpt").exists()
     assert main(["finetune", str(hf_dir), "--distill", "--text", str(small_text), "--out", str(tmp_path / "x")]) == 2
     assert "pass --keep-sparsity" in capsys.readouterr().err
+    assert main([*common, "--distill", "--quantize-base", "int8", "--out", str(tmp_path / "q")]) == 2
+    assert "the int8 scales would be taken over the teacher's restored weights" in capsys.readouterr().err
     assert main(["prune", str(hf_dir), "--method", "magnitude", "--sparsity", "0.5", "--distill",
                  "--out", str(tmp_path / "y")]) == 2
     assert "finetune CKPT --keep-sparsity --distill" in capsys.readouterr().err

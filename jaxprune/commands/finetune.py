@@ -27,6 +27,9 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     placement = placement_for(mc, cfg.batch_shape)  # a bad --mesh fails before anything is written
     if args.teacher and not args.distill:
         raise UserError("--teacher applies to --distill")
+    if args.distill and args.quantize_base != "none":
+        raise UserError(f"finetune --distill with --quantize-base {args.quantize_base}: the int8 scales would be taken "
+                        "over the teacher's restored weights too, changing the pruned model; use a float base")
     if args.distill and not args.keep_sparsity:
         raise UserError("finetune --distill distils an element-wise pruned model into its sparsity: pass "
                         "--keep-sparsity (structured pruning distils in `prune --distill`)")
@@ -70,12 +73,12 @@ def add_finetune_parser(sub) -> None:
 
 
 def teacher_path(args: argparse.Namespace) -> str:
-    """--teacher, else the 'pruned_from' that `prune --sparsity` wrote into the checkpoint."""
+    """--teacher, else the 'pruned_from' that `prune --sparsity` wrote into the checkpoint; as an absolute path."""
     if args.teacher:
-        return args.teacher
+        return str(Path(args.teacher).resolve())
     kind, path = load.resolve(args.model)
     origin = checkpoint.read_meta(path).get("pruned_from") if kind == "checkpoint" else None
     if origin is None or not Path(origin).exists():
         raise UserError(f"finetune --distill: pass --teacher MODEL (the unpruned model; {args.model} names "
                         f"{'none' if origin is None else f'{origin}, which does not exist here'})")
-    return origin
+    return str(Path(origin).resolve())

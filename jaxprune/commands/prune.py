@@ -235,7 +235,7 @@ def cmd_prune_posttraining(args) -> dict:
         calib = calibration_tokens(calib_path, tok, args.calib_samples, args.calib_len, args.seed)
     report = prune_model(model, calib, method=args.method, sparsity=sparsity, nm=nm, batch_size=args.calib_batch,
                          blocksize=args.blocksize, percdamp=args.percdamp, progress=args.progress, layers=layers)
-    meta = {"pruned_from": str(args.model), "method": args.method, "sparsity": sparsity,
+    meta = {"pruned_from": str(Path(args.model).resolve()), "method": args.method, "sparsity": sparsity,
             "pattern": report["pattern"], "excluded_layers": report["excluded_layers"]}
     checkpoint.save_model(model, out, tokenizer=tok, overwrite=args.overwrite, extra_meta=meta)
     summary = {**meta, "model_dir": str(out), "sparsity_measured": report["sparsity_measured"],

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ..errors import UserError
-from ..weights import linears, path_str
+from ..weights import linears, merge_lora, path_str
 
 
 def restore_pruned_weights(model: nnx.Module, teacher: nnx.Module, teacher_name: str) -> int:
@@ -30,6 +30,11 @@ def restore_pruned_weights(model: nnx.Module, teacher: nnx.Module, teacher_name:
     if model.config != teacher.config:
         raise UserError(f"--teacher {teacher_name}: another architecture than the pruned model "
                         "(its config differs)")
+    if any(lin.has_lora for _, lin in linears(model)):
+        raise UserError("finetune --distill: the pruned model carries LoRA factors; merge them first "
+                        "(`jaxprune finetune ... --merge` writes a merged model)")
+    if any(lin.has_lora for _, lin in linears(teacher)):  # prune --sparsity merged them before pruning, so must we
+        teacher = merge_lora(teacher)
     masked = {p + ("kernel",): lin for p, lin in linears(model) if lin.weight_mask is not None}
     if not masked:
         raise UserError("finetune --distill: the model has no element masks (--keep-sparsity masks none "
