@@ -19,6 +19,7 @@ from .commands.model_io import add_model_io_parsers
 from .commands.pretrain import add_pretrain_parser
 from .commands.prune import add_prune_parser
 from .errors import UserError
+from .plugins import load_entry_point_plugins, load_plugin, plugin_args
 from .runs import release_run_dirs
 from .train import PREEMPTED_EXIT, Preempted
 
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # plugins first: their methods are among the parser's choices
+        load_entry_point_plugins()
+        for spec in plugin_args(argv):
+            load_plugin(spec)
+    except UserError as e:
+        print(f"jaxprune: error: {e}", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a bad flag (one line already on stderr), or --help

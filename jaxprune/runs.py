@@ -155,7 +155,7 @@ def release_run_dirs() -> None:
 #: Flags added after runs were recorded, and the value a run.json without them had in effect: such a run
 #: still resumes when the new flag is left at that value.
 IMPLIED_BEFORE_RECORDED = {"impl": "auto", "sltrain_b_init": "zero", "attn_score": "ema", "distill": False,
-                           "distill_alpha": 0.5, "distill_temp": 1.0, "teacher": None}
+                           "distill_alpha": 0.5, "distill_temp": 1.0, "teacher": None, "plugin": None}
 
 
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
@@ -275,7 +275,7 @@ def run_training(job: TrainJob, cfg: TrainConfig, placement: Placement, run_dir:
     """Place the job on the mesh, restore the latest checkpoint on ``resume`` (onto this run's mesh, whichever
     mesh saved it), compile one step, run the loop (metrics, validation, checkpoints), plot the loss and
     gather the trained model to the host."""
-    placement.head_dim = job.head_dim
+    placement = placement.with_head_dim(job.head_dim)
     frozen = placement.put(job.frozen)
     state = place_train_state(placement, job.optimizer, job.trainable, job.masks, job.hook_state)
     state, start = restore_latest(run_dir, state) if resume else (state, 0)

@@ -26,6 +26,8 @@ line). Batches must divide by data×fsdp; a training batch that does not is refu
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import math
 import os
@@ -175,13 +177,19 @@ def mesh_size(mesh, axes: tuple[str, ...]) -> int:
 
 
 # ---- placing pytrees ----------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Placement:
-    """A mesh + rules, and the fallbacks met while placing trees (for one report line)."""
+    """A mesh + rules, and the fallbacks met while placing trees (for one report line). Immutable:
+    :meth:`with_head_dim` gives the same mesh, rules and report for a model's head size."""
     mesh: jax.sharding.Mesh
     rules: ShardingRules = field(default_factory=ShardingRules)
     head_dim: int | None = None  # heads / kv_heads dims shard only on whole heads
     fallbacks: list[str] = field(default_factory=list)
+
+    def with_head_dim(self, head_dim: int | None) -> "Placement":
+        """This placement for a model whose heads are ``head_dim`` wide (heads shard only whole); the fallback
+        report is shared."""
+        return dataclasses.replace(self, head_dim=head_dim)
 
     def spec(self, path: str, shape: tuple[int, ...], axes: tuple | None = None) -> P:
         """The PartitionSpec of one leaf at ``path`` with logical ``axes`` (see the module docstring)."""

@@ -1,4 +1,4 @@
-"""LoRAPrune vs LLM-Pruner (vs magnitude, random) on SmolLM2-135M: same tokens, same recovery, several seeds.
+"""LoRAPrune vs LLM-Pruner (vs l2, random) on SmolLM2-135M: same tokens, same recovery, several seeds.
 
 Protocol (issue 19, "fair"): LoRAPrune selects its units in a run of `--select-steps` LoRA steps
 (masks set every `--prune-every` steps on the cubic schedule), then freezes the masks and every method

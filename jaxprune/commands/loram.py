@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import checkpoint, load
 from ..data import Blocks, token_stream
@@ -30,18 +31,15 @@ from ..partition import partition, tree_size
 from ..prune.groups import prunable_layers
 from ..prune.loram import (check_dense, describe_units, host_arrays, partition_align, pruned_model,
                            recover_full_model, units_from_masks)
-from ..prune.loraprune import importance_hook, init_importance, scheduled_mask_update
-from ..prune.masks import update_structured_masks
-from ..prune.oneshot import one_shot_scores
-from ..prune.schedule import CubicSchedule
+from ..prune.loraprune import LoRAPruneOptions
+from ..prune.pipeline import loraprune_hooks, loraprune_job, one_shot_masks
+from ..prune.registry import STRUCTURED
 from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
 from ..sharding import Placement, init_distributed, is_main_process, placement_for, to_host
-from ..train import LoopCallbacks, make_optimizer
+from ..train import make_optimizer
 from ..weights import merge_lora
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
 from .flags import FRACTION_BELOW_1, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEQ_LEN
-
-PRUNE_METHODS = ("llm-pruner", "loraprune", "magnitude", "random")
 
 
 def add_loram_parser(sub) -> None:
@@ -49,7 +47,7 @@ def add_loram_parser(sub) -> None:
     p.add_argument("model")
     add_run_args(p, steps=200, frozen_base=True)
     g = p.add_argument_group("pruning (which units the small model keeps)")
-    g.add_argument("--prune-method", choices=PRUNE_METHODS, default="llm-pruner",
+    g.add_argument("--prune-method", choices=STRUCTURED.names(), default="llm-pruner",
                    help="structured pruning criterion (the paper's LoRAM-Stru uses LLM-Pruner)")
     g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
     g.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group")
@@ -137,32 +135,23 @@ def choose_units(args, run_cfg: TrainConfig, dense, blocks: Blocks, layers, plac
     if resume and path.exists():
         return json.loads(path.read_text())
     cfg, unit = dense.config, args.attn_unit
-    if args.prune_method == "loraprune":
+    criterion = STRUCTURED.get(args.prune_method)
+    if criterion.iterative:
         d, again = stage_dir(run_dir, "prune", record, resume)
         # the float base: --quantize-base is QLoRAM's, for the LoRA stage on the pruned model
         pcfg = dataclasses.replace(run_cfg, out=str(d), steps=args.prune_steps or run_cfg.steps, quantize_base="none")
         # W0 is on the host already: LoRA may go on `dense`
         s = setup_lora(args.model, pcfg, model=dense, mesh_devices=placement.mesh.size)
-        schedule = CubicSchedule(pcfg.steps, args.ratio, warmup=0.1, cooldown=0.1, every=args.prune_every)
-        after_step = scheduled_mask_update(cfg, unit, layers, schedule, placement.put)
-        job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(pcfg.optim()),
-                       head_dim=cfg.head_dim, grad_hook=importance_hook(cfg, unit, pcfg.lora_scale, args.beta),
-                       hook_state=init_importance(cfg, unit),
-                       callbacks=lambda _f, _p: LoopCallbacks(after_step=after_step))
-        masks = to_host(run_training(job, pcfg, placement, d, resume=again).state.masks)
+        opts = LoRAPruneOptions(prune_every=args.prune_every, beta=args.beta)
+        hooks = loraprune_hooks(cfg, unit, layers, pcfg.steps, args.ratio, opts, pcfg.lora_scale, placement.put)
+        masks = to_host(run_training(loraprune_job(s, hooks, pcfg), pcfg, placement, d, resume=again).state.masks)
     else:
-        placement.head_dim = cfg.head_dim
         dense.remat = run_cfg.remat
         graphdef, frozen, trainable, masks = partition(dense)
-        calib = None
-        if args.prune_method == "llm-pruner":
-            length = min(args.calib_len, blocks.train.shape[1])
-            calib = placement.put_batch(blocks.calibration(args.calib_samples, length, seed=args.seed), 0,
-                                        strict=False)
-        scores = to_host(one_shot_scores(args.prune_method, cfg, unit, frozen=placement.put(frozen),
-                                         graphdef=graphdef, trainable=placement.put(trainable),
-                                         masks=placement.put(masks), calib=calib, seed=args.seed))
-        masks = update_structured_masks(to_host(masks), scores, args.ratio, cfg, unit, layers)
+        s = SimpleNamespace(model=dense, graphdef=graphdef, frozen=frozen, trainable=trainable, masks=masks,
+                            blocks=blocks)
+        masks = one_shot_masks(criterion, s, args.ratio, unit, layers, placement, calib_samples=args.calib_samples,
+                               calib_len=args.calib_len, calib_batch=None, seed=args.seed)
     units = units_from_masks(masks)
     if is_main_process():
         write_json_atomic(path, units)

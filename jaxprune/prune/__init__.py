@@ -2,12 +2,17 @@
 
 Structured, shared pieces:
 * ``groups``: units (``kv_group`` / ``q_head`` / MLP channel), how element scores reduce to them
-* ``importance``: the shared reduction; magnitude and random scores
+* ``importance``: the shared reduction; the data-free criteria (l2, random)
 * ``masks``: unit masks from scores (pruned sets only grow); ``schedule``: LoRAPrune's cubic schedule
 * ``shrink``: physical removal of pruned units
+* ``registry``: every method by name (``STRUCTURED``, ``ELEMENTWISE``); ``pipeline``: the prune runs
 
-Methods, one module each with its formula and citation:
+Methods, one module each with its formula, citation and registration:
 * ``loraprune``: LoRA-guided importance, its EMA as an ``(init, update)`` pair, the scheduled mask update
-* ``llm_pruner``: Taylor importance from base-weight gradients; ``oneshot``: the one-shot baselines
-* ``select`` (element masks, N:M), ``wanda``, ``sparsegpt``; ``posttraining``: the sequential pipeline
+* ``llm_pruner``: Taylor importance from base-weight gradients
+* ``select`` (element masks, N:M; magnitude), ``wanda``, ``sparsegpt``; ``posttraining``: the sequential pipeline
+
+Importing ``jaxprune.prune`` registers every built-in method.
 """
+
+from . import importance, llm_pruner, loraprune, select, sparsegpt, wanda  # noqa: F401  (they register)

@@ -94,8 +94,8 @@ def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
     if widths != "uniform":
         raise UserError(f"--widths {widths!r}: expected one of {', '.join(WIDTHS)}")
     if exclude not in ("default", "none", "") and len(layers) < num_layers:
-        raise UserError(f"--exclude-layers {exclude} keeps layers at full width, which --widths uniform (the "
-                        "default) does not allow: add --widths layerwise")
+        raise UserError(f"--exclude-layers {exclude} keeps layers at full width, which --widths uniform does "
+                        "not allow: drop --widths uniform (layerwise is the default)")
     return list(range(num_layers))
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from ..config import ModelConfig
 from ..ops.int8 import dequantize
 from .groups import ATTN_MODULES, MLP_MODULES, AttnUnit, num_attention_units, reduce_attention, reduce_mlp
+from .registry import ScoreInputs, register_structured
 
 UnitScores = tuple[tuple[jnp.ndarray, ...], tuple[jnp.ndarray, ...]]
 # element_fn(layer, block, module) -> element scores [in, out] or None (module not scored)
@@ -80,3 +81,14 @@ def random_importance(cfg: ModelConfig, unit: AttnUnit, seed: int = 0) -> UnitSc
         attn.append(jax.random.uniform(k1, (num_attention_units(cfg.heads(i), cfg.kv_heads(i), unit),)))
         mlp.append(jax.random.uniform(k2, (cfg.mlp_width(i),)))
     return tuple(attn), tuple(mlp)
+
+
+@register_structured("l2", summary="L2 norm of each unit's coupled weights, no data (LLM-Pruner's l2 baseline)",
+                     citation="Ma et al. 2023, arXiv 2305.11627 (horseee/LLM-Pruner, --pruner_type l2)")
+def l2_scores(x: ScoreInputs) -> UnitScores:
+    return magnitude_importance(x.cfg, x.frozen_arrays(), x.unit)
+
+
+@register_structured("random", summary="U(0, 1) scores per unit, seeded by --seed (the floor every criterion must beat)")
+def random_scores(x: ScoreInputs) -> UnitScores:
+    return random_importance(x.cfg, x.unit, x.seed)

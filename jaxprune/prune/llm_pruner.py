@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..train import make_loss_fn, mean_over_microbatches
 from .groups import AttnUnit
 from .importance import UnitScores, unit_scores
+from .registry import ScoreInputs, register_structured
 
 
 def taylor_importance(cfg: ModelConfig, frozen: dict, base_grads: dict, unit: AttnUnit) -> UnitScores:
@@ -49,3 +50,11 @@ def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: in
             grads = mean_over_microbatches(lambda b: grad(frozen, b), batch.reshape(n // c, c, -1))
         return taylor_importance(cfg, nnx.to_pure_dict(frozen), nnx.to_pure_dict(grads), unit)
     return step
+
+
+@register_structured("llm-pruner", needs=("calibration", "base_gradients"),
+                     summary="first-order Taylor importance Σ|W ⊙ ∂L/∂W| from base-weight gradients on calibration "
+                             "samples",
+                     citation="Ma et al. 2023, arXiv 2305.11627 (horseee/LLM-Pruner, taylor, param_first)")
+def llm_pruner_scores(x: ScoreInputs) -> UnitScores:
+    return taylor_importance_step(x.graphdef, x.cfg, x.unit, x.calib_batch)(x.frozen, x.trainable, x.masks, x.calib)

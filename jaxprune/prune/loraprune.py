@@ -25,6 +25,7 @@ each prunable layer are masked (``masks.update_structured_masks``); pruned sets 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -36,6 +37,7 @@ from ..sharding import to_host
 from .groups import AttnUnit, num_attention_units
 from .importance import UnitScores, base_kernel, unit_scores
 from .masks import update_structured_masks
+from .registry import STRUCTURED, StructuredCriterion, option
 from .schedule import CubicSchedule
 
 
@@ -147,3 +149,26 @@ def scheduled_mask_update(cfg: ModelConfig, unit: AttnUnit, layers: Sequence[int
             st = st._replace(masks=place(masks))
         return st
     return after_step
+
+
+@dataclass(frozen=True)
+class LoRAPruneOptions:
+    """LoRAPrune's own options (the ``loraprune options`` group of ``jaxprune prune``)."""
+    prune_every: int = option(10, "loraprune: steps between mask updates", lo=1)
+    warmup_frac: float = option(0.1, "loraprune: fraction of steps before pruning", lo=0.0, hi=1.0, hi_open=True)
+    cooldown_frac: float = option(0.1, "loraprune: final fine-tuning fraction", lo=0.0, hi=1.0, hi_open=True)
+    beta: float = option(0.9, "loraprune: importance moving-average factor", lo=0.0, hi=1.0, hi_open=True)
+    attn_score: str = option("ema", "loraprune: rank attention units by the moving average at the prune step (ema, "
+                             "the paper's) or by the mean score over every step so far (mean)", choices=ATTN_SCORES)
+    select_steps: int | None = option(None, "loraprune: select the units in a run of this many steps "
+                                      "(RUN_DIR/select), freeze the masks, then recover with fresh LoRA for "
+                                      "--recover-steps at the baselines' schedule (the fair comparison with "
+                                      "one-shot criteria); default: prune during the one run", lo=1)
+    select_lora_rank: int | None = option(None, "loraprune --select-steps: LoRA rank of the selection run "
+                                          "(default: --lora-rank)", lo=1)
+
+
+STRUCTURED.register(StructuredCriterion(
+    "loraprune", "LoRA-guided importance |(∇A·B + A·∇B − ∇A·∇B) ⊙ (W + s·A@B)|, moving average, pruned on a "
+    "cubic schedule during LoRA fine-tuning (no base-weight gradient)", None, ("lora_gradients",),
+    LoRAPruneOptions, "Zhang et al. 2023, arXiv 2305.18403 (aim-uofa/LoRAPrune)"))

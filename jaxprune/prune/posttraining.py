@@ -40,11 +40,10 @@ from ..model import DECODER_LINEARS, decoder_linear
 from ..rope import layer_rope_tables, rope_kind
 from ..weights import linears
 from .groups import prunable_layers
-from .select import Block, magnitude_mask, pattern_name
+from .registry import ELEMENTWISE
+from .select import Block, pattern_name
 from .sparsegpt import block_counts, hessian_factor, sparsegpt, sparsegpt_core
-from .wanda import wanda_mask
 
-POSTTRAINING_METHODS = ("magnitude", "wanda", "sparsegpt")
 #: (module, attribute) of the seven pruned linears of a decoder layer (``model.DECODER_LINEARS``)
 LINEARS = DECODER_LINEARS
 #: which input statistic each linear reads, and the linear whose input is tapped for it
@@ -66,8 +65,9 @@ class _Tap:
 
 
 def _stat(x: jax.Array, kind: str) -> jax.Array:
+    """An input's statistic over tokens: ``"xtx"`` Σ_t x_t x_tᵀ [in, in], ``"sq"`` Σ_t x_t² [in]."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    return x.T @ x if kind == "sparsegpt" else jnp.sum(x * x, axis=0)
+    return x.T @ x if kind == "xtx" else jnp.sum(x * x, axis=0)
 
 
 @partial(jax.jit, static_argnums=(0, 5))
@@ -121,13 +121,14 @@ def _prune_layer(layer, li: int, chunks, rope, *, method: str, sparsity: float, 
     states; None for magnitude). Returns ({linear: sparsity}, peak compiled bytes of its passes if ``measure``)."""
     peak = 0
     stats = {}
+    m = ELEMENTWISE.get(method)
     if chunks is not None:
         graphdef, state = nnx.split(layer)
         for h in chunks:
             cos, sin = rope(*h.shape[:2])
             if measure and not stats:
-                peak = max(peak, _compiled_bytes(_capture, graphdef, state, h, cos, sin, method))
-            for k, v in _capture(graphdef, state, h, cos, sin, method).items():
+                peak = max(peak, _compiled_bytes(_capture, graphdef, state, h, cos, sin, m.statistic))
+            for k, v in _capture(graphdef, state, h, cos, sin, m.statistic).items():
                 v = np.asarray(v, np.float64)
                 stats[k] = stats[k] + v if k in stats else v
     row, factors = {}, {}
@@ -137,9 +138,8 @@ def _prune_layer(layer, li: int, chunks, rope, *, method: str, sparsity: float, 
         if w.size == 0:
             continue
         name = f"layers.{li}.{mod}.{attr}"
-        if method in ("magnitude", "wanda"):  # host numpy selection, no compiled pass
-            keep = (magnitude_mask(w, sparsity, nm) if method == "magnitude"
-                    else wanda_mask(w, stats[INPUT_OF[attr]], sparsity, nm))
+        if not m.compensates:  # a selection rule (magnitude, wanda, plugins): host numpy, no compiled pass
+            keep = m.select(w, stats[INPUT_OF[attr]] if m.statistic else None, sparsity, nm)
             new_w = w
         else:
             key = INPUT_OF[attr]
@@ -167,14 +167,13 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
     all-ones ``weight_mask`` unless they have one already) and still run, unpruned, in the sequential
     calibration, so a later layer is calibrated on what the final model feeds it.
     """
-    if method not in POSTTRAINING_METHODS:
-        raise UserError(f"unknown post-training method {method!r}")
-    if isinstance(nm, Block) and method == "sparsegpt":
-        raise UserError(f"--pattern {nm}: block patterns are for --method magnitude or wanda (SparseGPT's "
-                        "column sweep selects within a column block, not whole 2-D blocks)")
+    m = ELEMENTWISE.get(method)
+    if isinstance(nm, Block) and m.compensates:
+        raise UserError(f"pattern {nm}: block patterns are for selection methods ({method}'s column sweep "
+                        "selects within a column block, not whole 2-D blocks)")
     if any(l.has_lora for _, l in linears(model)):
         raise UserError("post-training pruning needs a model without LoRA factors (merge them first)")
-    needs_data = method != "magnitude"
+    needs_data = m.needs_calibration
     num_layers = len(model.layers)
     prune_set = set(range(num_layers)) if layers is None else {int(i) for i in layers}
     if any(not 0 <= i < num_layers for i in prune_set):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from ..errors import UserError
 from ..ops.nm import nm_keep_mask
+from .registry import register_elementwise
 
 
 class Block(NamedTuple):
@@ -138,6 +139,12 @@ def block_keep_mask(scores: np.ndarray, sparsity: float, block: Block, *, per_ou
 def magnitude_mask(w, sparsity: float, nm=None) -> np.ndarray:
     """Keep-mask from ``|W|``, compared over the whole layer (or per N:M group)."""
     return select_mask(np.abs(np.asarray(w, np.float32)), sparsity, nm, per_output=False)
+
+
+@register_elementwise("magnitude", summary="|W_ij| compared over the whole layer (per N:M group), no data",
+                      citation="Han et al. 2015, arXiv 1506.02626; the baseline of Wanda and SparseGPT")
+def magnitude_select(w, _stat, sparsity: float, nm=None) -> np.ndarray:
+    return magnitude_mask(w, sparsity, nm)
 
 
 def keep_not_lowest_jnp(x: jax.Array, k) -> jax.Array:

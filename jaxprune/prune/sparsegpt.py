@@ -28,6 +28,7 @@ Layout: ours is ``W [in, out]``; the paper's input column i is our row i.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import UserError
+from .registry import ELEMENTWISE, ElementwiseMethod, option
 from .select import check_nm, floor_count, keep_not_lowest_jnp, rank_jnp
 
 
@@ -180,3 +182,15 @@ def sparsegpt(w, h=None, *, sparsity: float = 0.5, nm: tuple[int, int] | None = 
     keep_arr = jnp.asarray(keep, jnp.bool_) if fixed else jnp.ones(w.shape, jnp.bool_)
     w_new, keep_out = sparsegpt_core(w, factor.u, keep_arr, blocksize=blocksize, nm=nm, counts=counts, fixed=fixed)
     return w_new, keep_out, {"damp": factor.damp, "retries": factor.retries}
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    blocksize: int = option(128, "sparsegpt: lazy-update block of input rows", lo=1)
+    percdamp: float = option(0.01, "sparsegpt: dampening λ = percdamp·mean(diag H)", lo=0.0)
+
+
+ELEMENTWISE.register(ElementwiseMethod(
+    "sparsegpt", "layer-wise OBS: prune by W²/[H⁻¹]_ii and update the kept weights (H = 2XᵀX/n)",
+    statistic="xtx", compensates=True, options=SparseGPTOptions,
+    citation="Frantar & Alistarh 2023, arXiv 2301.00774 (IST-DASLab/sparsegpt fasterprune)"))

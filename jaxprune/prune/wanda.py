@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .registry import register_elementwise
 from .select import select_mask
 
 
@@ -24,3 +25,7 @@ def wanda_scores(w, sq_norms) -> np.ndarray:
 def wanda_mask(w, sq_norms, sparsity: float, nm=None) -> np.ndarray:
     """Keep-mask from Wanda scores, compared per output (column) / per N:M group."""
     return select_mask(wanda_scores(w, sq_norms), sparsity, nm, per_output=True)
+
+
+register_elementwise("wanda", statistic="sq", summary="|W_ij|·‖X_j‖₂ compared per output (per N:M group)",
+                     citation="Sun et al. 2023, arXiv 2306.11695 (locuslab/wanda prune_wanda)")(wanda_mask)

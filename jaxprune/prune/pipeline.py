@@ -1,0 +1,215 @@
+"""Structured pruning runs: units chosen by a registered criterion, LoRA recovery, physical shrink.
+
+The Python API behind ``jaxprune prune`` (the command only turns flags into these configs)::
+
+    from jaxprune.prune.pipeline import StructuredPruneConfig, prune_structured
+    from jaxprune.runs import TrainConfig
+
+    summary = prune_structured("path/to/hf_or_gguf", StructuredPruneConfig(method="llm-pruner", ratio=0.5),
+                               TrainConfig(text="train.txt", out="runs/x", steps=30))
+    # runs/x/model: the shrunk model (jaxprune checkpoint); summary: parameter counts, widths, ...
+
+A one-shot criterion (``registry.StructuredCriterion.score``: l2, random, llm-pruner, plugins) scores the
+units once on the base (+ calibration samples when it ``needs`` them); the lowest-scored units of each
+prunable layer are masked, LoRA recovers for ``recover_steps`` on the final shape. The iterative one
+(LoRAPrune) prunes during its LoRA run on a cubic schedule, or picks the units in a selection run of its
+own (``select_steps``) and then recovers exactly as the one-shot criteria do (the fair protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from .. import checkpoint
+from ..errors import UserError
+from ..fileio import write_json_atomic
+from ..partition import tree_size
+from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
+from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
+from ..train import LoopCallbacks, make_optimizer
+from .groups import WIDTHS, check_attn_unit, structured_layers
+from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
+from .masks import structured_sparsity, update_structured_masks
+from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, check_options
+from .schedule import CubicSchedule
+from .shrink import describe_widths, shrink
+
+
+@dataclass(frozen=True)
+class StructuredPruneConfig:
+    """What a structured prune run does. ``options``: the criterion's options dataclass (None: its defaults);
+    ``recover_steps``: LoRA recovery steps for one-shot criteria and LoRAPrune with ``select_steps``
+    (None: ``TrainConfig.steps``); ``calib_*``: calibration samples for criteria that need them."""
+    method: str = "loraprune"
+    ratio: float = 0.5
+    attn_unit: str = "kv_group"
+    widths: str = "layerwise"
+    exclude_layers: str = "default"
+    calib_samples: int = 10
+    calib_len: int = 64
+    calib_batch: int | None = 8
+    recover_steps: int | None = None
+    options: Any = None
+
+    def criterion(self) -> StructuredCriterion:
+        return STRUCTURED.get(self.method)
+
+    def method_options(self):
+        """``options``, or the criterion's defaults; checked against its declared ranges."""
+        c = self.criterion()
+        opts = self.options if self.options is not None else (c.options() if c.options is not None else None)
+        if c.options is not None and not isinstance(opts, c.options):
+            raise UserError(f"StructuredPruneConfig.options: {self.method} takes {c.options.__name__}, "
+                            f"not {type(opts).__name__}")
+        check_options(opts)
+        return opts
+
+    def check(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"StructuredPruneConfig.ratio = {self.ratio}: must be in [0, 1)")
+        if self.widths not in WIDTHS:
+            raise UserError(f"StructuredPruneConfig.widths = {self.widths!r}: expected one of {', '.join(WIDTHS)}")
+        self.method_options()
+
+
+@dataclass(frozen=True)
+class LoRAPruneHooks:
+    """LoRAPrune's pieces of a ``runs.TrainJob``: the in-step importance hook, its state, the mask update."""
+    grad_hook: Any
+    hook_state: Any
+    after_step: Any
+
+
+def loraprune_hooks(cfg, unit: str, layers: Sequence[int], steps: int, ratio: float, opts: LoRAPruneOptions,
+                    lora_scale: float, place=lambda tree: tree) -> LoRAPruneHooks:
+    """The importance EMA inside the step and the cubic-schedule mask update between steps (``loraprune.py``)."""
+    schedule = CubicSchedule(steps, ratio, warmup=opts.warmup_frac, cooldown=opts.cooldown_frac,
+                             every=opts.prune_every)
+    return LoRAPruneHooks(importance_hook(cfg, unit, lora_scale, opts.beta),
+                          init_importance(cfg, unit, track_sum=opts.attn_score == "mean"),
+                          scheduled_mask_update(cfg, unit, layers, schedule, place, opts.attn_score))
+
+
+def loraprune_job(s, hooks: LoRAPruneHooks, run_cfg: TrainConfig, describe=None, *, frozen=None) -> TrainJob:
+    """A ``TrainJob`` of LoRA training on ``s`` (``runs.LoraSetup``) with LoRAPrune's hooks."""
+    return TrainJob(s.graphdef, s.frozen if frozen is None else frozen, s.trainable, s.masks, s.blocks,
+                    make_optimizer(run_cfg.optim()), head_dim=s.model.config.head_dim, grad_hook=hooks.grad_hook,
+                    hook_state=hooks.hook_state,
+                    callbacks=lambda _f, _p: LoopCallbacks(after_step=hooks.after_step, describe=describe))
+
+
+def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, layers: Sequence[int],
+                   placement: Placement, *, calib_samples: int, calib_len: int, calib_batch: int | None, seed: int,
+                   options=None, frozen=None):
+    """Host masks of ``s`` (``runs.LoraSetup``-like: graphdef, frozen, trainable, masks, blocks, model) with the
+    lowest-scored ``ratio`` of units of each layer in ``layers`` masked, scored once by ``criterion``.
+    ``frozen``: ``s.frozen`` already on the mesh (else placed here)."""
+    cfg = s.model.config
+    placement = placement.with_head_dim(cfg.head_dim)
+    calib = None
+    if "calibration" in criterion.needs:
+        length = min(calib_len, s.blocks.train.shape[1])  # a short --seq-len shortens the samples too
+        calib = placement.put_batch(s.blocks.calibration(calib_samples, length, seed=seed), 0, strict=False)
+    frozen = placement.put(s.frozen) if frozen is None else frozen
+    inputs = ScoreInputs(cfg, unit, s.graphdef, frozen, placement.put(s.trainable),
+                         placement.put(s.masks), calib, seed, calib_batch, options)
+    scores = to_host(criterion.score(inputs))
+    return update_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers)
+
+
+def describe_sparsity(cfg, layers):
+    """The loop's per-step record of the MLP channels pruned so far (metrics.jsonl 'sparsity')."""
+    return lambda st: {"sparsity": structured_sparsity(to_host(st.masks), cfg, layers)["channels_pruned"]}
+
+
+def prune_structured(model_path: str, prune: StructuredPruneConfig, train: TrainConfig,
+                     mesh: MeshConfig = MeshConfig(), *, record: dict | None = None) -> dict:
+    """Prune ``model_path`` into ``train.out`` (run dir; ``model/`` the shrunk model, ``prune.json`` the summary,
+    returned). ``record``: what run.json stores and ``train.resume`` compares (default: both configs)."""
+    prune.check()
+    criterion, opts = prune.criterion(), prune.method_options()
+    if train.quantize_base != "none" and "base_gradients" in criterion.needs:
+        raise UserError(f"TrainConfig.quantize_base = {train.quantize_base!r}: {prune.method} reads base-weight "
+                        "gradients, which an int8 base does not have")
+    split = criterion.iterative and opts.select_steps is not None
+    if prune.recover_steps is not None and (not criterion.iterative or split):
+        train = dataclasses.replace(train, steps=prune.recover_steps)
+    init_distributed(mesh)
+    placement = placement_for(mesh, train.batch_shape)
+    s = setup_lora(model_path, train, mesh_devices=placement.mesh.size)
+    cfg, unit = s.model.config, prune.attn_unit
+    placement = placement.with_head_dim(cfg.head_dim)
+    layers = structured_layers(cfg.num_layers, prune.exclude_layers, prune.widths)
+    check_attn_unit([cfg.kv_heads(i) for i in layers], unit, prune.ratio)
+    if record is None:
+        record = {"kind": "prune", "model": str(model_path), **config_record(prune), **dataclasses.asdict(train)}
+    run_dir, prev = prepare_run_dir(train.out, record, resume=train.resume,
+                                    overwrite=train.overwrite)  # after the checks above: bad input leaves no run dir
+    frozen = placement.put(s.frozen)
+    describe = describe_sparsity(cfg, layers)
+    if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
+        masks = select_with_loraprune(model_path, prune, opts, train, s, layers, placement, run_dir, record,
+                                      prev is not None)
+        job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
+                       head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
+    elif criterion.iterative:
+        hooks = loraprune_hooks(cfg, unit, layers, train.steps, prune.ratio, opts, train.lora_scale, placement.put)
+        job = loraprune_job(s, hooks, train, describe, frozen=frozen)
+    else:
+        masks = one_shot_masks(criterion, s, prune.ratio, unit, layers, placement, calib_samples=prune.calib_samples,
+                               calib_len=prune.calib_len, calib_batch=prune.calib_batch, seed=train.seed,
+                               options=opts, frozen=frozen)
+        job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
+                       head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
+    result = run_training(job, train, placement, run_dir, resume=prev is not None)
+    small = shrink(result.model)
+    if is_main_process():
+        checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
+                              extra_meta={"pruned_from": str(model_path), "method": prune.method})
+    before, after = cfg.num_params(), small.config.num_params()
+    summary = {
+        "method": prune.method, "ratio": prune.ratio, "attn_unit": unit, "impl": s.impl,
+        "widths_mode": prune.widths, "prunable_layers": layers,
+        "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
+        **structured_sparsity(to_host(result.state.masks), cfg, layers),
+        "trainable_params": tree_size(result.state.trainable),
+        "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
+        "distill": {"alpha": train.distill_alpha, "temperature": train.distill_temp} if train.distill else None,
+        "select_steps": opts.select_steps if split else None,
+        "attn_score": opts.attn_score if criterion.iterative else None,
+        "select": last_metrics(run_dir / "select") if split else None,
+    }
+    if is_main_process():
+        write_json_atomic(run_dir / "prune.json", summary)
+    return summary
+
+
+def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPruneOptions, train: TrainConfig, s,
+                          layers, placement: Placement, run_dir: Path, record: dict, resume: bool):
+    """LoRAPrune's selection run in RUN_DIR/select (``select_steps``, rank ``select_lora_rank``): its final masks
+    (host); its LoRA is discarded."""
+    d, again = stage_dir(run_dir, "select", record, resume)
+    rank = opts.select_lora_rank or train.lora_rank
+    scfg = dataclasses.replace(train, out=str(d), steps=opts.select_steps, lora_rank=rank, distill=False)
+    sel = s if rank == train.lora_rank else setup_lora(model_path, scfg, mesh_devices=placement.mesh.size)
+    cfg = sel.model.config
+    hooks = loraprune_hooks(cfg, prune.attn_unit, layers, opts.select_steps, prune.ratio, opts, scfg.lora_scale,
+                            placement.put)
+    # the selection run trains host copies of s's LoRA (its step donates them), so s.trainable stays fresh
+    host = dataclasses.replace(sel, trainable=jax.tree.map(np.array, sel.trainable),
+                               masks=jax.tree.map(np.array, sel.masks))
+    job = loraprune_job(host, hooks, scfg, describe_sparsity(cfg, layers), frozen=placement.put(sel.frozen))
+    return to_host(run_training(job, scfg, placement, d, resume=again).state.masks)
+
+
+def config_record(prune: StructuredPruneConfig) -> dict:
+    """``prune`` as run.json fields (the options flattened in)."""
+    opts = prune.method_options()
+    fields = {k: v for k, v in dataclasses.asdict(prune).items() if k != "options"}
+    return {**fields, **(dataclasses.asdict(opts) if opts is not None else {})}

@@ -1,0 +1,146 @@
+"""The pruning methods, by name: structured criteria (heads / MLP channels) and element-wise methods.
+
+A **structured criterion** turns the model (and what it says it ``needs``) into per-layer unit scores;
+selection (lowest scores masked per layer), shrink, recovery and export are shared
+(``prune/pipeline.py``). A one-shot criterion is a function of :class:`ScoreInputs`::
+
+    from jaxprune.prune.registry import register_structured
+
+    @register_structured("l1", summary="sum of |W| over each unit's coupled weights")
+    def l1_scores(x: ScoreInputs):     # -> UnitScores: ([attn units] per layer, [MLP channels] per layer)
+        ...
+
+An **element-wise method** turns one linear's weight ``W [in, out]`` and its input statistic into a
+keep-mask (or, ``compensates=True``, a keep-mask and updated weights: SparseGPT), run layer by layer by
+``prune/posttraining.py``.
+
+Every built-in registers in its own module (``importance.py``: l2, random; ``llm_pruner.py``;
+``loraprune.py``; ``select.py``: magnitude; ``wanda.py``; ``sparsegpt.py``); ``jaxprune.prune`` imports
+them all. Plugins register the same way (``jaxprune.plugins``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flax import nnx
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..registry import Registry
+from .groups import AttnUnit
+
+#: what a structured criterion may need from the pipeline
+NEEDS = ("calibration", "base_gradients", "lora_gradients")
+
+
+def option(default, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+           choices: tuple | None = None):
+    """A field of a method's options dataclass: default, help, and its allowed range or choices (the command
+    layer turns each field into a checked ``--flag``; :func:`check_options` checks a config made in Python)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "hi_open": hi_open, "choices": choices})
+
+
+def check_options(options) -> None:
+    """One UserError naming the field whose value is out of its declared range."""
+    if options is None:
+        return
+    for f in dataclasses.fields(options):
+        v, m = getattr(options, f.name), f.metadata
+        where = f"{type(options).__name__}.{f.name}"
+        if m.get("choices") is not None:
+            if v not in m["choices"]:
+                raise UserError(f"{where} = {v!r}: expected one of {', '.join(map(str, m['choices']))}")
+            continue
+        if v is None or isinstance(v, (str, bool)):
+            continue
+        lo, hi = m.get("lo"), m.get("hi")
+        if (lo is not None and (v < lo or (m.get("lo_open") and v == lo))) or \
+                (hi is not None and (v > hi or (m.get("hi_open") and v == hi))):
+            raise UserError(f"{where} = {v!r}: out of range")
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a one-shot structured criterion may read. ``frozen`` / ``trainable`` / ``masks``: the model's
+    pytrees (possibly sharded on a mesh); ``calib`` [n, S] calibration tokens (criteria that need
+    ``calibration``) scored ``calib_batch`` sequences per pass; ``options``: the criterion's options."""
+    cfg: ModelConfig
+    unit: AttnUnit
+    graphdef: Any
+    frozen: Any
+    trainable: Any
+    masks: Any
+    calib: Any = None
+    seed: int = 0
+    calib_batch: int | None = None
+    options: Any = None
+
+    def frozen_arrays(self) -> dict:
+        """The frozen base as a nested dict: ``d["layers"][i]["self_attn"]["q_proj"]["kernel"]`` [in, out]."""
+        return nnx.to_pure_dict(self.frozen)
+
+
+@dataclass(frozen=True)
+class StructuredCriterion:
+    """A registered structured criterion. ``score`` is None for an iterative one (LoRAPrune scores inside
+    the LoRA training step; ``prune/pipeline.py`` runs it); ``options`` is its options dataclass."""
+    name: str
+    summary: str
+    score: Callable[[ScoreInputs], Any] | None = None  # -> importance.UnitScores
+    needs: tuple[str, ...] = ()
+    options: type | None = None
+    citation: str = ""
+
+    def __post_init__(self):
+        bad = [n for n in self.needs if n not in NEEDS]
+        if bad:
+            raise UserError(f"structured criterion {self.name!r}: unknown need {bad[0]!r} (one of {', '.join(NEEDS)})")
+
+    @property
+    def iterative(self) -> bool:
+        return self.score is None
+
+
+@dataclass(frozen=True)
+class ElementwiseMethod:
+    """A registered element-wise method. ``statistic``: what it reads of each linear's input over the
+    calibration tokens: None (no data), ``"sq"`` (``Σ_t x_t²`` [in]) or ``"xtx"`` (``Σ_t x_t x_tᵀ`` [in, in]).
+    ``select(w [in, out] f32, stat, sparsity, nm) -> keep [in, out] bool``; a ``compensates`` method is run
+    by ``posttraining`` itself (it rewrites the kept weights: SparseGPT)."""
+    name: str
+    summary: str
+    statistic: str | None = None
+    select: Callable | None = None
+    compensates: bool = False
+    options: type | None = None
+    citation: str = ""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
+
+
+STRUCTURED: Registry[StructuredCriterion] = Registry("structured pruning criterion")
+ELEMENTWISE: Registry[ElementwiseMethod] = Registry("element-wise pruning method")
+
+
+def register_structured(name: str, *, summary: str, needs: tuple[str, ...] = (), options: type | None = None,
+                        citation: str = ""):
+    """Decorator: register ``fn(ScoreInputs) -> importance.UnitScores`` as the one-shot structured criterion ``name``."""
+    def wrap(fn):
+        STRUCTURED.register(StructuredCriterion(name, summary, fn, tuple(needs), options, citation))
+        return fn
+    return wrap
+
+
+def register_elementwise(name: str, *, summary: str, statistic: str | None = None, options: type | None = None,
+                         citation: str = ""):
+    """Decorator: register ``select(w, stat, sparsity, nm) -> keep`` as the element-wise method ``name``."""
+    def wrap(fn):
+        ELEMENTWISE.register(ElementwiseMethod(name, summary, statistic, fn, False, options, citation))
+        return fn
+    return wrap
