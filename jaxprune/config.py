@@ -4,7 +4,8 @@ Pruning makes layers differ, so head counts and MLP widths may be given per
 layer (``layer_num_heads``, ``layer_num_kv_heads``, ``layer_intermediate_size``).
 ``from_hf_dict`` / ``to_hf_dict`` convert to and from an HF ``config.json``
 (both the transformers 4 spelling ``rope_theta`` + ``rope_scaling`` and the
-transformers 5 spelling ``rope_parameters`` are read).
+transformers 5 spelling ``rope_parameters`` are read); what a family changes
+from LLaMA's keys is its module's in ``families``.
 """
 
 from __future__ import annotations
@@ -16,22 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .families import ACTIVATIONS, FAMILIES, HF_KEYS, LAYER_TYPES, Family
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
-#: model_type -> transformers class. The families' deltas from LLaMA, each read in ``from_hf_dict`` and
-#: written back in ``to_hf_dict``: Qwen2 biases q/k/v but not o; Qwen3 RMS-normalises q and k per head
-#: (``qk_norm``); Mistral limits attention to a ``sliding_window``; Phi-3 stores q/k/v and gate/up fused
-#: (split on import, fused on export: ``hf.py``), may rotate a fraction of head_dim, and uses longrope.
-#: Gemma 3 (text) sets the Gemma fields below: GeGLU, (1 + w) RMSNorms also around the blocks' outputs, scaled
-#: embeddings, q/k norms, its own attention scale, sliding and global layers by ``layer_types`` (each with its
-#: RoPE base), optional tanh soft-capping of the logits.
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+#: the model_types read and written (``families``: one module each, with what it changes from LLaMA)
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
-SUPPORTED_ACTIVATIONS = ("silu",)
-#: MLP activations: SwiGLU's silu, Gemma's GeGLU with tanh-approximate GELU
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v (and o, unless attention_out_bias says otherwise)
     mlp_bias: bool = False
-    model_type: str = "llama"  # the family (FAMILIES); exported back as the same model_type
+    model_type: str = "llama"  # the family (families.FAMILIES); exported back as the same model_type
     attention_out_bias: bool | None = None  # o_proj's bias; None: attention_bias (LLaMA); Qwen2: False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
     sliding_window: int | None = None  # Mistral: query i sees keys j with i - W < j <= i
@@ -133,6 +123,11 @@ class ModelConfig:
         return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
 
     @property
+    def family(self) -> Family:
+        """The model family (``families``): its HF config keys and tensor layout."""
+        return FAMILIES[self.model_type]
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"
@@ -169,7 +164,7 @@ class ModelConfig:
         fewest that divide hidden_size: Gemma3TextConfig refuses hidden_size % num_attention_heads != 0, though
         head_dim is explicit (a pruned 640-wide Gemma 3 270M with 3 of 4 heads exports with 4)."""
         h, kv = self.num_heads, self.num_kv_heads
-        if self.model_type != "gemma3_text" or not h or self.hidden_size % h == 0:
+        if not self.family.heads_divide_hidden or not h or self.hidden_size % h == 0:
             return self
         fits = [n for n in range(h + kv, self.hidden_size + 1, kv) if self.hidden_size % n == 0]
         if not fits:
@@ -205,19 +200,18 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Read an HF LLaMA ``config.json`` dict; anything unsupported is a UserError naming the field."""
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        if fam is None:
             raise UserError(f"config: model_type={model_type!r} is not supported (jaxprune handles the "
                             f"LLaMA family: model_type {', '.join(map(repr, SUPPORTED_ARCHITECTURES))})")
-        if model_type == "gemma3_text":
-            d = _gemma3_rope(d)
-        family = _family_fields(model_type, d)
-        act = d.get("hidden_act", "silu")
-        if model_type != "gemma3_text" and act not in SUPPORTED_ACTIVATIONS:
-            raise UserError(f"config: hidden_act={act!r} is not supported (only 'silu')")
+        d = fam.normalise_hf(d)
+        family = fam.fields(d)
+        act, acts = d.get("hidden_act", "silu"), fam.hidden_acts
+        if acts is not None and act not in acts:
+            raise UserError(f"config: hidden_act={act!r} is not supported (only {', '.join(map(repr, acts))})")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise UserError("config: pretraining_tp > 1 is not supported")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in d:
                 raise UserError(f"config: required field {key!r} is missing")
         heads = d["num_attention_heads"]
@@ -230,8 +224,7 @@ class ModelConfig:
         if scaling:
             scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
             rtype = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            scaling["rope_type"] = {"su": "longrope", "yarn": "longrope"}.get(rtype, rtype) \
-                if model_type == "phi3" else rtype
+            scaling["rope_type"] = fam.rope_type_aliases.get(rtype, rtype)
             if scaling["rope_type"] == "longrope":
                 scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
             if rtype == "default":
@@ -242,7 +235,7 @@ class ModelConfig:
                  "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "hidden_act",
                  "architectures", "pretraining_tp", "dtype", "torch_dtype", "transformers_version",
                  "layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size", "sliding_window",
-                 "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor"} | GEMMA3_KEYS
+                 "use_sliding_window", "max_window_layers", "layer_types", "partial_rotary_factor"} | HF_KEYS
         extra = {k: v for k, v in d.items() if k not in known and not k.startswith("_")}
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
@@ -259,13 +252,13 @@ class ModelConfig:
         ).replace(**family)
 
     def to_hf_dict(self) -> dict:
-        """An HF LLaMA config dict; a non-uniform model must be ``padded()`` first."""
+        """The HF config dict of the family; a non-uniform model must be ``padded()`` first."""
         if not self.is_uniform:
             raise ValueError("to_hf_dict needs a uniform config: call .padded() first")
         rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope_parameters.update(self.rope_scaling)
-        if self.partial_rotary_factor != 1.0 or self.model_type == "phi3":
+        if self.partial_rotary_factor != 1.0 or self.family.writes_partial_rotary:
             rope_parameters["partial_rotary_factor"] = self.partial_rotary_factor
         d = dict(self.extra_hf)
         d.update({
@@ -279,19 +272,7 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id, "pretraining_tp": 1,
         })
-        if self.model_type == "llama":
-            return d
-        for key in ("pretraining_tp", "mlp_bias") + (("attention_bias",) if self.model_type != "qwen3" else ()):
-            d.pop(key)
-        d.update({"architectures": [FAMILIES[self.model_type]], "model_type": self.model_type})
-        if self.model_type in ("mistral", "phi3"):
-            d["sliding_window"] = self.sliding_window
-        elif self.model_type == "gemma3_text":
-            _gemma3_hf_fields(self, d)
-        else:  # qwen2 / qwen3: full attention in every layer
-            d.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_layers,
-                      "layer_types": ["full_attention"] * self.num_layers})
-        return d
+        return self.family.to_hf(self, d)
 
     def num_params(self) -> int:
         """Parameter count implied by the config (tied embeddings counted once)."""
@@ -311,91 +292,6 @@ class ModelConfig:
             if self.mlp_bias:
                 n += 2 * m + h
         return n
-
-
-def _family_fields(model_type: str, d: dict) -> dict:
-    """The ModelConfig fields a family sets beyond LLaMA's keys (read from an HF config dict)."""
-    windowed = d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ())
-    if model_type == "llama":
-        return {}
-    if model_type == "gemma3_text":
-        return _gemma3_fields(d)
-    if model_type in ("mistral", "phi3"):
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise UserError(f"config: {model_type} with biases is not a stock transformers model")
-        return {"model_type": model_type, "sliding_window": d.get("sliding_window"), "attention_bias": False,
-                "mlp_bias": False}
-    if windowed:
-        raise UserError(f"config: {model_type} with use_sliding_window / sliding_attention layers is not supported")
-    if model_type == "qwen2":  # transformers' Qwen2Attention: bias on q, k, v; none on o
-        return {"model_type": model_type, "attention_bias": True, "attention_out_bias": False, "mlp_bias": False}
-    return {"model_type": model_type, "qk_norm": True, "mlp_bias": False}  # qwen3
-
-
-GEMMA3_KEYS = {"hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq", "sliding_window_pattern",
-               "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"}
-
-
-def _gemma3_rope(d: dict) -> dict:
-    """A gemma3_text dict with transformers 5's per-layer-type ``rope_parameters`` (or 4's ``rope_theta`` /
-    ``rope_local_base_freq`` / ``rope_scaling``, with Gemma3TextConfig's defaults 1e6 / 1e4) in the flat form
-    ``from_hf_dict`` reads: the global layers' RoPE + ``rope_local_base_freq``."""
-    d = dict(d)
-    rope = d.get("rope_parameters") or {}
-    if "full_attention" in rope or "sliding_attention" in rope:
-        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
-        if local.get("rope_type", "default") != "default":
-            raise UserError(f"config: rope_parameters.sliding_attention.rope_type={local['rope_type']!r} is not "
-                            "supported (default)")
-        d["rope_parameters"] = {"rope_theta": 1e6, **full}
-        d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
-    elif not rope:
-        d.setdefault("rope_theta", 1e6)
-    d.setdefault("rope_local_base_freq", 1e4)
-    return d
-
-
-def _gemma3_fields(d: dict) -> dict:
-    """Gemma3TextConfig (and its defaults) -> ModelConfig fields; layer_types from ``sliding_window_pattern``
-    when absent (layer i slides unless (i + 1) % pattern == 0, as transformers derives it)."""
-    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ACTIVATIONS:
-        raise UserError(f"config: hidden_activation={act!r} is not supported ({', '.join(ACTIVATIONS)})")
-    if d.get("use_bidirectional_attention"):
-        raise UserError("config: gemma3_text with use_bidirectional_attention is not supported")
-    if d.get("attention_bias"):
-        raise UserError("config: gemma3_text with attention_bias is not supported")
-    if d.get("attn_logit_softcapping") is not None:  # Gemma3Attention never passes it to its attention function
-        raise UserError("config: gemma3_text with attn_logit_softcapping is not supported (transformers' "
-                        "Gemma3ForCausalLM ignores it)")
-    n = d["num_hidden_layers"]
-    types = d.get("layer_types")
-    if types is None:
-        pattern = d.get("sliding_window_pattern", 6)
-        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    window = d.get("sliding_window", 4096)
-    return {"model_type": "gemma3_text", "hidden_act": act, "norm_one_plus": True, "sandwich_norms": True,
-            "scale_embeddings": True, "qk_norm": True, "mlp_bias": False, "attention_bias": False,
-            "query_pre_attn_scalar": d.get("query_pre_attn_scalar", 256), "layer_types": tuple(types),
-            "sliding_window": window if "sliding_attention" in types else None,
-            "rope_local_base_freq": float(d["rope_local_base_freq"]),
-            "tie_word_embeddings": bool(d.get("tie_word_embeddings", True)),
-            "final_logit_softcapping": d.get("final_logit_softcapping"),
-            "bos_token_id": d.get("bos_token_id", 2), "eos_token_id": d.get("eos_token_id", 1),
-            "pad_token_id": d.get("pad_token_id", 0)}
-
-
-def _gemma3_hf_fields(cfg: ModelConfig, d: dict) -> None:
-    """Write ``cfg``'s Gemma 3 fields into the HF dict ``d`` in Gemma3TextConfig's spelling (in place)."""
-    for key in ("pretraining_tp", "mlp_bias", "hidden_act"):
-        d.pop(key, None)
-    full = dict(d.pop("rope_parameters"))
-    d.update({"hidden_activation": cfg.hidden_act, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
-              "sliding_window": cfg.sliding_window or 4096, "attn_logit_softcapping": None,
-              "final_logit_softcapping": cfg.final_logit_softcapping,
-              "layer_types": list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
-              "rope_parameters": {"full_attention": full, "sliding_attention": {
-                  "rope_type": "default", "rope_theta": cfg.rope_local_base_freq or cfg.rope_theta}}})
 
 
 def tiny_config(**kw: Any) -> ModelConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 from .errors import UserError
+from .families import supporting
 
 MODEL_TYPE = "nemotron-nas"
 FFN_MULTIPLE = 256  # vLLM's _find_multiple(., 256)
@@ -42,8 +43,9 @@ def deci_layout(cfg: ModelConfig) -> ModelConfig:
     Query heads: the widest layer's count H everywhere. KV heads: the smallest divisor kv' of H with
     kv' ≥ kv and H / kv' ≥ the layer's group size. MLP: rounded up to a multiple of 256.
     """
-    if cfg.model_type != "llama" or cfg.o_bias != cfg.attention_bias:
-        raise UserError(f"vLLM DeciLM export: model_type {cfg.model_type!r} is not supported (llama)")
+    if not cfg.family.vllm_deci or cfg.o_bias != cfg.attention_bias:
+        raise UserError(f"vLLM DeciLM export: model_type {cfg.model_type!r} is not supported "
+                        f"({supporting('vllm_deci')})")
     H = max(cfg.heads(i) for i in range(cfg.num_layers))
     kvs, widths = [], []
     for i in range(cfg.num_layers):

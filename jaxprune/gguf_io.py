@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import UserError
+from .families import supporting
 from .model import LlamaForCausalLM
 from .weights import dense_arrays, model_from_arrays
 
@@ -114,8 +115,8 @@ def export_gguf(model: LlamaForCausalLM, out: Path, *, tokenizer=None, outtype: 
     if not out.parent.exists():
         raise UserError(f"{out.parent}: parent directory does not exist")
     cfg = model.config
-    if cfg.model_type != "llama":
-        raise UserError(f"GGUF export: model_type {cfg.model_type!r} is not supported yet (llama)")
+    if not cfg.family.gguf:
+        raise UserError(f"GGUF export: model_type {cfg.model_type!r} is not supported yet ({supporting('gguf')})")
     if cfg.rope_type not in ("default", "linear"):
         raise UserError(f"GGUF export: rope_type {cfg.rope_type!r} is not supported yet (default, linear)")
     arch = "llama" if cfg.is_uniform else "deci"

@@ -80,34 +80,6 @@ def _arrays_from_hf_tensors(tensors: dict[str, np.ndarray]) -> dict[tuple, np.nd
     return out
 
 
-def split_fused(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Phi-3's fused ``qkv_proj`` [(H + 2·KV)·D, hidden] and ``gate_up_proj`` [2·m, hidden] (HF [out, in])
-    -> LLaMA's q/k/v and gate/up (rows in that order, as Phi3Attention / Phi3MLP slice them)."""
-    out = dict(tensors)
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}"
-        if (qkv := out.pop(f"{pre}.self_attn.qkv_proj.weight", None)) is not None:
-            q, kv = cfg.heads(i) * cfg.head_dim, cfg.kv_heads(i) * cfg.head_dim
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(qkv, [q, q + kv])):
-                out[f"{pre}.self_attn.{name}.weight"] = part
-        if (gate_up := out.pop(f"{pre}.mlp.gate_up_proj.weight", None)) is not None:
-            for name, part in zip(("gate_proj", "up_proj"), np.split(gate_up, 2)):
-                out[f"{pre}.mlp.{name}.weight"] = part
-    return out
-
-
-def fuse_projections(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The inverse of ``split_fused`` (Phi-3 export)."""
-    out = dict(tensors)
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}"
-        out[f"{pre}.self_attn.qkv_proj.weight"] = np.concatenate(
-            [out.pop(f"{pre}.self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj")])
-        out[f"{pre}.mlp.gate_up_proj.weight"] = np.concatenate(
-            [out.pop(f"{pre}.mlp.{n}.weight") for n in ("gate_proj", "up_proj")])
-    return out
-
-
 def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
 
     tensors: dict[str, np.ndarray] = {}
@@ -143,9 +115,7 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
                             "Convert with: python -c \"from transformers import AutoModelForCausalLM as M; "
                             f"M.from_pretrained('{path}').save_pretrained('OUT', safe_serialization=True)\"")
         raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    tensors = _read_safetensors(files)
-    if cfg.model_type == "phi3":
-        tensors = split_fused(tensors, cfg)
+    tensors = cfg.family.split_tensors(_read_safetensors(files), cfg)  # Phi-3's fused qkv / gate_up
     arrays = _arrays_from_hf_tensors(tensors)
     if dtype is None:
         dtype = arrays[("embed_tokens",)].dtype
@@ -179,8 +149,7 @@ def load_gguf(path: Path, dtype=jnp.float32) -> tuple[LlamaForCausalLM, ModelCon
     tensors = {k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    if cfg.model_type == "phi3":
-        tensors = split_fused(tensors, cfg)
+    tensors = cfg.family.split_tensors(tensors, cfg)
     return model_from_arrays(cfg, _arrays_from_hf_tensors(tensors), dtype=dtype, source=str(path)), cfg
 
 
@@ -218,9 +187,7 @@ def hf_tensors(model: LlamaForCausalLM, layout: ModelConfig | None = None
     for path, arr in arrays.items():
         name, transpose = path_to_hf_name(path)
         tensors[name] = np.ascontiguousarray(arr.T) if transpose else np.ascontiguousarray(arr)
-    if cfg.model_type == "phi3":
-        tensors = fuse_projections(tensors, cfg)
-    return tensors, cfg
+    return cfg.family.fuse_tensors(tensors, cfg), cfg
 
 
 NON_UNIFORM_OPTIONS = ("--format gguf (per-layer arrays), --format vllm (DeciLM per-layer config), "

@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxprune.fileio import write_json_atomic  # noqa: E402
+from jaxprune.prune.registry import ELEMENTWISE  # noqa: E402
 
 PATTERNS = ("unstructured", "2:4")
-METHODS = ("magnitude", "wanda", "sparsegpt")
-COLORS = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green"}
+METHODS = ELEMENTWISE.names()
+COLORS = {"magnitude": "tab:red", "wanda": "tab:blue", "sparsegpt": "tab:green"}  # others: matplotlib's cycle
 
 
 def plot(result: dict, path: Path) -> None:

@@ -23,14 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("jaxprune.kernels", "jaxprune.kernels.*")),
     ("base", ("jaxprune", "jaxprune.errors", "jaxprune.fileio", "jaxprune.ops", "jaxprune.ops.*", "jaxprune.config",
-              "jaxprune.deci", "jaxprune.rope", "jaxprune.fixtures", "jaxprune.registry", "jaxprune.plugins", "jaxprune.families", "jaxprune.families.*")),
+              "jaxprune.deci", "jaxprune.rope", "jaxprune.fixtures",
+              "jaxprune.registry", "jaxprune.plugins", "jaxprune.meshes", "jaxprune.families", "jaxprune.families.*")),
     ("layers", ("jaxprune.layers",)),
     ("model", ("jaxprune.model", "jaxprune.weights", "jaxprune.partition", "jaxprune.quantize")),
     ("io", ("jaxprune.padding", "jaxprune.hf", "jaxprune.gguf_io", "jaxprune.checkpoint", "jaxprune.load",
             "jaxprune.data", "jaxprune.evaluate", "jaxprune.generate", "jaxprune.sharding", "jaxprune.lm_eval_model",
             "jaxprune.lm_eval_tasks", "jaxprune.lm_tasks", "jaxprune.lm_tasks.*")),
-    ("algorithms", ("jaxprune.train", "jaxprune.train.*", "jaxprune.runs", "jaxprune.prune", "jaxprune.prune.*",
-                    "jaxprune.pretrain", "jaxprune.pretrain.*")),
+    ("train", ("jaxprune.train", "jaxprune.train.*")),
+    ("runs", ("jaxprune.runs",)),
+    ("pretrain", ("jaxprune.pretrain", "jaxprune.pretrain.*")),
+    ("prune", ("jaxprune.prune", "jaxprune.prune.*")),
     ("commands", ("jaxprune.commands", "jaxprune.commands.*", "jaxprune.cli")),
 )
 #: Third-party packages a function may import lazily: heavy and needed only on some paths.

@@ -216,7 +216,7 @@ def test_cli_prune_gemma3(method, tmp_path, fixtures, small_text):
         args = ["--method", "wanda", "--sparsity", "0.5", "--calib-samples", "4", "--calib-len", "32"]
     else:
         args = ["--method", "loraprune", "--ratio", "0.5", "--attn-unit", "q_head", "--steps", "6", "--prune-every",
-                "2", "--seq-len", "32", "--batch-size", "2", "--no-progress"]
+                "2", "--seq-len", "32", "--batch-size", "2", "--no-progress", "--widths", "uniform"]  # stock export
     assert main(["prune", str(hf_dir), *args, "--text", str(small_text), "--out", str(run)]) == 0
     model = load.load_model(run)
     assert model.config.model_type == "gemma3_text"
@@ -294,7 +294,7 @@ def test_gemma3_270m_loraprune_exports(fixtures, small_text, tmp_path):
     run = tmp_path / "run"
     assert main(["prune", str(fixtures.gemma3_hf_dir), "--method", "loraprune", "--ratio", "0.3", "--attn-unit",
                  "q_head", "--steps", "4", "--prune-every", "1", "--warmup-frac", "0", "--cooldown-frac", "0",
-                 "--seq-len", "64", "--batch-size", "2", "--no-progress", "--text", str(small_text),
+                 "--widths", "uniform", "--seq-len", "64", "--batch-size", "2", "--no-progress", "--text", str(small_text),
                  "--out", str(run)]) == 0
     model = load.load_model(run)
     assert (model.config.num_heads, model.config.intermediate_size) == (3, 1434)

@@ -134,3 +134,24 @@ def test_registry_names_are_one_algorithm_each():
     for registry in (STRUCTURED, ELEMENTWISE, PRETRAIN):
         for m in registry:
             assert m.summary, m.name
+
+
+def test_entry_point_plugins_register_their_methods(tmp_path, monkeypatch):
+    """A package's `jaxprune.methods` entry point is imported by every command (here: the loader itself)."""
+    import importlib.metadata
+
+    from jaxprune import plugins
+    from jaxprune.prune.registry import STRUCTURED
+
+    (tmp_path / "ep_scores.py").write_text(readme_python_block("## Adding a method").replace(
+        'register_structured("l1"', 'register_structured("l1-from-entry-point"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint(name="l1", value="ep_scores", group=plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [ep] if group == plugins.ENTRY_POINT_GROUP else [])
+    try:
+        plugins.load_entry_point_plugins()
+        assert "l1-from-entry-point" in STRUCTURED.names()
+        plugins.load_entry_point_plugins()  # loaded once: no "registered twice"
+    finally:
+        STRUCTURED.unregister("l1-from-entry-point")

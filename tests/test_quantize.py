@@ -194,7 +194,8 @@ def _loraprune_run(cfg, model, optimizer, tokens, mesh=None):
     """LoRAPrune steps (importance hook on) of ``model``, one per batch of ``tokens`` [steps, accum, B, S], on one
     device or on ``mesh``. Returns [(loss, {path: array} of (trainable, opt_state, hook_state))] after each step."""
     from jaxprune.prune.loraprune import importance_hook, init_importance
-    from jaxprune.sharding import Placement, ShardingRules, make_mesh, path_string
+    from jaxprune.meshes import ShardingRules, make_mesh
+    from jaxprune.sharding import Placement, path_string
     from jaxprune.train import make_train_step, place_train_state, state_shardings_of
 
     graphdef, frozen, trainable, masks = partition(model)

@@ -18,7 +18,8 @@ from conftest import finish_cli, free_port, random_llama, start_cli
 from jaxprune.config import tiny_config
 from jaxprune.errors import UserError
 from jaxprune.partition import partition
-from jaxprune.sharding import MESH_AXES, Placement, ShardingRules, make_mesh, parse_mesh, path_string
+from jaxprune.meshes import MESH_AXES, ShardingRules, make_mesh, parse_mesh
+from jaxprune.sharding import Placement, path_string
 from jaxprune.train import (OptimConfig, TrainCheckpoints, make_optimizer, make_train_step, place_train_state,
                             state_shardings_of)
 

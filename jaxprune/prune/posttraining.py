@@ -169,8 +169,9 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
     """
     m = ELEMENTWISE.get(method)
     if isinstance(nm, Block) and m.compensates:
-        raise UserError(f"pattern {nm}: block patterns are for selection methods ({method}'s column sweep "
-                        "selects within a column block, not whole 2-D blocks)")
+        selectors = " or ".join(e.name for e in ELEMENTWISE if not e.compensates)
+        raise UserError(f"pattern {nm}: block patterns are for {selectors} ({method}'s column sweep selects "
+                        "within a column block, not whole 2-D blocks)")
     if any(l.has_lora for _, l in linears(model)):
         raise UserError("post-training pruning needs a model without LoRA factors (merge them first)")
     needs_data = m.needs_calibration

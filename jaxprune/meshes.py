@@ -1,0 +1,149 @@
+"""Device meshes and the logical-axis rules that map model dimensions onto them (no model, no placement).
+
+    parse_mesh("fsdp=-1,tensor=2", 8) -> {"data": 1, "fsdp": 4, "tensor": 2}
+    ShardingRules.from_strings(["embed=none"], ["lm_head=replicate"])   # the --axis-rule / --shard-rule forms
+
+``sharding.Placement`` applies the rules to a model's arrays (see ``sharding``'s docstring for the scheme).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from .errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> candidate mesh axes, in order: a dimension shards over the longest prefix of its
+# candidates that are still free in this array (a mesh axis is used once per array), of size > 1,
+# and divide it. Dimensions claim axes in the order of this table, so ``embed`` takes ``fsdp`` first
+# and ``heads`` / ``mlp`` / ``vocab`` take ``tensor``, plus ``fsdp`` where no ``embed`` dimension took
+# it (e.g. LoRA's B [rank, heads·head_dim]): under pure FSDP every sizeable array is split.
+DEFAULT_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor", "fsdp"),
+    "heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
+    "lora_rank": (),
+    "norm": (),
+    "unit_mask": (),
+}
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Logical -> mesh axis rules plus per-path overrides ``[(regex, PartitionSpec)]``."""
+    axis_rules: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_AXIS_RULES))
+    overrides: tuple[tuple[str, P], ...] = ()
+
+    @classmethod
+    def from_strings(cls, axis_rules: list[str] | None = None, overrides: list[str] | None = None):
+        """``axis_rules``: ``LOGICAL=MESH[+MESH]|none``; ``overrides``: ``REGEX=AXES`` where AXES is
+        ``replicate`` or one comma-separated entry per dimension (``fsdp,none``, ``data+fsdp,tensor``)."""
+        rules = dict(DEFAULT_AXIS_RULES)
+        for item in axis_rules or []:
+            name, _, value = item.partition("=")
+            if not _ or name not in rules:
+                raise UserError(f"--axis-rule {item!r}: expected LOGICAL=MESH with LOGICAL one of "
+                                f"{', '.join(rules)}")
+            rules[name] = _mesh_axes(value, f"--axis-rule {item!r}")
+        parsed = []
+        for item in overrides or []:
+            pattern, _, value = item.rpartition("=")
+            if not _ or not pattern:
+                raise UserError(f"--shard-rule {item!r}: expected REGEX=AXES (e.g. 'lm_head=replicate')")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"--shard-rule {item!r}: bad regex ({e})") from None
+            if value.strip() == "replicate":
+                parsed.append((pattern, P()))
+            else:
+                dims = [_mesh_axes(v, f"--shard-rule {item!r}") for v in value.split(",")]
+                parsed.append((pattern, P(*map(spec_entry, dims))))
+        return cls(rules, tuple(parsed))
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """One PartitionSpec entry for a dimension split over ``axes``: None, ``"fsdp"`` or ``("tensor", "fsdp")``."""
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def _mesh_axes(value: str, what: str) -> tuple[str, ...]:
+    value = value.strip()
+    if value in ("none", "-", ""):
+        return ()
+    axes = tuple(a.strip() for a in value.split("+"))
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+        raise UserError(f"{what}: unknown mesh axis {bad[0]!r} (axes: {', '.join(MESH_AXES)})")
+    return axes
+
+
+# ---- meshes -------------------------------------------------------------------------------------
+def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
+    """``"data=2,fsdp=2,tensor=2"`` -> {data: 2, fsdp: 2, tensor: 2}; one size may be -1 (the rest).
+
+    Missing axes get size 1. The product must equal the number of devices, or (one process only)
+    be smaller: the mesh then takes the first devices.
+    """
+    n = jax.device_count() if num_devices is None else num_devices
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise UserError(f"--mesh {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+        if name in seen:
+            raise UserError(f"--mesh {spec!r}: axis {name!r} given twice")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise UserError(f"--mesh {spec!r}: size of {name!r} is not an integer") from None
+        if sizes[name] == 0 or sizes[name] < -1:
+            raise UserError(f"--mesh {spec!r}: size of {name!r} must be positive (or -1 for the rest)")
+    wild = [k for k, v in sizes.items() if v == -1]
+    if len(wild) > 1:
+        raise UserError(f"--mesh {spec!r}: at most one axis may be -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if wild:
+        if n % known:
+            raise UserError(f"--mesh {spec!r}: {n} devices do not divide by {known}")
+        sizes[wild[0]] = n // known
+    total = math.prod(sizes.values())
+    if total > n or (total < n and jax.process_count() > 1):
+        raise UserError(f"--mesh {spec!r} has {total} devices, but {n} are available "
+                        f"({jax.process_count()} process(es) × {jax.local_device_count()} local)")
+    return sizes
+
+
+def make_mesh(spec: str | dict[str, int] | None = None) -> jax.sharding.Mesh:
+    """A mesh with axes (data, fsdp, tensor) over the first prod(sizes) devices; ``None`` -> all on ``data``."""
+    sizes = parse_mesh(spec or f"data={jax.device_count()}") if not isinstance(spec, dict) else spec
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=jax.devices()[: math.prod(shape)])
+
+
+def default_mesh_spec(batch_size: int) -> str:
+    """No --mesh: every device on ``data``, or (one process) the first gcd(devices, batch) devices when
+    the batch does not divide; that choice is said on stderr."""
+    n = jax.device_count()
+    if batch_size % n == 0 or jax.process_count() > 1:
+        return f"data={n}"
+    d = math.gcd(n, batch_size)
+    log(f"sharding: batch {batch_size} does not divide by {n} devices; using data={d} (the first {d}); "
+        "pass --mesh to choose")
+    return f"data={d}"
+
+
+def mesh_size(mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
