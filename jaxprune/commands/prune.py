@@ -19,7 +19,7 @@ from ..prune.groups import WIDTHS
 from ..prune.pipeline import StructuredPruneConfig, prune_structured
 from ..prune.registry import ELEMENTWISE, STRUCTURED
 from .common import add_distill_args, add_run_args, cli_dests, mesh_config, run_record, train_config, with_config
-from .flags import FRACTION_BELOW_1, POSITIVE_INT, SEQ_LEN
+from .flags import FRACTION_BELOW_1, NONNEG_INT, POSITIVE_INT, SEQ_LEN
 from .method_flags import add_options_group, foreign_option, options_from_args
 
 OWNERS: dict[str, set[str]] = {}  # option dest -> the methods that take it (filled with the parser)
@@ -45,17 +45,19 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
     g.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
                    help="attention unit: a whole KV group, or query heads (same count per group)")
-    g.add_argument("--widths", choices=WIDTHS, default="layerwise",
-                   help="'layerwise' (default) keeps --exclude-layers at full width (the papers' protocol; 5x lower "
-                        "perplexity than uniform at ratio 0.5 on SmolLM2); `export` writes it as --format gguf "
-                        "(llama.cpp runs it), --format vllm or --pad. 'uniform' prunes every layer to the same "
-                        "widths, so `export` writes a stock transformers model")
+    g.add_argument("--widths", choices=WIDTHS, default=None,
+                   help="'layerwise' (default; flap: global) prunes --ratio of the units of each layer not in "
+                        "--exclude-layers (the papers' protocol; 5x lower perplexity than uniform at ratio 0.5 on "
+                        "SmolLM2); `export` writes it as --format gguf (llama.cpp runs it), --format vllm or --pad. "
+                        "'uniform' prunes every layer to the same widths, so `export` writes a stock transformers "
+                        "model. 'global' (one-shot criteria): scores z-scored per layer and module, one threshold "
+                        "removes --ratio of the decoder linears' parameters, widths follow (FLAP's AL-AM)")
     g.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' (structured with "
                         "--widths layerwise: layers < int(0.1·L) and the last one; element-wise: none)")
-    g.add_argument("--recover-steps", type=POSITIVE_INT, default=None,
+    g.add_argument("--recover-steps", type=NONNEG_INT, default=None,
                    help="one-shot criteria (and loraprune with --select-steps): LoRA recovery steps "
-                        "(default: --steps)")
+                        "(default: --steps; 0: no recovery, the pruned base as it is)")
     g = p.add_argument_group("calibration (criteria and methods that read activations or gradients)")
     g.add_argument("--calib", default=None, help="element-wise: calibration text (.txt or dir; default: --text)")
     g.add_argument("--calib-samples", type=POSITIVE_INT, default=10, help="calibration sequences")

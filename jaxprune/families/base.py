@@ -37,6 +37,9 @@ class Family:
     #: export capabilities: GGUF (llama.cpp's llama / deci arch), vLLM's per-layer DeciLM config
     gguf: ClassVar[bool] = False
     vllm_deci: ClassVar[bool] = False
+    #: its HF config can hold o_proj and down_proj biases (LLaMA's attention_bias / mlp_bias, the other
+    #: biases then zero): what FLAP's bias compensation writes
+    output_biases: ClassVar[bool] = False
 
     def normalise_hf(self, d: dict) -> dict:
         """The HF dict in the flat spelling ``ModelConfig.from_hf_dict`` reads (a new dict when changed)."""

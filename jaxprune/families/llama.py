@@ -11,3 +11,4 @@ class Llama(Family):
     hf_drop = ()  # ModelConfig.to_hf_dict's dict is LLaMA's
     gguf = True
     vllm_deci = True
+    output_biases = True

@@ -81,13 +81,17 @@ def excluded_layers_default(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(int(0.1 * num_layers))) | {num_layers - 1}))
 
 
-WIDTHS = ("uniform", "layerwise")
+WIDTHS = ("layerwise", "uniform", "global")
 
 
 def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
     """The layers structured pruning touches. ``widths='uniform'`` prunes every layer to the same kept
     counts (a stock-config model); excluding layers then is an error. ``'layerwise'`` follows
-    ``--exclude-layers`` (LoRAPrune / LLM-Pruner: the first layers and the last one keep full width)."""
+    ``--exclude-layers`` (LoRAPrune / LLM-Pruner: the first layers and the last one keep full width).
+    ``'global'`` ranks the units of every layer not listed in ``exclude`` ('default': none) against each
+    other (``masks.global_structured_masks``), so the widths follow the scores."""
+    if widths == "global":
+        return prunable_layers(num_layers, "none" if exclude == "default" else exclude)
     layers = prunable_layers(num_layers, exclude)  # validates the indices either way
     if widths == "layerwise":
         return layers

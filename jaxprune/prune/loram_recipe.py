@@ -138,7 +138,7 @@ def choose_units(c: LoRAMConfig, model_path: str, run_cfg: TrainConfig, dense, b
         graphdef, frozen, trainable, masks = partition(dense)
         s = SimpleNamespace(model=dense, graphdef=graphdef, frozen=frozen, trainable=trainable, masks=masks,
                             blocks=blocks)
-        masks = one_shot_masks(criterion, s, c.ratio, unit, layers, placement, calib_samples=c.calib_samples,
+        masks, _ = one_shot_masks(criterion, s, c.ratio, unit, layers, placement, calib_samples=c.calib_samples,
                                calib_len=c.calib_len, calib_batch=None, seed=run_cfg.seed)
     units = units_from_masks(masks)
     if is_main_process():

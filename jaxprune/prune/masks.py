@@ -70,3 +70,60 @@ def structured_sparsity(masks: nnx.State, cfg: ModelConfig, layers: Sequence[int
     h = np.concatenate(heads) if heads else np.ones(1, bool)
     c = np.concatenate(chans) if chans else np.ones(1, bool)
     return {"heads_pruned": float(1 - h.mean()), "channels_pruned": float(1 - c.mean())}
+
+
+def unit_costs(cfg: ModelConfig, layer: int, unit: AttnUnit) -> tuple[float, float]:
+    """Decoder-linear parameters one attention unit / one MLP channel of ``layer`` holds, in MLP channels
+    (``3·hidden``): q_head ``2·D·hidden`` (q rows, o columns), kv_group ``(2G + 2)·D·hidden`` (+ k, v rows).
+    FLAP's ``512 / 3`` for a LLaMA-7B head (``4·128·hidden``, multi-head) is the kv_group case with G = 1."""
+    D, G = cfg.head_dim, cfg.heads(layer) // max(cfg.kv_heads(layer), 1)
+    attn = (2 * D) if unit == "q_head" else (2 * G * D + 2 * D)
+    return attn / 3.0, 1.0
+
+
+def standardise(v: np.ndarray) -> np.ndarray:
+    """``(v − mean) / std`` with torch's unbiased std (FLAP's ``standarlization``); a constant vector -> 0."""
+    v = np.asarray(v, np.float64)
+    if v.size < 2:
+        return np.zeros_like(v)
+    sd = v.std(ddof=1)
+    return (v - v.mean()) / sd if sd > 0 else np.zeros_like(v)
+
+
+def global_structured_masks(masks: nnx.State, scores, ratio: float, cfg: ModelConfig, unit: AttnUnit,
+                            layers: Sequence[int], *, normalised: bool = False) -> nnx.State:
+    """Masks with one threshold across ``layers`` and both modules (FLAP's AL-AM, arXiv 2312.11983 ``prune_flap``):
+    scores z-scored within each layer and module (unless ``normalised``: the criterion did it), sorted
+    descending, each unit weighted by its parameter cost (:func:`unit_costs`); the threshold is the score where
+    the kept weight comes closest to ``(1 − ratio)`` of the total, and units scoring above it are kept. Widths
+    follow per layer (a layer may lose every head or channel)."""
+    attn_scores, mlp_scores = scores
+    entries = []  # (layer, kind, scores, cost)
+    for i in layers:
+        a_cost, m_cost = unit_costs(cfg, i, unit)
+        if cfg.heads(i):
+            a = np.asarray(attn_scores[i], np.float64)
+            entries.append((i, "attn", a if normalised else standardise(a), a_cost))
+        if cfg.mlp_width(i):
+            m = np.asarray(mlp_scores[i], np.float64)
+            entries.append((i, "mlp", m if normalised else standardise(m), m_cost))
+    if not entries:
+        return masks
+    values = np.concatenate([e[2] for e in entries])
+    costs = np.concatenate([np.full(len(e[2]), e[3]) for e in entries])
+    order = np.argsort(-values, kind="stable")
+    kept_weight = np.cumsum(costs[order])
+    threshold = values[order][np.argmin(np.abs(kept_weight - costs.sum() * (1.0 - ratio)))]
+    d = nnx.to_pure_dict(masks)
+    for i, kind, v, _ in entries:
+        keep = v > threshold
+        if kind == "mlp":
+            d["layers"][i]["mlp"]["channel_mask"] = np.asarray(d["layers"][i]["mlp"]["channel_mask"]) & keep
+        else:
+            attn = d["layers"][i]["self_attn"]
+            H, KV = cfg.heads(i), cfg.kv_heads(i)
+            old = np.asarray(units_from_head_mask(np.asarray(attn["head_mask"]), H, KV, unit))
+            attn["head_mask"] = np.asarray(head_mask_from_units(old & keep, H, KV, unit))
+    new = nnx.clone(masks)
+    nnx.replace_by_pure_dict(new, jax.tree.map(jnp.asarray, d))
+    return new

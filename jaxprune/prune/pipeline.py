@@ -21,21 +21,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .. import checkpoint
 from ..errors import UserError
 from ..fileio import write_json_atomic
-from ..partition import tree_size
+from ..model import DECODER_LINEARS
+from ..partition import combine, tree_size
+from ..quantize import dequantize_base
 from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
+from ..weights import merged_arrays, model_from_arrays
 from .groups import WIDTHS, check_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
-from .masks import structured_sparsity, update_structured_masks
+from .masks import global_structured_masks, structured_sparsity, update_structured_masks
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, check_options
 from .schedule import CubicSchedule
 from .shrink import describe_widths, shrink
@@ -44,12 +50,14 @@ from .shrink import describe_widths, shrink
 @dataclass(frozen=True)
 class StructuredPruneConfig:
     """What a structured prune run does. ``options``: the criterion's options dataclass (None: its defaults);
-    ``recover_steps``: LoRA recovery steps for one-shot criteria and LoRAPrune with ``select_steps``
-    (None: ``TrainConfig.steps``); ``calib_*``: calibration samples for criteria that need them."""
+    ``widths``: 'layerwise', 'uniform' or 'global' (None: the criterion's published allocation, else
+    layerwise); ``recover_steps``: LoRA recovery steps for one-shot criteria and LoRAPrune with
+    ``select_steps`` (None: ``TrainConfig.steps``; 0: none, the pruned base as it is); ``calib_*``:
+    calibration samples for criteria that need them."""
     method: str = "loraprune"
     ratio: float = 0.5
     attn_unit: str = "kv_group"
-    widths: str = "layerwise"
+    widths: str | None = None
     exclude_layers: str = "default"
     calib_samples: int = 10
     calib_len: int = 64
@@ -70,11 +78,20 @@ class StructuredPruneConfig:
         check_options(opts)
         return opts
 
+    def resolved_widths(self) -> str:
+        return self.widths or self.criterion().default_widths or "layerwise"
+
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise UserError(f"StructuredPruneConfig.ratio = {self.ratio}: must be in [0, 1)")
-        if self.widths not in WIDTHS:
-            raise UserError(f"StructuredPruneConfig.widths = {self.widths!r}: expected one of {', '.join(WIDTHS)}")
+        widths = self.resolved_widths()
+        if widths not in WIDTHS:
+            raise UserError(f"StructuredPruneConfig.widths = {widths!r}: expected one of {', '.join(WIDTHS)}")
+        if widths == "global" and self.criterion().iterative:
+            raise UserError(f"StructuredPruneConfig.widths = 'global': {self.method} prunes during training on a "
+                            "per-layer schedule; global allocation is for one-shot criteria")
+        if self.recover_steps is not None and self.recover_steps < 0:
+            raise UserError(f"StructuredPruneConfig.recover_steps = {self.recover_steps}: must be >= 0")
         self.method_options()
 
 
@@ -106,10 +123,11 @@ def loraprune_job(s, hooks: LoRAPruneHooks, run_cfg: TrainConfig, describe=None,
 
 def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, layers: Sequence[int],
                    placement: Placement, *, calib_samples: int, calib_len: int, calib_batch: int | None, seed: int,
-                   options=None, frozen=None):
-    """Host masks of ``s`` (``runs.LoraSetup``-like: graphdef, frozen, trainable, masks, blocks, model) with the
-    lowest-scored ``ratio`` of units of each layer in ``layers`` masked, scored once by ``criterion``.
-    ``frozen``: ``s.frozen`` already on the mesh (else placed here)."""
+                   options=None, frozen=None, widths: str = "layerwise"):
+    """(host masks, the ``ScoreInputs`` scored) of ``s`` (``runs.LoraSetup``-like: graphdef, frozen, trainable,
+    masks, blocks, model), scored once by ``criterion``: the lowest-scored ``ratio`` of units of each layer in
+    ``layers`` masked, or with ``widths='global'`` one threshold over all of them
+    (``masks.global_structured_masks``). ``frozen``: ``s.frozen`` already on the mesh (else placed here)."""
     cfg = s.model.config
     placement = placement.with_head_dim(cfg.head_dim)
     calib = None
@@ -120,7 +138,10 @@ def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, l
     inputs = ScoreInputs(cfg, unit, s.graphdef, frozen, placement.put(s.trainable),
                          placement.put(s.masks), calib, seed, calib_batch, options)
     scores = to_host(criterion.score(inputs))
-    return update_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers)
+    if widths == "global":
+        return global_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers,
+                                       normalised=criterion.normalised), inputs
+    return update_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers), inputs
 
 
 def describe_sparsity(cfg, layers):
@@ -145,7 +166,12 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     s = setup_lora(model_path, train, mesh_devices=placement.mesh.size)
     cfg, unit = s.model.config, prune.attn_unit
     placement = placement.with_head_dim(cfg.head_dim)
-    layers = structured_layers(cfg.num_layers, prune.exclude_layers, prune.widths)
+    widths = prune.resolved_widths()
+    layers = structured_layers(cfg.num_layers, prune.exclude_layers, widths)
+    if criterion.compensate is not None and (train.quantize_base != "none" or not cfg.family.output_biases):
+        raise UserError(f"{prune.method} adds output biases to the base: it needs a float base of a family whose "
+                        f"HF config holds them (llama), not quantize_base={train.quantize_base!r} / "
+                        f"model_type {cfg.model_type!r}")
     check_attn_unit([cfg.kv_heads(i) for i in layers], unit, prune.ratio)
     if record is None:
         record = {"kind": "prune", "model": str(model_path), **config_record(prune), **dataclasses.asdict(train)}
@@ -162,23 +188,36 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
         hooks = loraprune_hooks(cfg, unit, layers, train.steps, prune.ratio, opts, train.lora_scale, placement.put)
         job = loraprune_job(s, hooks, train, describe, frozen=frozen)
     else:
-        masks = one_shot_masks(criterion, s, prune.ratio, unit, layers, placement, calib_samples=prune.calib_samples,
-                               calib_len=prune.calib_len, calib_batch=prune.calib_batch, seed=train.seed,
-                               options=opts, frozen=frozen)
+        masks, inputs = one_shot_masks(criterion, s, prune.ratio, unit, layers, placement,
+                                       calib_samples=prune.calib_samples, calib_len=prune.calib_len,
+                                       calib_batch=prune.calib_batch, seed=train.seed, options=opts, frozen=frozen,
+                                       widths=widths)
+        if criterion.compensate is not None:  # new output biases: the base changes shape, so LoRA goes on anew
+            biased = with_output_biases(s.model, criterion.compensate(inputs, masks))
+            del inputs, frozen
+            s = setup_lora(model_path, train, model=biased, mesh_devices=placement.mesh.size)
+            frozen = placement.put(s.frozen)
         job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
                        head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
-    result = run_training(job, train, placement, run_dir, resume=prev is not None)
-    small = shrink(result.model)
+    if train.steps == 0:  # no recovery: the pruned base as it is (LoRA's B = 0 adds nothing)
+        model = combine(job.graphdef, *jax.tree.map(jnp.asarray, to_host((job.frozen, job.trainable, job.masks))))
+        dequantize_base(model)
+        state = SimpleNamespace(masks=job.masks, trainable={})
+    else:
+        result = run_training(job, train, placement, run_dir, resume=prev is not None)
+        model, state = result.model, result.state
+    small = shrink(model)
     if is_main_process():
         checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
                               extra_meta={"pruned_from": str(model_path), "method": prune.method})
     before, after = cfg.num_params(), small.config.num_params()
     summary = {
         "method": prune.method, "ratio": prune.ratio, "attn_unit": unit, "impl": s.impl,
-        "widths_mode": prune.widths, "prunable_layers": layers,
+        "widths_mode": widths, "prunable_layers": layers, "recover_steps": train.steps if not criterion.iterative or split
+        else None,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
-        **structured_sparsity(to_host(result.state.masks), cfg, layers),
-        "trainable_params": tree_size(result.state.trainable),
+        **structured_sparsity(to_host(state.masks), cfg, layers),
+        "trainable_params": tree_size(state.trainable),
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
         "distill": {"alpha": train.distill_alpha, "temperature": train.distill_temp} if train.distill else None,
         "select_steps": opts.select_steps if split else None,
@@ -188,6 +227,23 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     if is_main_process():
         write_json_atomic(run_dir / "prune.json", summary)
     return summary
+
+
+def with_output_biases(model, biases: dict) -> nnx.Module:
+    """``model`` (its LoRA merged; B = 0 before training) with ``biases`` {(layer, block, linear): [hidden]} added to
+    those linears' outputs; its config gains LLaMA's ``attention_bias`` / ``mlp_bias`` (the other biases zero)."""
+    cfg = model.config
+    arrays = merged_arrays(model)
+    new_cfg = dataclasses.replace(cfg, attention_bias=True, attention_out_bias=None, mlp_bias=True)
+    for i in range(cfg.num_layers):
+        for block, name in DECODER_LINEARS:
+            path = ("layers", i, block, name, "bias")
+            if path not in arrays:
+                arrays[path] = np.zeros(arrays[path[:-1] + ("kernel",)].shape[1], np.float32)
+    for (i, block, name), b in biases.items():
+        path = ("layers", i, block, name, "bias")
+        arrays[path] = np.asarray(arrays[path], np.float64) + np.asarray(b, np.float64)
+    return model_from_arrays(new_cfg, arrays, dtype=model.dtype, source="bias compensation")
 
 
 def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPruneOptions, train: TrainConfig, s,

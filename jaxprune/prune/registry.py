@@ -78,6 +78,7 @@ class ScoreInputs:
     seed: int = 0
     calib_batch: int | None = None
     options: Any = None
+    cache: dict = field(default_factory=dict)  # a criterion's statistics, shared by its score and compensate
 
     def frozen_arrays(self) -> dict:
         """The frozen base as a nested dict: ``d["layers"][i]["self_attn"]["q_proj"]["kernel"]`` [in, out]."""
@@ -87,13 +88,20 @@ class ScoreInputs:
 @dataclass(frozen=True)
 class StructuredCriterion:
     """A registered structured criterion. ``score`` is None for an iterative one (LoRAPrune scores inside
-    the LoRA training step; ``prune/pipeline.py`` runs it); ``options`` is its options dataclass."""
+    the LoRA training step; ``prune/pipeline.py`` runs it); ``options`` is its options dataclass.
+    ``normalised``: its scores are comparable across layers already (``--widths global`` does not z-score
+    them); ``default_widths``: the allocation it is published with (None: ``layerwise``);
+    ``compensate(inputs, masks) -> {(layer, block, linear): bias [hidden]}``: output biases added to the
+    base once the units are chosen (FLAP)."""
     name: str
     summary: str
     score: Callable[[ScoreInputs], Any] | None = None  # -> importance.UnitScores
     needs: tuple[str, ...] = ()
     options: type | None = None
     citation: str = ""
+    normalised: bool = False
+    default_widths: str | None = None
+    compensate: Callable | None = None
 
     def __post_init__(self):
         bad = [n for n in self.needs if n not in NEEDS]
