@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxprune.fileio import write_json_atomic  # noqa: E402
+from jaxprune.pretrain.methods import PRETRAIN  # noqa: E402  (importing methods registers every built-in)
 
-METHODS = ("full", "lowrank", "sltrain", "slope", "lost", "switchlora", "sste")
+METHODS = PRETRAIN.names()
 
 
 def pretrain_args(argv: list[str]):

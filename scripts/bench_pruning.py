@@ -278,7 +278,7 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
                 "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
                 "--lora-rank", str(a.lora_rank), "--prune-every", str(a.prune_every), "--seed", str(seed),
                 "--calib-samples", str(a.calib_samples), "--calib-len", str(a.seq_len),
-                "--calib-batch", str(a.calib_batch), *extra, "--widths", "layerwise",
+                "--calib-batch", str(a.calib_batch), "--widths", "layerwise", *extra,  # a spec's flags win
                 "--save-every", str(max(a.steps, a.select_steps)), "--val-every", "0",
                 "--out", str(run), "--json", "--no-progress"]
         t = time.time()

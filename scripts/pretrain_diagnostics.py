@@ -68,6 +68,7 @@ def restore_run(run_dir: Path):
 
 def diagnose(run_dir: Path) -> dict:
     from jaxprune.model import DECODER_LINEARS
+    from jaxprune.pretrain.sltrain import SparseLowRankLinear
 
     args, model, init, step = restore_run(run_dir)
     per_name: dict[str, dict[str, list[float]]] = {}
@@ -79,7 +80,7 @@ def diagnose(run_dir: Path) -> dict:
             d.setdefault("update_top_r_energy", []).append(top_r_energy(w - w0, args.lora_rank))
             d.setdefault("weight_top_r_energy", []).append(top_r_energy(w, args.lora_rank))
             d.setdefault("weight_fro", []).append(float(np.linalg.norm(w)))
-            if getattr(lin, "has_lora", False) and args.method in ("lowrank", "sltrain"):
+            if isinstance(lin, SparseLowRankLinear):  # lowrank / sltrain: W = s·A@B (+ S)
                 lr = np.asarray(lin.lora_scale * (lin.lora_a[...] @ lin.lora_b[...]))
                 d.setdefault("lowrank_fro", []).append(float(np.linalg.norm(lr)))
                 if getattr(lin, "sparse_values", None) is not None:

@@ -224,3 +224,31 @@ def test_plays_tokenizer_is_deterministic_lossless_and_sets_the_vocab(fixtures, 
     run(capsys, "pretrain", *args)
     assert flat_params(out / "model")["['embed_tokens']"].shape == (4096, 32)
     assert len(load.load_tokenizer(out / "model")) == 4096
+
+
+def test_run_pretrain_library_call_without_flags(fixtures, small_text, tmp_path):
+    """`pretrain.pipeline.run_pretrain` of typed configs alone (no argparse): the method's own summary key comes
+    from its registered plan, a schedule option of another method is never checked, and a bad one of the
+    run's method is a UserError naming it before any run dir exists; run.json defaults to the config's fields."""
+    from jaxprune.errors import UserError
+    from jaxprune.pretrain.methods import MethodConfig
+    from jaxprune.pretrain.pipeline import PretrainConfig, TinyModelConfig, run_pretrain
+    from jaxprune.pretrain.switchlora import SwitchOptions
+    from jaxprune.runs import TrainConfig
+
+    run = TrainConfig(text=str(small_text), out=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=32, lr=1e-2,
+                      warmup_steps=1, save_every=2, val_every=0, val_blocks=1, progress=False, quiet=True)
+    tiny = TinyModelConfig(hidden_size=32, intermediate_size=32, num_layers=1, num_heads=4, num_kv_heads=4)
+    bad_switch = SwitchOptions(interval=4, freeze_steps=3)  # interval < 2 x freeze: SwitchLoRA's schedule refuses
+    with pytest.raises(UserError, match="must be >= 2 x"):
+        run_pretrain(PretrainConfig(run=run, method=MethodConfig("switchlora", rank=4), model=tiny,
+                                    switch=bad_switch, tokenizer=str(fixtures.hf_dir)))
+    assert not (tmp_path / "run").exists()
+    out = run_pretrain(PretrainConfig(run=run, method=MethodConfig("lowrank", rank=4), model=tiny,
+                                      switch=bad_switch, tokenizer=str(fixtures.hf_dir)))
+    assert out["method"] == "lowrank" and out["impl"] is None and "switches_scheduled" not in out
+    assert json.loads((tmp_path / "run" / "pretrain.json").read_text()) == out
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["kind"] == "pretrain" and rec["method"]["rank"] == 4 and "resume" not in rec["run"]
+    with pytest.raises(UserError, match="TinyModelConfig.num_layers = 0"):
+        TinyModelConfig(num_layers=0)

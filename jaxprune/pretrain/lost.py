@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..layers import Linear, with_axes
+from ..errors import UserError
+from .registry import PRETRAIN, PretrainMethod
 from .sltrain import SparseValues
 
 
@@ -80,3 +82,19 @@ class LOSTLinear(Linear):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+def _build_lost(old: Linear, mc, rngs: nnx.Rngs, dtype) -> LOSTLinear:
+    if mc.rank > min(old.in_features, old.out_features):
+        raise UserError(f"lost: --lora-rank {mc.rank} exceeds min(in, out) = "
+                        f"{min(old.in_features, old.out_features)} of a {old.in_features}x{old.out_features} layer")
+    return LOSTLinear(old, rank=mc.rank, ratio=mc.channel_ratio)
+
+
+def _check_lost(mc) -> None:
+    if not 0.0 < mc.channel_ratio <= 1.0:
+        raise UserError(f"MethodConfig.channel_ratio = {mc.channel_ratio}: must be in (0, 1] (--lost-channel-ratio)")
+
+
+PRETRAIN.register(PretrainMethod("lost", "W = A@B from the init's top-r SVD + sparse input channels of the rest",
+                                 _build_lost, uses_rank=True, check=_check_lost))

@@ -36,14 +36,11 @@ from ..partition import DEFAULT_LORA_TARGETS, tree_size
 from ..train import make_optimizer
 from ..weights import dense_arrays, model_from_arrays
 from .lost import LOSTLinear, lost_param_count
+from .registry import PRETRAIN, PretrainMethod
 from .sltrain import SparseLowRankLinear, sltrain_param_count
-from .slope import SLoPeLinear, aspect_ratio, slope_linears
+from .slope import SLoPeLinear, slope_linears
 from .sste import SSTELinear, sste_linears
 from .switchlora import MASKS, SwitchLoRALinear, switchlora_param_count
-
-METHODS = ("full", "lowrank", "sltrain", "slope", "lost", "switchlora", "sste")
-LOWRANK_METHODS = ("lowrank", "sltrain", "lost", "switchlora")  # the methods that use --lora-rank
-
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -63,14 +60,11 @@ class MethodConfig:
     sltrain_b_init: str = "zero"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise UserError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.method == "lost" and not 0.0 < self.channel_ratio <= 1.0:
-            raise UserError(f"--lost-channel-ratio {self.channel_ratio}: must be in (0, 1]")
-        if self.method in LOWRANK_METHODS and self.rank < 1:
-            raise UserError(f"--lora-rank {self.rank}: must be >= 1")
-        if self.method == "sltrain" and not 0.0 < self.delta < 1.0:
-            raise UserError(f"--sparse-ratio {self.delta}: must be in (0, 1)")
+        m = PRETRAIN.get(self.method)
+        if m.check is not None:
+            m.check(self)
+        if m.uses_rank and self.rank < 1:
+            raise UserError(f"MethodConfig.rank = {self.rank}: must be >= 1 (--lora-rank)")
         if self.sltrain_b_init not in ("zero", "uniform"):
             raise UserError(f"--sltrain-b-init {self.sltrain_b_init!r}: expected zero or uniform")
         if self.adapter_rank < 0:
@@ -93,41 +87,22 @@ def build_model(cfg: ModelConfig, mc: MethodConfig, *, seed: int = 0, dtype=jnp.
 
     Deterministic in ``seed``: the same seed gives bitwise the same model (and SLTrain support).
     """
-    if mc.method != "full" and not target_paths(cfg, mc.targets):
+    if PRETRAIN.get(mc.method).build_linear is not None and not target_paths(cfg, mc.targets):
         raise UserError(f"--targets {mc.targets!r} matches no decoder linear")
     return _build(cfg, mc, seed, dtype)
 
 
 def _build(cfg: ModelConfig, mc: MethodConfig, seed: int, dtype) -> LlamaForCausalLM:
     model = LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-    if mc.method == "full":
+    build_linear = PRETRAIN.get(mc.method).build_linear
+    if build_linear is None:
         return model
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))
     for i, block, name in target_paths(cfg, mc.targets):
         parent = getattr(model.layers[i], block)
         old: Linear = getattr(parent, name)
-        setattr(parent, name, _swap(old, mc, rngs, dtype))
+        setattr(parent, name, build_linear(old, mc, rngs, dtype))
     return model
-
-
-def _swap(old: Linear, mc: MethodConfig, rngs: nnx.Rngs, dtype) -> Linear:
-    if mc.method == "lost":
-        if mc.rank > min(old.in_features, old.out_features):
-            raise UserError(f"lost: --lora-rank {mc.rank} exceeds min(in, out) = "
-                            f"{min(old.in_features, old.out_features)} of a {old.in_features}x{old.out_features} layer")
-        return LOSTLinear(old, rank=mc.rank, ratio=mc.channel_ratio)
-    if mc.method == "switchlora":
-        return SwitchLoRALinear(old, rank=mc.rank, key=rngs.params())
-    if mc.method == "sste":
-        return SSTELinear(old)
-    if mc.method in ("lowrank", "sltrain"):
-        return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
-                                   delta=mc.delta if mc.method == "sltrain" else 0.0,
-                                   zero_b=mc.method == "sltrain" and mc.sltrain_b_init == "zero", rngs=rngs,
-                                   use_bias=old.bias is not None, dtype=dtype, axes=old.axes)
-    if aspect_ratio(old.in_features, old.out_features) > mc.max_aspect_ratio:
-        return old  # SLoPe leaves very thin / wide layers dense
-    return SLoPeLinear(old, adapter_rank=mc.adapter_rank, rngs=rngs)
 
 
 def partition_pretrain(model: nnx.Module):
@@ -196,3 +171,6 @@ def param_summary(model: nnx.Module, cfg: ModelConfig, mc: MethodConfig) -> dict
     pruned += sum(l.in_features * l.out_features // 2 for _, l in sste_linears(model))
     return {"trainable_params": n_train, "params_stored": n_train - pruned, "linear_params_dense": lin["dense"],
             "linear_params_stored": lin["stored"], "dense_params": cfg.num_params()}
+
+
+PRETRAIN.register(PretrainMethod("full", "every weight dense and trainable (the full-rank baseline)"))

@@ -46,6 +46,8 @@ from ..errors import UserError
 from ..layers import Linear, Mask
 from ..ops.nm import nm_keep_mask
 from ..partition import combine
+from ..train import LoopCallbacks
+from .registry import PRETRAIN, PretrainMethod, RunHooks
 
 N, M = 2, 4  # 2:4
 
@@ -239,3 +241,49 @@ def initial_masks(graphdef, frozen, trainable, masks, schedule: SLoPeSchedule):
         return masks
     return make_mask_updater(graphdef)(trainable, frozen, masks, False, False, True)
 
+
+def _build_slope(old: Linear, mc, rngs: nnx.Rngs, dtype) -> Linear:
+    if aspect_ratio(old.in_features, old.out_features) > mc.max_aspect_ratio:
+        return old  # SLoPe leaves very thin / wide layers dense
+    return SLoPeLinear(old, adapter_rank=mc.adapter_rank, rngs=rngs)
+
+
+@dataclass(frozen=True)
+class SLoPeOptions:
+    """The schedule's knobs, less the run's step count (``pipeline.PretrainConfig.slope``); checked by
+    ``SLoPeSchedule`` when a SLoPe run starts."""
+
+    mask_change_freq: int = 100
+    refresh_frac: float = 0.1
+    adapter_frac: float = 0.01
+
+    def schedule(self, steps: int) -> SLoPeSchedule:
+        return SLoPeSchedule(steps, self.mask_change_freq, self.refresh_frac, self.adapter_frac)
+
+
+def job_hooks(graphdef, placement, schedule: SLoPeSchedule):
+    """``runs.TrainJob``'s ``(on_start, callbacks)``: adapters on before step 0 when the schedule starts them
+    there; after each step, refresh masks / switch adapters on, the new masks back on the mesh."""
+    def on_start(state, frozen, start):
+        if start:
+            return state
+        return state._replace(masks=placement.put(initial_masks(graphdef, frozen, state.trainable, state.masks,
+                                                                schedule)))
+
+    def callbacks(frozen, placement):
+        slope_step = make_after_step(graphdef, frozen, schedule)
+
+        def after_step(step, st):  # new masks go back to the mesh's shardings (one compile per run)
+            st = slope_step(step, st)
+            return st._replace(masks=placement.put(st.masks))
+        return LoopCallbacks(after_step=after_step)
+    return on_start, callbacks
+
+
+def _plan(mc, cfg) -> RunHooks:
+    schedule = cfg.slope.schedule(cfg.run.steps)
+    return RunHooks(partial(job_hooks, schedule=schedule), {"adapter_start_step": schedule.adapter_start})
+
+
+PRETRAIN.register(PretrainMethod("slope", "2:4 forward, double-pruned backward, lazy low-rank adapters at the end",
+                                 _build_slope, uses_impl=True, plan=_plan))

@@ -37,6 +37,7 @@ from ..checkpoint import restore_pytree, save_pytree
 from ..errors import UserError
 from ..layers import Linear
 from ..train import leaves_dict
+from .registry import PRETRAIN, PretrainMethod
 
 
 class SparseValues(nnx.LoRAParam):
@@ -141,3 +142,23 @@ def restore_support(run_dir: Path, frozen):
     saved = restore_pytree(run_dir / "support", {k: jax.ShapeDtypeStruct(x.shape, x.dtype)
                                                  for k, x in leaves_dict(frozen).items()})
     return jax.tree.unflatten(treedef, [jnp.asarray(saved[k]) for k in sorted(saved)])
+
+
+def _build(sparse: bool):
+    def build(old: Linear, mc, rngs: nnx.Rngs, dtype) -> "SparseLowRankLinear":
+        return SparseLowRankLinear(old.in_features, old.out_features, rank=mc.rank, alpha=mc.alpha,
+                                   delta=mc.delta if sparse else 0.0, zero_b=sparse and mc.sltrain_b_init == "zero",
+                                   rngs=rngs, use_bias=old.bias is not None, dtype=dtype, axes=old.axes)
+    return build
+
+
+def _check_sltrain(mc) -> None:
+    if not 0.0 < mc.delta < 1.0:
+        raise UserError(f"MethodConfig.delta = {mc.delta}: must be in (0, 1) (--sparse-ratio)")
+
+
+PRETRAIN.register(PretrainMethod("lowrank", "W = s·A@B on the targeted linears (the pure low-rank baseline)",
+                                 _build(False), uses_rank=True))
+PRETRAIN.register(PretrainMethod("sltrain", "W = s·A@B + S, S on a fixed random support of ⌊δ·in·out⌋ entries",
+                                 _build(True), uses_rank=True, check=_check_sltrain,
+                                 citation="Han et al. 2024, arXiv 2406.02214 (andy-yang-1/SLTrain)"))

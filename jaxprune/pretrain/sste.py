@@ -24,6 +24,7 @@ from flax import nnx
 
 from ..errors import UserError
 from ..layers import Linear
+from .registry import PRETRAIN, PretrainMethod
 
 M = 4  # 2:4 groups of 4
 
@@ -95,3 +96,7 @@ def sste_linears(model: nnx.Module):
     for path, node in nnx.iter_graph(model):
         if isinstance(node, SSTELinear):
             yield tuple(path), node
+
+
+PRETRAIN.register(PretrainMethod("sste", "y = x @ β·S_soft(W): continuous 2:4 soft threshold, frozen β, straight-through",
+                                 lambda old, mc, rngs, dtype: SSTELinear(old)))

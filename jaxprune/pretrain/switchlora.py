@@ -40,6 +40,8 @@ from flax import nnx
 from ..errors import UserError
 from ..layers import Linear, Mask, with_axes
 from ..partition import combine
+from ..train import LoopCallbacks
+from .registry import PRETRAIN, PretrainMethod, RunHooks
 
 GAIN = math.sqrt(1.0 / 3.0)  # torch's calculate_gain("leaky_relu", √5)
 
@@ -233,3 +235,43 @@ def make_after_step(graphdef, frozen, schedule: SwitchSchedule, rank: int, seed:
                                              jnp.int32(schedule.count(step, rank)))
         return st._replace(trainable=trainable, masks=masks, opt_state=opt_state)
     return after_step
+
+
+@dataclass(frozen=True)
+class SwitchOptions:
+    """The switching schedule's knobs, less the run's step count (``pipeline.PretrainConfig.switch``); checked
+    by ``SwitchSchedule`` when a SwitchLoRA run starts."""
+
+    interval: int = 40
+    descent_ratio: float = 0.1
+    freeze_steps: int = 5
+
+    def schedule(self, steps: int) -> SwitchSchedule:
+        return SwitchSchedule(steps, self.interval, self.descent_ratio, self.freeze_steps)
+
+
+def job_callbacks(graphdef, schedule: SwitchSchedule, rank: int, seed: int):
+    """``runs.TrainJob.callbacks``: switch after each step, the new state back on the mesh."""
+    def callbacks(frozen, placement):
+        switch_step = make_after_step(graphdef, frozen, schedule, rank, seed)
+
+        def after_step(step, st):
+            new = switch_step(step, st)
+            if new is st:
+                return st
+            return new._replace(trainable=placement.put(new.trainable), masks=placement.put(new.masks),
+                                opt_state=placement.put(new.opt_state))
+        return LoopCallbacks(after_step=after_step)
+    return callbacks
+
+
+def _plan(mc, cfg) -> RunHooks:
+    schedule, steps = cfg.switch.schedule(cfg.run.steps), cfg.run.steps
+    return RunHooks(lambda graphdef, placement: (None, job_callbacks(graphdef, schedule, mc.rank, cfg.run.seed)),
+                    {"switches_scheduled": schedule.total(steps - 2, mc.rank)})  # per side, per layer (upper bound)
+
+
+PRETRAIN.register(PretrainMethod(
+    "switchlora", "W + s·A@B, W frozen, A / B vectors switched from candidate pools",
+    lambda old, mc, rngs, dtype: SwitchLoRALinear(old, rank=mc.rank, key=rngs.params()), uses_rank=True,
+    plan=_plan))

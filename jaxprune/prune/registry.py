@@ -152,3 +152,20 @@ def register_elementwise(name: str, *, summary: str, statistic: str | None = Non
         ELEMENTWISE.register(ElementwiseMethod(name, summary, statistic, fn, False, options, citation))
         return fn
     return wrap
+
+
+@dataclass(frozen=True)
+class DepthCriterion:
+    """A registered depth-pruning method: whole decoder layers go. ``select(inputs, n_remove) -> [layer indices]``
+    (``inputs``: a :class:`ScoreInputs`); ``transform``: an optional fold applied to the kept layers
+    (ReplaceMe's linear map), run by ``prune/depth_pipeline.py``."""
+    name: str
+    summary: str
+    select: Callable
+    needs: tuple[str, ...] = ("calibration",)
+    transform: Callable | None = None
+    options: type | None = None
+    citation: str = ""
+
+
+DEPTH: Registry[DepthCriterion] = Registry("depth pruning method")
