@@ -193,11 +193,16 @@ def test_unsupported_and_mqa_kv_group_are_one_line_errors(tmp_path, capsys, fixt
         with pytest.raises(UserError, match=words):
             load_hf_dir(rewrite_config(hf_dir, tmp_path / name, **change))
     capsys.readouterr()
-    args = ["--method", "l2", "--ratio", "0.5", "--steps", "1", "--text", str(small_text), "--no-progress"]
+    args = ["--method", "l2", "--ratio", "0.5", "--steps", "1", "--text", str(small_text), "--no-progress",
+            "--attn-unit", "kv_group"]  # the default, auto, takes q_head on MQA
     assert main(["prune", str(hf_dir), *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "single KV head" in err[0] and "q_head" in err[0]
     assert not (tmp_path / "run").exists()
+    # issue 31: the default unit follows the model (auto -> q_head on MQA), so the plain command works
+    assert main(["prune", str(hf_dir), *args[:-2], "--recover-steps", "0", "--seq-len", "32",
+                 "--out", str(tmp_path / "auto")]) == 0
+    assert json.loads((tmp_path / "auto" / "prune.json").read_text())["attn_unit"] == "q_head"
 
 
 @pytest.mark.parametrize("method", ["loraprune", "wanda"])

@@ -125,13 +125,15 @@ def test_readme_python_api_prunes_recovers_and_exports(tiny_hf_with_tokenizer, s
 
 def test_registry_names_are_one_algorithm_each():
     from jaxprune.pretrain.registry import PRETRAIN
-    from jaxprune.prune.registry import ELEMENTWISE, STRUCTURED
+    from jaxprune.prune.registry import DEPTH, ELEMENTWISE, STRUCTURED
 
-    assert set(STRUCTURED.names()) >= {"loraprune", "llm-pruner", "l2", "random"}
+    assert set(STRUCTURED.names()) >= {"loraprune", "llm-pruner", "l2", "random", "flap", "minitron"}
     assert set(ELEMENTWISE.names()) >= {"magnitude", "wanda", "sparsegpt"}
-    assert not set(STRUCTURED.names()) & set(ELEMENTWISE.names())
+    assert set(DEPTH.names()) >= {"shortgpt", "replaceme"}
+    names = [*STRUCTURED.names(), *ELEMENTWISE.names(), *DEPTH.names()]
+    assert len(names) == len(set(names))  # one name, one algorithm, across the prune command's registries
     assert set(PRETRAIN.names()) == {"full", "lowrank", "sltrain", "slope", "lost", "switchlora", "sste"}
-    for registry in (STRUCTURED, ELEMENTWISE, PRETRAIN):
+    for registry in (STRUCTURED, ELEMENTWISE, DEPTH, PRETRAIN):
         for m in registry:
             assert m.summary, m.name
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 import dataclasses
 
+from ..prune.groups import ATTN_UNITS
 from ..prune.loram_recipe import LoRAMConfig, run_loram
 from ..prune.registry import STRUCTURED
 from .common import add_run_args, mesh_config, run_record, train_config, with_config
@@ -20,7 +21,9 @@ def add_loram_parser(sub) -> None:
     g.add_argument("--prune-method", choices=STRUCTURED.names(), default="llm-pruner",
                    help="structured pruning criterion (the paper's LoRAM-Stru uses LLM-Pruner)")
     g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
-    g.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group")
+    g.add_argument("--attn-unit", choices=ATTN_UNITS, default="auto",
+                   help="kv_group (a KV head with its query heads), q_head, or auto: kv_group unless a layer has a "
+                        "single KV head (MQA), then q_head")
     g.add_argument("--exclude-layers", default="default",
                    help="layers never pruned: comma-separated indices, 'none', or 'default' (layers < int(0.1·L) "
                         "and the last one)")

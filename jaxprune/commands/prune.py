@@ -1,6 +1,6 @@
-"""`jaxprune prune`: flags -> ``prune.pipeline`` (structured: a criterion, LoRA recovery, physical shrink) or
-``prune.elementwise_pipeline`` (element masks). The methods and their own flags come from the registry
-(``prune.registry``), plugins included (``--plugin``).
+"""`jaxprune prune`: flags -> ``prune.pipeline`` (structured: a criterion, LoRA recovery, physical shrink),
+``prune.depth_pipeline`` (whole layers go) or ``prune.elementwise_pipeline`` (element masks). The methods and
+their own flags come from the registry (``prune.registry``), plugins included (``--plugin``).
 
     RUN_DIR/ run.json, checkpoints/, metrics.jsonl, loss.png   (as finetune)
              prune.json   method, ratio, parameter counts, fraction removed, per-layer widths
@@ -14,10 +14,11 @@ import argparse
 import sys
 
 from ..errors import UserError
+from ..prune.depth_pipeline import DepthPruneConfig, prune_depth
 from ..prune.elementwise_pipeline import ElementwisePruneConfig, prune_elementwise
-from ..prune.groups import WIDTHS
+from ..prune.groups import ATTN_UNITS, WIDTHS
 from ..prune.pipeline import StructuredPruneConfig, prune_structured
-from ..prune.registry import ELEMENTWISE, STRUCTURED
+from ..prune.registry import DEPTH, ELEMENTWISE, STRUCTURED
 from .common import add_distill_args, add_run_args, cli_dests, mesh_config, run_record, train_config, with_config
 from .flags import FRACTION_BELOW_1, NONNEG_INT, POSITIVE_INT, SEQ_LEN
 from .method_flags import add_options_group, foreign_option, options_from_args
@@ -26,25 +27,29 @@ OWNERS: dict[str, set[str]] = {}  # option dest -> the methods that take it (fil
 
 
 def add_prune_parser(sub) -> None:
-    structured, elementwise = STRUCTURED.names(), ELEMENTWISE.names()
-    clash = set(structured) & set(elementwise)
-    if clash:
-        raise UserError(f"method name {sorted(clash)[0]!r} is registered as structured and element-wise")
-    p = sub.add_parser("prune", help="structured pruning (+ LoRA recovery, shrink) or element-wise pruning",
+    structured, elementwise, depth = STRUCTURED.names(), ELEMENTWISE.names(), DEPTH.names()
+    names = (*structured, *elementwise, *depth)
+    if len(set(names)) < len(names):
+        clash = sorted(n for n in set(names) if names.count(n) > 1)[0]
+        raise UserError(f"method name {clash!r} is registered twice (structured, element-wise or depth)")
+    p = sub.add_parser("prune", help="structured (+ LoRA recovery, shrink), depth or element-wise pruning",
                        description="methods: " + "; ".join(f"{m.name}: {m.summary}" for m in [*STRUCTURED,
-                                                                                               *ELEMENTWISE]))
+                                                                                               *ELEMENTWISE, *DEPTH]))
     p.add_argument("model")
     add_run_args(p, steps=200, frozen_base=True)
-    p.add_argument("--method", choices=(*structured, *elementwise), default="loraprune",
+    p.add_argument("--method", choices=names, default="loraprune",
                    help=f"structured: {', '.join(structured)}; element-wise (--sparsity/--pattern): "
-                        f"{', '.join(elementwise)}")
+                        f"{', '.join(elementwise)}; depth (whole layers): {', '.join(depth)}")
     p.add_argument("--plugin", action="append", default=None, metavar="FILE_OR_MODULE",
                    help="import a .py file or module that registers more methods (repeatable; see README "
                         "'Adding a method')")
     g = p.add_argument_group("structured criteria")
-    g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
-    g.add_argument("--attn-unit", choices=("kv_group", "q_head"), default="kv_group",
-                   help="attention unit: a whole KV group, or query heads (same count per group)")
+    g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5,
+                   help=f"per-layer fraction of units pruned; depth methods ({', '.join(depth)}): the fraction of "
+                        "decoder layers removed, round(ratio·L)")
+    g.add_argument("--attn-unit", choices=ATTN_UNITS, default="auto",
+                   help="a whole KV group, or query heads (same count per group); auto: kv_group unless a layer "
+                        "has a single KV head (MQA), then q_head")
     g.add_argument("--widths", choices=WIDTHS, default=None,
                    help="'layerwise' (default; flap: global) prunes --ratio of the units of each layer not in "
                         "--exclude-layers (the papers' protocol; 5x lower perplexity than uniform at ratio 0.5 on "
@@ -56,7 +61,7 @@ def add_prune_parser(sub) -> None:
                    help="comma-separated layer indices never pruned, 'none', or 'default' (structured with "
                         "--widths layerwise: layers < int(0.1·L) and the last one; element-wise: none)")
     g.add_argument("--recover-steps", type=NONNEG_INT, default=None,
-                   help="one-shot criteria (and loraprune with --select-steps): LoRA recovery steps "
+                   help="one-shot criteria, depth methods (and loraprune with --select-steps): LoRA recovery steps "
                         "(default: --steps; 0: no recovery, the pruned base as it is)")
     g = p.add_argument_group("calibration (criteria and methods that read activations or gradients)")
     g.add_argument("--calib", default=None, help="element-wise: calibration text (.txt or dir; default: --text)")
@@ -69,7 +74,7 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--pattern", default=None,
                    help="'unstructured' (default), N:M e.g. 2:4, 4:8 (N kept of M), or block:BxB")
     OWNERS.clear()
-    for m in [*STRUCTURED, *ELEMENTWISE]:
+    for m in [*STRUCTURED, *ELEMENTWISE, *DEPTH]:
         if m.options is not None:
             add_options_group(p, f"{m.name} options", m.options, OWNERS, m.name)
     add_distill_args(p, "structured methods: recover (and, for LoRAPrune, prune) on (1-a)·CE + a·T²·KL to the "
@@ -88,6 +93,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     if args.sparsity is not None or args.pattern is not None:
         raise UserError(f"--sparsity / --pattern apply to the element-wise methods ({', '.join(ELEMENTWISE.names())})"
                         f", not --method {args.method}")
+    if args.method in DEPTH:
+        return cmd_prune_depth(args, given)
     criterion = STRUCTURED.get(args.method)
     if args.quantize_base != "none" and "base_gradients" in criterion.needs:
         raise UserError(f"--quantize-base {args.quantize_base}: --method {args.method} reads base-weight gradients "
@@ -104,6 +111,20 @@ def cmd_prune(args: argparse.Namespace) -> dict:
               f"{summary['params_after']:,} parameters ({100 * summary['params_removed_fraction']:.1f}% of all "
               f"removed); model in {summary['model_dir']}", file=sys.stderr)
     return {k: v for k, v in summary.items() if k != "widths"}
+
+
+def cmd_prune_depth(args, given: set[str]) -> dict:
+    """`jaxprune prune MODEL --method {shortgpt,replaceme} --ratio R --text FILE --out RUN_DIR`: whole layers."""
+    for flag in sorted(given & {"attn_unit", "widths", "exclude_layers"}):
+        raise UserError(f"--{flag.replace('_', '-')} is for structured criteria; --method {args.method} removes layers")
+    prune = DepthPruneConfig(method=args.method, ratio=args.ratio, calib_samples=args.calib_samples,
+                             calib_len=args.calib_len, calib_batch=args.calib_batch, recover_steps=args.recover_steps,
+                             options=options_from_args(DEPTH.get(args.method).options, args))
+    s = prune_depth(args.model, prune, train_config(args), mesh_config(args), record=run_record(args, "prune"))
+    if not args.json:
+        print(f"pruned {args.method}: layers {s['layers_removed']} of {s['layers_before']} removed, "
+              f"{s['params_before']:,} -> {s['params_after']:,} parameters; model in {s['model_dir']}", file=sys.stderr)
+    return s
 
 
 def cmd_prune_elementwise(args) -> dict:

@@ -9,10 +9,12 @@ Structured, shared pieces:
 
 Methods, one module each with its formula, citation and registration:
 * ``loraprune``: LoRA-guided importance, its EMA as an ``(init, update)`` pair, the scheduled mask update
-* ``llm_pruner``: Taylor importance from base-weight gradients; ``flap``: fluctuation-based, bias compensation
+* ``llm_pruner``: Taylor importance from base-weight gradients; ``flap``: fluctuation-based, bias compensation;
+  ``minitron``: activation magnitude; ``depth`` (whole layers: ShortGPT, ReplaceMe; ``depth_pipeline``)
 * ``select`` (element masks, N:M; magnitude), ``wanda``, ``sparsegpt``; ``posttraining``: the sequential pipeline
 
 Importing ``jaxprune.prune`` registers every built-in method.
 """
 
-from . import flap, importance, llm_pruner, loraprune, select, sparsegpt, wanda  # noqa: F401  (they register)
+# noqa below: imported so that they register
+from . import depth, flap, importance, llm_pruner, loraprune, minitron, select, sparsegpt, wanda  # noqa: F401

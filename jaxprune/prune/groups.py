@@ -45,6 +45,19 @@ def reduce_attention(module: str, scores: jnp.ndarray, num_heads: int, num_kv_he
     return scores.sum(axis=0).reshape(num_kv_heads, head_dim).sum(-1)  # k_proj, v_proj
 
 
+ATTN_UNITS = ("auto", "kv_group", "q_head")
+
+
+def resolve_attn_unit(unit: str, kv_heads: list[int]) -> AttnUnit:
+    """``auto``: ``kv_group`` where every pruned layer has more than one KV head (GQA, MHA), else ``q_head`` (MQA:
+    Gemma 3 270M, where a KV group is the whole attention block). ``kv_heads``: per pruned layer."""
+    if unit not in ATTN_UNITS:
+        raise UserError(f"attn_unit {unit!r}: expected one of {', '.join(ATTN_UNITS)}")
+    if unit != "auto":
+        return unit
+    return "kv_group" if all(k > 1 for k in kv_heads) else "q_head"
+
+
 def check_attn_unit(kv_heads: list[int], unit: AttnUnit, ratio: float) -> None:
     """``kv_group`` on a layer with a single KV head (MQA: Gemma 3 270M) could only remove the whole attention
     block, which structured pruning never does: refused, pointing at ``q_head``. ``kv_heads``: per pruned layer."""

@@ -31,7 +31,7 @@ from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_tra
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import make_optimizer
 from ..weights import merge_lora
-from .groups import prunable_layers
+from .groups import prunable_layers, resolve_attn_unit
 from .loram import (check_dense, describe_units, host_arrays, partition_align, pruned_model, recover_full_model,
                     units_from_masks)
 from .loraprune import LoRAPruneOptions
@@ -45,7 +45,7 @@ class LoRAMConfig:
     ``TrainConfig.steps``); ``align_steps`` 0: no alignment; ``align_text`` None: ``TrainConfig.text``."""
     prune_method: str = "llm-pruner"
     ratio: float = 0.5
-    attn_unit: str = "kv_group"
+    attn_unit: str = "auto"
     exclude_layers: str = "default"
     calib_samples: int = 10
     calib_len: int = 64
@@ -73,6 +73,7 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
     cfg, dtype = dense.config, dense.dtype
     tok = load.load_tokenizer(model_path)
     layers = prunable_layers(cfg.num_layers, c.exclude_layers)
+    c = dataclasses.replace(c, attn_unit=resolve_attn_unit(c.attn_unit, [cfg.kv_heads(i) for i in layers]))
     blocks = Blocks.from_stream(token_stream(run_cfg.text, tok), run_cfg.seq_len, seed=run_cfg.seed)
     align_blocks = None
     if c.align_steps:

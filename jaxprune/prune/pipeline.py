@@ -39,7 +39,7 @@ from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_tra
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import merged_arrays, model_from_arrays
-from .groups import WIDTHS, check_attn_unit, structured_layers
+from .groups import WIDTHS, check_attn_unit, resolve_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
 from .masks import global_structured_masks, structured_sparsity, update_structured_masks
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, check_options
@@ -56,7 +56,7 @@ class StructuredPruneConfig:
     calibration samples for criteria that need them."""
     method: str = "loraprune"
     ratio: float = 0.5
-    attn_unit: str = "kv_group"
+    attn_unit: str = "auto"
     widths: str | None = None
     exclude_layers: str = "default"
     calib_samples: int = 10
@@ -164,10 +164,11 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     init_distributed(mesh)
     placement = placement_for(mesh, train.batch_shape)
     s = setup_lora(model_path, train, mesh_devices=placement.mesh.size)
-    cfg, unit = s.model.config, prune.attn_unit
+    cfg = s.model.config
     placement = placement.with_head_dim(cfg.head_dim)
     widths = prune.resolved_widths()
     layers = structured_layers(cfg.num_layers, prune.exclude_layers, widths)
+    unit = resolve_attn_unit(prune.attn_unit, [cfg.kv_heads(i) for i in layers])
     if criterion.compensate is not None and (train.quantize_base != "none" or not cfg.family.output_biases):
         raise UserError(f"{prune.method} adds output biases to the base: it needs a float base of a family whose "
                         f"HF config holds them (llama), not quantize_base={train.quantize_base!r} / "
@@ -180,7 +181,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     frozen = placement.put(s.frozen)
     describe = describe_sparsity(cfg, layers)
     if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
-        masks = select_with_loraprune(model_path, prune, opts, train, s, layers, placement, run_dir, record,
+        masks = select_with_loraprune(model_path, prune, opts, train, s, layers, unit, placement, run_dir, record,
                                       prev is not None)
         job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
                        head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
@@ -247,7 +248,7 @@ def with_output_biases(model, biases: dict) -> nnx.Module:
 
 
 def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPruneOptions, train: TrainConfig, s,
-                          layers, placement: Placement, run_dir: Path, record: dict, resume: bool):
+                          layers, unit: str, placement: Placement, run_dir: Path, record: dict, resume: bool):
     """LoRAPrune's selection run in RUN_DIR/select (``select_steps``, rank ``select_lora_rank``): its final masks
     (host); its LoRA is discarded."""
     d, again = stage_dir(run_dir, "select", record, resume)
@@ -255,7 +256,7 @@ def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPr
     scfg = dataclasses.replace(train, out=str(d), steps=opts.select_steps, lora_rank=rank, distill=False)
     sel = s if rank == train.lora_rank else setup_lora(model_path, scfg, mesh_devices=placement.mesh.size)
     cfg = sel.model.config
-    hooks = loraprune_hooks(cfg, prune.attn_unit, layers, opts.select_steps, prune.ratio, opts, scfg.lora_scale,
+    hooks = loraprune_hooks(cfg, unit, layers, opts.select_steps, prune.ratio, opts, scfg.lora_scale,
                             placement.put)
     # the selection run trains host copies of s's LoRA (its step donates them), so s.trainable stays fresh
     host = dataclasses.replace(sel, trainable=jax.tree.map(np.array, sel.trainable),
