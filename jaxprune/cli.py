@@ -12,7 +12,7 @@ import os
 import sys
 
 from .commands.finetune import add_finetune_parser
-from .commands.flags import Parser
+from .commands.flags import Parser, error_line
 from .commands.lm_eval import add_lm_eval_parser
 from .commands.loram import add_loram_parser
 from .commands.model_io import add_model_io_parsers
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in plugin_args(argv):
             load_plugin(spec)
     except UserError as e:
-        print(f"jaxprune: error: {e}", file=sys.stderr)
+        print(f"jaxprune: error: {error_line(e)}", file=sys.stderr)
         return 2
     try:
         args = build_parser().parse_args(argv)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.fn(args)
     except UserError as e:
-        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        print(f"jaxprune {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     except Preempted as e:
         print(f"jaxprune {args.command}: {e}", file=sys.stderr)

@@ -43,10 +43,10 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
     """``NAME[:CONFIG][:SPLIT]`` -> (name, config, split); a local file takes ``FILE[:SPLIT]`` (split 'train')."""
     parts = spec.split(":")
     if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
-        raise UserError(f"--dataset {spec!r}: expected NAME[:CONFIG][:SPLIT]")
+        raise UserError("expected NAME[:CONFIG][:SPLIT]", field="dataset", value=spec)
     if Path(parts[0]).is_file():
         if len(parts) > 2:
-            raise UserError(f"--dataset {spec!r}: a local file takes FILE[:SPLIT]")
+            raise UserError("a local file takes FILE[:SPLIT]", field="dataset", value=spec)
         return parts[0], None, parts[1] if len(parts) == 2 else "train"
     return parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "test"
 
@@ -62,7 +62,8 @@ def read_dataset_text(spec: str) -> str:
     try:
         if Path(name).is_file():
             if suffix not in DATASET_BUILDERS:
-                raise UserError(f"--dataset {name}: unknown file type (expected one of {', '.join(DATASET_BUILDERS)})")
+                raise UserError(f"unknown file type (expected one of {', '.join(DATASET_BUILDERS)})",
+                                field="dataset", value=name)
             ds = datasets.load_dataset(DATASET_BUILDERS[suffix], data_files=name, split=split)
         else:
             ds = datasets.load_dataset(name, config, split=split)
@@ -70,14 +71,14 @@ def read_dataset_text(spec: str) -> str:
         raise
     except Exception as e:  # not found, no such split or config, no network: datasets raises many types
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"--dataset {spec}: cannot be loaded: {msg}") from None
+        raise UserError(f"cannot be loaded: {msg}", field="dataset", value=spec) from None
     columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     for column, sep in (("text", "\n\n"), ("sentence", " ")):
         if column in columns:
             return sep.join(ds[column])
     if len(columns) != 1:
-        raise UserError(f"--dataset {spec}: no 'text' or 'sentence' column and {len(columns)} string columns "
-                        f"({', '.join(columns) or 'none'})")
+        raise UserError(f"no 'text' or 'sentence' column and {len(columns)} string columns "
+                        f"({', '.join(columns) or 'none'})", field="dataset", value=spec)
     return "\n\n".join(ds[columns[0]])
 
 

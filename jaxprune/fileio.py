@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, field_ref
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -31,7 +31,7 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+        raise UserError(f"{out_dir}: output already exists (pass {field_ref('overwrite')} to replace it)")
     if not out_dir.parent.exists():
         raise UserError(f"{out_dir.parent}: parent directory does not exist")
 

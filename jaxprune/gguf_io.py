@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, field_ref
 from .families import supporting
 from .model import LlamaForCausalLM
 from .weights import dense_arrays, model_from_arrays
@@ -109,9 +109,9 @@ def export_gguf(model: LlamaForCausalLM, out: Path, *, tokenizer=None, outtype: 
     32-blocks, else f16), norms and biases f32. Returns {arch, bytes, tokenizer}."""
     out = Path(out)
     if outtype not in OUTTYPES:
-        raise UserError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+        raise UserError(f"expected one of {', '.join(OUTTYPES)}", field="outtype", value=outtype)
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: output already exists (pass --overwrite to replace it)")
+        raise UserError(f"{out}: output already exists (pass {field_ref('overwrite')} to replace it)")
     if not out.parent.exists():
         raise UserError(f"{out.parent}: parent directory does not exist")
     cfg = model.config

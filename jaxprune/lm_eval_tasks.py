@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, field_ref
 from .lm_tasks import TASKS_DIR
 
 DEFAULT_HUB = "https://huggingface.co"
@@ -84,7 +84,7 @@ def find_tasks(names: list[str], include_paths: list[str] | None = None):
     for p in include_paths or []:
         path = Path(p)
         if not path.is_dir():
-            raise UserError(f"--include-path {p}: not a directory")
+            raise UserError("not a directory", field="include_paths", value=p)
         folders.append(path.resolve())
     for folder in folders:
         check_task_files(folder)
@@ -112,7 +112,7 @@ def resolve_names(tm, names: list[str]) -> list[str]:
         if any(c in name for c in "*?["):
             matched = tm.match_tasks([name])
             if not matched:
-                raise UserError(f"--tasks {name}: matches no task")
+                raise UserError("matches no task", field="tasks", value=name)
             out += [m for m in matched if m not in out]
         elif name in tm.all_tasks or (name.endswith(".yaml") and Path(name).is_file()):
             out.append(name)
@@ -120,7 +120,7 @@ def resolve_names(tm, names: list[str]) -> list[str]:
             close = difflib.get_close_matches(name, tm.all_tasks, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"unknown task {name!r} (not among lm-eval's tasks, jaxprune's local tasks "
-                            f"or --include-path){hint}")
+                            f"or {field_ref('include_paths')}){hint}")
     return out
 
 

@@ -50,22 +50,22 @@ class ShardingRules:
         for item in axis_rules or []:
             name, _, value = item.partition("=")
             if not _ or name not in rules:
-                raise UserError(f"--axis-rule {item!r}: expected LOGICAL=MESH with LOGICAL one of "
-                                f"{', '.join(rules)}")
-            rules[name] = _mesh_axes(value, f"--axis-rule {item!r}")
+                raise UserError(f"expected LOGICAL=MESH with LOGICAL one of {', '.join(rules)}",
+                                field="axis_rules", value=item)
+            rules[name] = _mesh_axes(value, "axis_rules", item)
         parsed = []
         for item in overrides or []:
             pattern, _, value = item.rpartition("=")
             if not _ or not pattern:
-                raise UserError(f"--shard-rule {item!r}: expected REGEX=AXES (e.g. 'lm_head=replicate')")
+                raise UserError("expected REGEX=AXES (e.g. 'lm_head=replicate')", field="shard_rules", value=item)
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise UserError(f"--shard-rule {item!r}: bad regex ({e})") from None
+                raise UserError(f"bad regex ({e})", field="shard_rules", value=item) from None
             if value.strip() == "replicate":
                 parsed.append((pattern, P()))
             else:
-                dims = [_mesh_axes(v, f"--shard-rule {item!r}") for v in value.split(",")]
+                dims = [_mesh_axes(v, "shard_rules", item) for v in value.split(",")]
                 parsed.append((pattern, P(*map(spec_entry, dims))))
         return cls(rules, tuple(parsed))
 
@@ -75,14 +75,14 @@ def spec_entry(axes: tuple[str, ...]):
     return axes[0] if len(axes) == 1 else (axes or None)
 
 
-def _mesh_axes(value: str, what: str) -> tuple[str, ...]:
+def _mesh_axes(value: str, field: str, item: str) -> tuple[str, ...]:
     value = value.strip()
     if value in ("none", "-", ""):
         return ()
     axes = tuple(a.strip() for a in value.split("+"))
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
-        raise UserError(f"{what}: unknown mesh axis {bad[0]!r} (axes: {', '.join(MESH_AXES)})")
+        raise UserError(f"unknown mesh axis {bad[0]!r} (axes: {', '.join(MESH_AXES)})", field=field, value=item)
     return axes
 
 
@@ -100,28 +100,29 @@ def parse_mesh(spec: str, num_devices: int | None = None) -> dict[str, int]:
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in MESH_AXES:
-            raise UserError(f"--mesh {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+            raise UserError(f"unknown axis {name!r} (axes: {', '.join(MESH_AXES)})", field="mesh", value=spec)
         if name in seen:
-            raise UserError(f"--mesh {spec!r}: axis {name!r} given twice")
+            raise UserError(f"axis {name!r} given twice", field="mesh", value=spec)
         seen.add(name)
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise UserError(f"--mesh {spec!r}: size of {name!r} is not an integer") from None
+            raise UserError(f"size of {name!r} is not an integer", field="mesh", value=spec) from None
         if sizes[name] == 0 or sizes[name] < -1:
-            raise UserError(f"--mesh {spec!r}: size of {name!r} must be positive (or -1 for the rest)")
+            raise UserError(f"size of {name!r} must be positive (or -1 for the rest)", field="mesh", value=spec)
     wild = [k for k, v in sizes.items() if v == -1]
     if len(wild) > 1:
-        raise UserError(f"--mesh {spec!r}: at most one axis may be -1")
+        raise UserError("at most one axis may be -1", field="mesh", value=spec)
     known = math.prod(v for v in sizes.values() if v != -1)
     if wild:
         if n % known:
-            raise UserError(f"--mesh {spec!r}: {n} devices do not divide by {known}")
+            raise UserError(f"{n} devices do not divide by {known}", field="mesh", value=spec)
         sizes[wild[0]] = n // known
     total = math.prod(sizes.values())
     if total > n or (total < n and jax.process_count() > 1):
-        raise UserError(f"--mesh {spec!r} has {total} devices, but {n} are available "
-                        f"({jax.process_count()} process(es) × {jax.local_device_count()} local)")
+        raise UserError(f"has {total} devices, but {n} are available "
+                        f"({jax.process_count()} process(es) × {jax.local_device_count()} local)",
+                        field="mesh", value=spec)
     return sizes
 
 

@@ -43,7 +43,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAU
     try:
         pattern = re.compile(targets)
     except re.error as e:
-        raise UserError(f"--targets {targets!r} is not a valid regex ({e})") from None
+        raise UserError(f"not a valid regex ({e})", field="targets", value=targets) from None
     rngs = nnx.Rngs(seed)
     hit = []
     for path, lin in linears(model):
@@ -52,7 +52,7 @@ def add_lora(model: nnx.Module, *, rank: int, alpha: float, targets: str = DEFAU
             lin.add_lora(rank, alpha, rngs)
             hit.append(name)
     if not hit:
-        raise UserError(f"--targets {targets!r} matches no linear layer")
+        raise UserError("matches no linear layer", field="targets", value=targets)
     return hit
 
 

@@ -36,7 +36,7 @@ def load_plugin(spec: str) -> None:
     try:
         if spec.endswith(".py"):
             if not path.is_file():
-                raise UserError(f"--plugin {spec}: no such file")
+                raise UserError("no such file", field="plugin", value=spec)
             name = f"jaxprune_plugin_{path.stem}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
@@ -47,7 +47,7 @@ def load_plugin(spec: str) -> None:
     except UserError:
         raise
     except Exception as e:  # a plugin's own error: one line naming it
-        raise UserError(f"--plugin {spec}: {type(e).__name__}: {e}") from None
+        raise UserError(f"{type(e).__name__}: {e}", field="plugin", value=spec) from None
     _LOADED.add(key)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from . import load
 from .data import Blocks, token_stream
-from .errors import UserError
+from .errors import UserError, field_ref
 from .fileio import write_json_atomic
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
 from .quantize import dequantize_base, quantize_base
@@ -136,7 +136,7 @@ def lock_run_dir(run_dir: Path) -> None:
     except BlockingIOError:
         os.close(fd)
         raise UserError(f"{run_dir}: another jaxprune run is using this directory (wait for it, or pick "
-                        "another --out)") from None
+                        f"another {field_ref('out')})") from None
     _LOCKS[key] = fd
 
 
@@ -161,7 +161,7 @@ IMPLIED_BEFORE_RECORDED = {"impl": "auto", "sltrain_b_init": "zero", "attn_score
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
     """The checks of ``prepare_run_dir``, writing nothing."""
     if not out:
-        raise UserError("--out RUN_DIR is required")
+        raise UserError("the run directory is required", field="out")
     run_dir = Path(out)
     if resume:
         run_file = run_dir / "run.json"
@@ -172,10 +172,12 @@ def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: boo
         diff = {k: (was(k), v) for k, v in record.items() if was(k) != v}
         if diff:
             k, (old, new) = next(iter(diff.items()))
-            raise UserError(f"--resume with a different {k!r} ({old!r} -> {new!r}); runs must match to resume")
+            raise UserError(f"{field_ref('resume')} with a different {k!r} ({old!r} -> {new!r}); runs must match to "
+                            "resume", field="resume")
         return run_dir, prev
     if run_dir.exists() and not overwrite:
-        raise UserError(f"{run_dir}: run dir already exists (pass --resume to continue or --overwrite)")
+        raise UserError(f"{run_dir}: run dir already exists (pass {field_ref('resume')} to continue or "
+                        f"{field_ref('overwrite')})")
     if not run_dir.parent.exists():
         raise UserError(f"{run_dir.parent}: parent directory does not exist")
     return run_dir, None
@@ -217,7 +219,7 @@ def setup_lora(model_path: str, cfg: TrainConfig, model=None, *, mesh_devices: i
     """Load ``model_path`` (or take ``model``), int8 its base if asked, attach LoRA, read ``cfg.text``;
     ``mesh_devices``: the run's mesh size (``weights.set_linear_impl``)."""
     if not cfg.text:
-        raise UserError("--text FILE is required")
+        raise UserError("a text file is required", field="text")
     model = model if model is not None else load.load_model(model_path, cfg.dtype)
     if cfg.quantize_base == "int8":
         quantize_base(model)

@@ -40,7 +40,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .errors import UserError
+from .errors import UserError, field_ref
 from .layers import logical_axes_of
 from .meshes import ShardingRules, default_mesh_spec, make_mesh, mesh_size, spec_entry
 
@@ -91,11 +91,12 @@ class Placement:
 
     def _check_override(self, path, shape, spec):
         if len(spec) > len(shape):
-            raise UserError(f"--shard-rule gives {len(spec)} axes for {path} of rank {len(shape)}")
+            raise UserError(f"{field_ref('shard_rules')} gives {len(spec)} axes for {path} of rank {len(shape)}",
+                            field="shard_rules")
         for size, axes in zip(shape, spec):
             n = mesh_size(self.mesh, (axes,) if isinstance(axes, str) else tuple(axes or ()))
             if size % n:
-                raise UserError(f"--shard-rule: {path} dimension {size} does not divide by {n}")
+                raise UserError(f"{path} dimension {size} does not divide by {n}", field="shard_rules")
 
     def sharding(self, path: str, shape, axes: tuple | None = None) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(path, tuple(shape), axes))
@@ -210,8 +211,8 @@ def init_distributed(mc: MeshConfig) -> None:
     if not mc.distributed and all(v is None for v in explicit):
         return
     if any(v is None for v in explicit) and not all(v is None for v in explicit):
-        raise UserError("multi-host: give all of --coordinator, --num-processes and --process-id, or none "
-                        "(with --distributed to auto-detect)")
+        raise UserError(f"multi-host: give all of {field_ref('coordinator')}, {field_ref('num_processes')} and "
+                        f"{field_ref('process_id')}, or none (with {field_ref('distributed')} to auto-detect)")
     if jax.distributed.is_initialized():
         return
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or _cpu_only():

@@ -15,7 +15,7 @@ from flax import nnx
 
 from . import kernels
 from .config import ModelConfig
-from .errors import UserError
+from .errors import UserError, field_ref
 from .layers import Linear, Mask
 from .model import LlamaForCausalLM
 from .ops.blocks import block_grid, block_shape_of
@@ -51,8 +51,9 @@ def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool
     variant, interpret = kernels.resolve_impl(impl, backend=backend)
     if variant != "xla" and not interpret and mesh_devices > 1:
         if impl != "auto":
-            raise UserError(f"--impl {impl} on a {mesh_devices}-device mesh: the Pallas kernels are not wrapped in "
-                            "shard_map yet; use --impl xla (or auto), or a one-device mesh")
+            raise UserError(f"{field_ref('impl')} {impl} on a {mesh_devices}-device mesh: the Pallas kernels are not "
+                            f"wrapped in shard_map yet; use {field_ref('impl')} xla (or auto), or a one-device mesh",
+                            field="impl", value=impl)
         variant = "xla"
     chosen = "xla" if variant == "xla" else "pallas"
     for _, lin in linears(model):

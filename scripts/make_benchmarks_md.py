@@ -205,6 +205,14 @@ def render_pruning_seeded(data: dict) -> str:
     ])
 
 
+def render_budget(data: dict) -> str:
+    """bench_pruning.py runs whose method specs override the defaults (issue 31: methods at equal parameters)."""
+    return "\n".join([
+        "Method options override the defaults below: `widths=global|uniform` (allocation), `ratio=r` (chosen so "
+        "that every row removes about the same share of all parameters: see the 'all params removed' column), "
+        "`recover-steps=0` (retraining-free: no LoRA recovery).", "", render_pruning_seeded(data)])
+
+
 def render_pruning(data: dict) -> str:
     if data.get("summary"):
         return render_pruning_seeded(data)
@@ -464,6 +472,13 @@ RENDERERS = {
                                        "rank (one seed; superseded by the 1M-token table)", render_pretrain),
     "loram.json": ("LoRAM: LoRA trained on the pruned model, inference with the full one", render_loram),
     "loram_align12.json": ("LoRAM with 12 alignment steps of the pruned model", render_loram),
+    "budget_free.json": ("The best pruned model for a budget: retraining-free, SmolLM2-135M", render_budget),
+    "budget_free2.json": ("The best pruned model for a budget: retraining-free, global allocation and Minitron",
+                          render_budget),
+    "budget_recovered.json": ("The best pruned model for a budget: after equal LoRA recovery, SmolLM2-135M",
+                              render_budget),
+    "budget_seeds.json": ("The best pruned model for a budget: the headline rows over three seeds", render_budget),
+    "budget_depth.json": ("Depth pruning (ShortGPT, ReplaceMe) at the same budget", render_generic),
 }
 
 

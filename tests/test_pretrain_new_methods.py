@@ -132,7 +132,7 @@ def test_switchlora_pick_positions_and_schedule():
     rates = [8 * q ** (u + 1) / 4 for u in range(100)]  # r / interval(u)
     assert [sch.total(t, 8) for t in range(100)] == [int(np.floor(sum(rates[:t + 1]) + 1e-9)) for t in range(100)]
     assert sum(sch.count(t, 8) for t in range(100)) == sch.total(99, 8) and sch.count(0, 8) == 1
-    with pytest.raises(UserError, match="must be >= 2 x --switch-freeze-steps"):
+    with pytest.raises(UserError, match="must be >= 2 x freeze_steps"):
         SwitchSchedule(steps=10, interval=3, freeze_steps=2)
 
 

@@ -347,13 +347,14 @@ def test_prune_on_a_mesh_equals_one_device(tmp_path, tiny_hf_with_tokenizer, sma
     """LoRAPrune (importance hook in the sharded step, masks set on the host and put back on the mesh)
     and LLM-Pruner (base-weight gradients on the sharded base) choose the same units on a 2×2×2 mesh."""
     model_dir, _ = tiny_hf_with_tokenizer
-    common = ["--text", small_text, "--steps", "6", "--prune-every", "2", "--warmup-frac", "0.2",
+    own = {"loraprune": ["--prune-every", "2", "--warmup-frac", "0.2"], "llm-pruner": []}  # each method's flags
+    common = ["--text", small_text, "--steps", "6",
               "--batch-size", "8", "--seq-len", "32", "--lora-rank", "4", "--val-every", "0", "--save-every", "6",
               "--exclude-layers", "none", "--no-progress", "--json"]
     runs = {}
     for method in ("loraprune", "llm-pruner"):
         for mesh in ("data=1", "data=2,fsdp=2,tensor=2"):
-            runs[method, mesh] = start_cli("prune", model_dir, "--method", method, "--mesh", mesh, *common,
+            runs[method, mesh] = start_cli("prune", model_dir, "--method", method, "--mesh", mesh, *common, *own[method],
                                            "--out", tmp_path / f"{method}-{mesh}")
     done = {k: finish_cli(p, timeout=300) for k, p in runs.items()}
     for k, r in done.items():

@@ -8,13 +8,19 @@ the same ``type``) before anything runs or is written::
 
 ``Parser`` prints argparse's errors as that one line (no usage block) and refuses abbreviated flags
 (``allow_abbrev=False``), so a flag and a recipe key always name the same option.
+
+A ``UserError`` from the library names a config field (``exclude_layers = '99': ...``); :func:`error_line`
+writes it with the flag instead (``--exclude-layers 99: ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
+
+from ..errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,3 +107,35 @@ SEED = int_range(0, 2**32 - 1)
 SEQ_LEN = int_range(2)                           # a window predicts seq_len - 1 tokens
 OPEN_FRACTION = float_range(0.0, 1.0, lo_open=True, hi_open=True)  # (0, 1)
 AT_LEAST_1 = float_range(1.0)
+
+
+#: config fields whose flag is not ``--`` + the field with ``-`` for ``_`` (keyed by the field's last name:
+#: ``MethodConfig.rank`` -> ``rank``)
+FLAG_OF_FIELD = {
+    "rank": "--lora-rank",                  # pretrain.MethodConfig
+    "delta": "--sparse-ratio",
+    "channel_ratio": "--lost-channel-ratio",
+    "refresh_frac": "--mask-refresh-frac",  # pretrain SLoPe
+    "interval": "--switch-interval",        # pretrain SwitchLoRA
+    "descent_ratio": "--switch-descent-ratio",
+    "freeze_steps": "--switch-freeze-steps",
+    "axis_rules": "--axis-rule",            # sharding.MeshConfig (one flag per rule)
+    "shard_rules": "--shard-rule",
+    "include_paths": "--include-path",      # lm-eval
+}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a config field: ``exclude_layers`` -> ``--exclude-layers``."""
+    name = field.rpartition(".")[2]
+    return FLAG_OF_FIELD.get(name, "--" + name.replace("_", "-"))
+
+
+def _as_typed(value) -> str:
+    """A value as it is typed after its flag (quoted only where a shell would need it)."""
+    return shlex.quote(str(value))
+
+
+def error_line(e: UserError) -> str:
+    """A UserError as the command line shows it: its fields named by their flags."""
+    return e.render(flag_of, _as_typed)

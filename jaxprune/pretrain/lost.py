@@ -86,14 +86,14 @@ class LOSTLinear(Linear):
 
 def _build_lost(old: Linear, mc, rngs: nnx.Rngs, dtype) -> LOSTLinear:
     if mc.rank > min(old.in_features, old.out_features):
-        raise UserError(f"lost: --lora-rank {mc.rank} exceeds min(in, out) = "
-                        f"{min(old.in_features, old.out_features)} of a {old.in_features}x{old.out_features} layer")
+        raise UserError(f"exceeds min(in, out) = {min(old.in_features, old.out_features)} of a "
+                        f"{old.in_features}x{old.out_features} layer (lost)", field="MethodConfig.rank", value=mc.rank)
     return LOSTLinear(old, rank=mc.rank, ratio=mc.channel_ratio)
 
 
 def _check_lost(mc) -> None:
     if not 0.0 < mc.channel_ratio <= 1.0:
-        raise UserError(f"MethodConfig.channel_ratio = {mc.channel_ratio}: must be in (0, 1] (--lost-channel-ratio)")
+        raise UserError("must be in (0, 1]", field="MethodConfig.channel_ratio", value=mc.channel_ratio)
 
 
 PRETRAIN.register(PretrainMethod("lost", "W = A@B from the init's top-r SVD + sparse input channels of the rest",

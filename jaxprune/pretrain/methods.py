@@ -64,15 +64,15 @@ class MethodConfig:
         if m.check is not None:
             m.check(self)
         if m.uses_rank and self.rank < 1:
-            raise UserError(f"MethodConfig.rank = {self.rank}: must be >= 1 (--lora-rank)")
+            raise UserError("must be >= 1", field="MethodConfig.rank", value=self.rank)
         if self.sltrain_b_init not in ("zero", "uniform"):
-            raise UserError(f"--sltrain-b-init {self.sltrain_b_init!r}: expected zero or uniform")
+            raise UserError("expected zero or uniform", field="MethodConfig.sltrain_b_init", value=self.sltrain_b_init)
         if self.adapter_rank < 0:
-            raise UserError(f"--adapter-rank {self.adapter_rank}: must be >= 0")
+            raise UserError("must be >= 0", field="MethodConfig.adapter_rank", value=self.adapter_rank)
         try:
             re.compile(self.targets)
         except re.error as e:
-            raise UserError(f"--targets {self.targets!r} is not a valid regex ({e})") from None
+            raise UserError(f"not a valid regex ({e})", field="MethodConfig.targets", value=self.targets) from None
 
 
 def target_paths(cfg: ModelConfig, targets: str):
@@ -88,7 +88,7 @@ def build_model(cfg: ModelConfig, mc: MethodConfig, *, seed: int = 0, dtype=jnp.
     Deterministic in ``seed``: the same seed gives bitwise the same model (and SLTrain support).
     """
     if PRETRAIN.get(mc.method).build_linear is not None and not target_paths(cfg, mc.targets):
-        raise UserError(f"--targets {mc.targets!r} matches no decoder linear")
+        raise UserError("matches no decoder linear", field="MethodConfig.targets", value=mc.targets)
     return _build(cfg, mc, seed, dtype)
 
 

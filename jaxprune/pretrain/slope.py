@@ -187,11 +187,11 @@ class SLoPeSchedule:
 
     def __post_init__(self):
         if self.mask_change_freq < 1:
-            raise UserError(f"--mask-change-freq {self.mask_change_freq}: must be >= 1")
+            raise UserError("must be >= 1", field="mask_change_freq", value=self.mask_change_freq)
         if not 0.0 <= self.refresh_frac <= 1.0:
-            raise UserError(f"--mask-refresh-frac {self.refresh_frac}: must be in [0, 1]")
+            raise UserError("must be in [0, 1]", field="refresh_frac", value=self.refresh_frac)
         if not 0.0 <= self.adapter_frac <= 1.0:
-            raise UserError(f"--adapter-frac {self.adapter_frac}: must be in [0, 1]")
+            raise UserError("must be in [0, 1]", field="adapter_frac", value=self.adapter_frac)
 
     @property
     def adapter_start(self) -> int:

@@ -154,7 +154,7 @@ def _build(sparse: bool):
 
 def _check_sltrain(mc) -> None:
     if not 0.0 < mc.delta < 1.0:
-        raise UserError(f"MethodConfig.delta = {mc.delta}: must be in (0, 1) (--sparse-ratio)")
+        raise UserError("must be in (0, 1)", field="MethodConfig.delta", value=mc.delta)
 
 
 PRETRAIN.register(PretrainMethod("lowrank", "W = s·A@B on the targeted linears (the pure low-rank baseline)",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..layers import Linear, Mask, with_axes
 from ..partition import combine
 from ..train import LoopCallbacks
@@ -80,8 +80,8 @@ class SwitchLoRALinear(Linear):
         w = base.kernel[...]
         d_in, d_out = base.in_features, base.out_features
         if rank >= min(d_in, d_out):
-            raise UserError(f"switchlora: --lora-rank {rank} must be below min(in, out) = {min(d_in, d_out)} "
-                            "(the candidate pools hold min(in, out) vectors)")
+            raise UserError(f"must be below min(in, out) = {min(d_in, d_out)} (switchlora: the candidate pools hold "
+                            "min(in, out) vectors)", field="rank", value=rank)
         super().__init__(d_in, d_out, axes=base.axes, use_bias=base.bias is not None, dtype=w.dtype,
                          bias=None if base.bias is None else base.bias[...], with_kernel=False)
         self.kernel = with_axes(SwitchState, w, self.axes)
@@ -200,14 +200,14 @@ class SwitchSchedule:
 
     def __post_init__(self):
         if self.interval < 1:
-            raise UserError(f"--switch-interval {self.interval}: must be >= 1")
+            raise UserError("must be >= 1", field="interval", value=self.interval)
         if not 0.0 < self.descent_ratio <= 1.0:
-            raise UserError(f"--switch-descent-ratio {self.descent_ratio}: must be in (0, 1]")
+            raise UserError("must be in (0, 1]", field="descent_ratio", value=self.descent_ratio)
         if self.freeze_steps < 0:
-            raise UserError(f"--switch-freeze-steps {self.freeze_steps}: must be >= 0")
+            raise UserError("must be >= 0", field="freeze_steps", value=self.freeze_steps)
         if self.interval < 2 * self.freeze_steps:  # the official RuntimeError: switching outpaces the freeze
-            raise UserError(f"--switch-interval {self.interval} must be >= 2 x --switch-freeze-steps "
-                            f"({self.freeze_steps})")
+            raise UserError(f"{field_ref('interval')} {self.interval} must be >= 2 x {field_ref('freeze_steps')} "
+                            f"({self.freeze_steps})", field="interval", value=self.interval)
 
     def total(self, t: int, rank: int) -> int:
         """Vectors switched per side by the end of step ``t`` (0-based): ``⌊Σ_{u≤t} r · q^{u+1} / interval₀⌋``,

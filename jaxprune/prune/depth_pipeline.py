@@ -117,8 +117,8 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
     cfg.check()
     criterion, opts = cfg.criterion(), cfg.method_options()
     if train.distill:
-        raise UserError("distill: the frozen base of a depth-pruned model is the pruned model itself (no "
-                        "teacher); recover without it, or `jaxprune finetune RUN_DIR/model --distill` later")
+        raise UserError("the frozen base of a depth-pruned model is the pruned model itself (no teacher); recover "
+                        "without it, or `jaxprune finetune RUN_DIR/model --distill` later", field="distill")
     if cfg.recover_steps is not None:
         train = dataclasses.replace(train, steps=cfg.recover_steps)
     init_distributed(mesh)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..weights import linears, merge_lora, path_str
 
 
@@ -28,29 +28,31 @@ def restore_pruned_weights(model: nnx.Module, teacher: nnx.Module, teacher_name:
     ``W_teacher ⊙ M``; otherwise one ``UserError`` line names the first parameter that differs.
     Returns the number of weights restored (the pruned ones)."""
     if model.config != teacher.config:
-        raise UserError(f"--teacher {teacher_name}: another architecture than the pruned model "
-                        "(its config differs)")
+        raise UserError("another architecture than the pruned model (its config differs)", field="teacher",
+                        value=teacher_name)
     if any(lin.has_lora for _, lin in linears(model)):
-        raise UserError("finetune --distill: the pruned model carries LoRA factors; merge them first "
-                        "(`jaxprune finetune ... --merge` writes a merged model)")
+        raise UserError("the pruned model carries LoRA factors; merge them first "
+                        "(`jaxprune finetune ... --merge` writes a merged model)", field="distill")
     if any(lin.has_lora for _, lin in linears(teacher)):  # prune --sparsity merged them before pruning, so must we
         teacher = merge_lora(teacher)
     masked = {p + ("kernel",): lin for p, lin in linears(model) if lin.weight_mask is not None}
     if not masked:
-        raise UserError("finetune --distill: the model has no element masks (--keep-sparsity masks none "
-                        "of its weights), so the frozen base is the teacher already")
+        raise UserError(f"the model has no element masks ({field_ref('keep_sparsity')} masks none of its weights), "
+                        "so the frozen base is the teacher already", field="distill")
     theirs = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(teacher, nnx.Param))}
     restored = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         path, mine = tuple(path), var.get_value()
         if path not in theirs or theirs[path].shape != mine.shape:
-            raise UserError(f"--teacher {teacher_name}: has no parameter {path_str(path)} of shape {mine.shape}")
+            raise UserError(f"has no parameter {path_str(path)} of shape {mine.shape}", field="teacher",
+                            value=teacher_name)
         want = np.asarray(theirs[path]).astype(mine.dtype)
         keep = np.asarray(masked[path].weight_mask[...]) if path in masked else True
         if not np.array_equal(np.asarray(mine), np.where(keep, want, np.zeros((), want.dtype))):
-            raise UserError(f"finetune --distill: {path_str(path)} differs from the teacher's ({teacher_name}) "
+            raise UserError(f"{path_str(path)} differs from the teacher's ({teacher_name}) "
                             "where it is kept: the teacher must be the model this one was pruned from, by a method "
-                            "that keeps the surviving weights (magnitude, wanda; sparsegpt rewrites them)")
+                            "that keeps the surviving weights (magnitude, wanda; sparsegpt rewrites them)",
+                            field="distill")
         if path in masked:
             masked[path].kernel.set_value(jnp.asarray(want))
             restored += int(np.size(keep) - np.count_nonzero(keep))

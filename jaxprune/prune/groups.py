@@ -17,7 +17,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..model import ATTN_LINEARS, MLP_LINEARS
 
 AttnUnit = Literal["kv_group", "q_head"]
@@ -62,8 +62,9 @@ def check_attn_unit(kv_heads: list[int], unit: AttnUnit, ratio: float) -> None:
     """``kv_group`` on a layer with a single KV head (MQA: Gemma 3 270M) could only remove the whole attention
     block, which structured pruning never does: refused, pointing at ``q_head``. ``kv_heads``: per pruned layer."""
     if unit == "kv_group" and ratio > 0 and 1 in kv_heads:
-        raise UserError("--attn-unit kv_group: the model has a single KV head per layer (MQA), so no KV group "
-                        "can be pruned; use --attn-unit q_head (query heads and MLP channels go)")
+        raise UserError("the model has a single KV head per layer (MQA), so no KV group can be pruned; use "
+                        f"{field_ref('attn_unit')} q_head (query heads and MLP channels go)", field="attn_unit",
+                        value=unit)
 
 
 def reduce_mlp(module: str, scores: jnp.ndarray) -> jnp.ndarray:
@@ -109,10 +110,11 @@ def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
     if widths == "layerwise":
         return layers
     if widths != "uniform":
-        raise UserError(f"--widths {widths!r}: expected one of {', '.join(WIDTHS)}")
+        raise UserError(f"expected one of {', '.join(WIDTHS)}", field="widths", value=widths)
     if exclude not in ("default", "none", "") and len(layers) < num_layers:
-        raise UserError(f"--exclude-layers {exclude} keeps layers at full width, which --widths uniform does "
-                        "not allow: drop --widths uniform (layerwise is the default)")
+        raise UserError(f"keeps layers at full width, which {field_ref('widths')} uniform does not allow: drop "
+                        f"{field_ref('widths')} uniform (layerwise is the default)", field="exclude_layers",
+                        value=exclude)
     return list(range(num_layers))
 
 
@@ -127,9 +129,10 @@ def prunable_layers(num_layers: int, exclude: str) -> list[int]:
         try:
             excluded = {int(x) for x in str(exclude).split(",") if x.strip()}
         except ValueError:
-            raise UserError(f"--exclude-layers {exclude!r}: expected comma-separated integers, "
-                            "'none' or 'default'") from None
+            raise UserError("expected comma-separated integers, 'none' or 'default'", field="exclude_layers",
+                            value=exclude) from None
         bad = [i for i in excluded if not 0 <= i < num_layers]
         if bad:
-            raise UserError(f"--exclude-layers: layer {bad[0]} out of range 0..{num_layers - 1}")
+            raise UserError(f"layer {bad[0]} out of range 0..{num_layers - 1}", field="exclude_layers",
+                            value=exclude)
     return [i for i in range(num_layers) if i not in excluded]

@@ -265,7 +265,9 @@ def posttraining_layers(num_layers: int, exclude) -> list[int]:
 
 def calibration_tokens(path, tokenizer, n: int, length: int, seed: int = 0) -> np.ndarray:
     """n windows of ``length`` tokens from the text at ``path`` ([n, length], seeded)."""
-    if n < 1 or length < 2:
-        raise UserError("--calib-samples must be >= 1 and --calib-len >= 2")
+    if n < 1:
+        raise UserError("must be >= 1", field="calib_samples", value=n)
+    if length < 2:
+        raise UserError("must be >= 2", field="calib_len", value=length)
     blocks = Blocks.from_stream(token_stream(path, tokenizer), length, seed=seed)
     return blocks.calibration(n, length, seed=seed)

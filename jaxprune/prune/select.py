@@ -25,7 +25,7 @@ import numpy as np
 
 from typing import NamedTuple
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..ops.nm import nm_keep_mask
 from .registry import register_elementwise
 
@@ -51,13 +51,14 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | Block | None:
     if str(pattern).startswith("block:"):
         m = re.fullmatch(r"block:(\d+)x(\d+)", str(pattern).strip())
         if not m or min(int(m.group(1)), int(m.group(2))) < 1:
-            raise UserError(f"--pattern {pattern!r}: expected block:BKxBN with positive sizes (e.g. block:32x32)")
+            raise UserError("expected block:BKxBN with positive sizes (e.g. block:32x32)", field="pattern",
+                            value=pattern)
         return Block(int(m.group(1)), int(m.group(2)))
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
     if not m or not 0 < int(m.group(1)) < int(m.group(2)):
         hint = " (YAML 1.1 reads an unquoted 2:4 as the number 124: quote it)" if isinstance(pattern, int) else ""
-        raise UserError(f"--pattern {pattern!r}: expected 'unstructured', N:M with 0 < N < M (e.g. 2:4) or "
-                        f"block:BKxBN{hint}")
+        raise UserError(f"expected 'unstructured', N:M with 0 < N < M (e.g. 2:4) or block:BKxBN{hint}",
+                        field="pattern", value=pattern)
     return int(m.group(1)), int(m.group(2))
 
 
@@ -66,13 +67,14 @@ def resolve_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> floa
     if nm is not None and not isinstance(nm, Block):
         implied = 1.0 - nm[0] / nm[1]
         if sparsity is not None and abs(sparsity - implied) > 1e-9:
-            raise UserError(f"--sparsity {sparsity} contradicts --pattern {nm[0]}:{nm[1]} "
-                            f"(which means sparsity {implied:g}); drop --sparsity or make them agree")
+            raise UserError(f"contradicts {field_ref('pattern')} {nm[0]}:{nm[1]} (which means sparsity "
+                            f"{implied:g}); drop {field_ref('sparsity')} or make them agree", field="sparsity",
+                            value=sparsity)
         return implied
     if sparsity is None:
-        raise UserError(f"--sparsity is required for {'block' if nm else 'unstructured'} pruning")
+        raise UserError(f"required for {'block' if nm else 'unstructured'} pruning", field="sparsity")
     if not 0.0 <= sparsity < 1.0:
-        raise UserError(f"--sparsity {sparsity}: must be in [0, 1)")
+        raise UserError("must be in [0, 1)", field="sparsity", value=sparsity)
     return float(sparsity)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..model import DECODER_LINEARS, LlamaForCausalLM
 from ..weights import merged_arrays, model_from_arrays, weight_mask_paths
 from .groups import UNIT_AXIS
@@ -25,7 +25,7 @@ def kept_indices(head_mask: np.ndarray, num_kv_heads: int):
     counts = {int(groups[j].sum()) for j in kv_kept}
     if len(counts) > 1:
         raise UserError(f"cannot shrink: KV groups keep different numbers of query heads {sorted(counts)} "
-                        "(prune with --attn-unit q_head or kv_group)")
+                        f"(prune with {field_ref('attn_unit')} q_head or kv_group)")
     return np.flatnonzero(head_mask), kv_kept
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ..errors import UserError
+from ..errors import UserError, field_ref
 from ..sharding import is_main_process, log
 from .step import TrainState
 
@@ -81,7 +81,7 @@ def restore_latest(run_dir: Path, state: TrainState) -> tuple[TrainState, int]:
                        else "and it was the last one"))
                 _remove_step(ckpts, directory, step)
         raise UserError(f"{directory}: every checkpoint ({', '.join(map(str, steps))}) is damaged; cannot resume "
-                        "(start again with --overwrite)")
+                        f"(start again with {field_ref('overwrite')})")
     finally:
         ckpts.close()
 
