@@ -135,8 +135,9 @@ def test_finetune_flags(tiny_hf_with_tokenizer, small_text, workdir, capsys, dra
 @given(some(*PRUNE_FLAGS, *RUN_FLAGS[2:7]))
 def test_prune_flags(tiny_hf_with_tokenizer, small_text, workdir, capsys, drawn):
     hf_dir, _ = tiny_hf_with_tokenizer
-    check(["prune", hf_dir, "--text", small_text, "--out", "{OUT}", "--no-progress", "--steps", "2",
-           "--seq-len", "16", "--val-blocks", "1", "--prune-every", "1", *flags_of(drawn)], workdir, capsys, must_succeed=not drawn)
+    check(["prune", hf_dir, "--text", small_text, "--out", "{OUT}", "--no-progress", "--steps", "2",  # LoRAPrune's
+           "--seq-len", "16", "--val-blocks", "1", "--method", "loraprune", "--prune-every", "1",  # flags: its run
+           *flags_of(drawn)], workdir, capsys, must_succeed=not drawn)
 
 
 @SETTINGS

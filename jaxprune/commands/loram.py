@@ -18,7 +18,7 @@ def add_loram_parser(sub) -> None:
     p.add_argument("model")
     add_run_args(p, steps=200, frozen_base=True)
     g = p.add_argument_group("pruning (which units the small model keeps)")
-    g.add_argument("--prune-method", choices=STRUCTURED.names(), default="llm-pruner",
+    g.add_argument("--prune-method", choices=STRUCTURED.names(), default=LoRAMConfig.prune_method,
                    help="structured pruning criterion (the paper's LoRAM-Stru uses LLM-Pruner)")
     g.add_argument("--ratio", type=FRACTION_BELOW_1, default=0.5, help="per-layer fraction of units pruned")
     g.add_argument("--attn-unit", choices=ATTN_UNITS, default="auto",

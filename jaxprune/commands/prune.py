@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..prune.depth_pipeline import DepthPruneConfig, prune_depth
 from ..prune.elementwise_pipeline import ElementwisePruneConfig, prune_elementwise
 from ..prune.groups import ATTN_UNITS, WIDTHS
-from ..prune.pipeline import StructuredPruneConfig, prune_structured
+from ..prune.pipeline import DEFAULT_METHOD, StructuredPruneConfig, prune_structured
 from ..prune.registry import DEPTH, ELEMENTWISE, STRUCTURED
 from .common import add_distill_args, add_run_args, cli_dests, mesh_config, run_record, train_config, with_config
 from .flags import FRACTION_BELOW_1, NONNEG_INT, POSITIVE_INT, SEQ_LEN
@@ -37,7 +37,7 @@ def add_prune_parser(sub) -> None:
                                                                                                *ELEMENTWISE, *DEPTH]))
     p.add_argument("model")
     add_run_args(p, steps=200, frozen_base=True)
-    p.add_argument("--method", choices=names, default="loraprune",
+    p.add_argument("--method", choices=names, default=DEFAULT_METHOD,
                    help=f"structured: {', '.join(structured)}; element-wise (--sparsity/--pattern): "
                         f"{', '.join(elementwise)}; depth (whole layers): {', '.join(depth)}")
     p.add_argument("--plugin", action="append", default=None, metavar="FILE_OR_MODULE",

@@ -196,8 +196,10 @@ def replaceme_transform(x: ScoreInputs, removed: list[int]) -> dict[tuple, np.nd
     return out
 
 
+SHORTGPT = "shortgpt"
+
 DEPTH.register(DepthCriterion(
-    "shortgpt", "remove the layers whose output is most like their input (lowest block influence, 1 - cos)",
+    SHORTGPT, "remove the layers whose output is most like their input (lowest block influence, 1 - cos)",
     shortgpt_select, citation="Men et al. 2024, ShortGPT, arXiv 2403.03853; github.com/icip-cas/ShortGPT"))
 DEPTH.register(DepthCriterion(
     "replaceme", "remove the contiguous run of layers of least angular distance, replaced by a least-squares "

@@ -35,6 +35,7 @@ from ..runs import TrainConfig, TrainJob, prepare_run_dir, run_training, setup_l
 from ..sharding import MeshConfig, init_distributed, is_main_process, placement_for
 from ..train import make_optimizer
 from ..weights import merged_arrays, model_from_arrays
+from . import depth
 from .registry import DEPTH, DepthCriterion, ScoreInputs, check_options
 from .shrink import shrink
 
@@ -47,7 +48,7 @@ class DepthPruneConfig:
     """What a depth prune run does: ``ratio`` = the fraction of decoder layers removed (n = round(ratio·L), at
     least 1, at most L − 1); ``recover_steps``: LoRA recovery steps (None: ``TrainConfig.steps``; 0: none);
     ``options``: the method's options dataclass (None: its defaults)."""
-    method: str = "shortgpt"
+    method: str = depth.SHORTGPT
     ratio: float = 0.25
     calib_samples: int = 10
     calib_len: int = 64

@@ -20,6 +20,7 @@ from .. import checkpoint, load
 from ..errors import UserError
 from ..fileio import check_output_dir
 from ..weights import linears, merge_lora
+from . import wanda
 from .posttraining import calibration_tokens, posttraining_layers, prune_model
 from .registry import ELEMENTWISE, check_options
 from .select import parse_pattern, resolve_sparsity
@@ -30,7 +31,7 @@ class ElementwisePruneConfig:
     """``sparsity``: fraction of each decoder linear's weights set to zero (implied by an N:M ``pattern``);
     ``pattern``: 'unstructured' (None), 'N:M' or 'block:BxB'; ``exclude_layers``: comma-separated indices kept
     dense (None: none); ``options``: the method's options dataclass (None: its defaults)."""
-    method: str = "wanda"
+    method: str = wanda.NAME
     sparsity: float | None = None
     pattern: str | None = None
     calib_samples: int = 10

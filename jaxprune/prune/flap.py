@@ -12,9 +12,11 @@ Statistics, from the unpruned model on the calibration sequences, of the input `
     attention: WIFV², z-scored over the layer's H·D channels, then the mean over each unit's channels;
     MLP:       WIFV, z-scored over the layer's m channels
 
-One threshold over every layer and both modules, each unit weighted by its parameters (``--widths global``,
-the paper's AL-AM; ``masks.global_structured_masks``: GQA units cost what they hold, where the official code
-assumes multi-head attention with head_dim 128). Then the bias compensation (``compress``)::
+The paper's allocation is one threshold over every layer and both modules, each unit weighted by its parameters
+(``--widths global``, AL-AM; ``masks.global_structured_masks``: GQA units cost what they hold, where the official
+code assumes multi-head attention with head_dim 128). Measured on SmolLM2-135M (README, "The best pruned model
+for a budget") the global allocation is the worst of the three here, so FLAP's default is ``--widths uniform``
+(every layer pruned alike: a stock transformers model). Then the bias compensation (``compress``)::
 
     b_out = Σ_{j pruned} μ_j · W[j, :]        on o_proj and down_proj
 
@@ -138,8 +140,10 @@ def flap_biases(x: ScoreInputs, masks) -> dict[tuple, np.ndarray]:
     return out
 
 
+NAME = "flap"
+
 STRUCTURED.register(StructuredCriterion(
-    "flap", "fluctuation of each channel's input × ‖W row‖² (WIFV), z-scored per layer, one global threshold, "
+    NAME, "fluctuation of each channel's input × ‖W row‖² (WIFV), z-scored per layer, one global threshold, "
     "bias compensation; retraining-free", flap_scores, ("calibration",),
     citation="An et al. 2024, arXiv 2312.11983 (CASIA-IVA-Lab/FLAP prune_flap, BiasGPT)",
-    normalised=True, default_widths="global", compensate=flap_biases))
+    normalised=True, default_widths="uniform", compensate=flap_biases))

@@ -52,7 +52,10 @@ def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: in
     return step
 
 
-@register_structured("llm-pruner", needs=("calibration", "base_gradients"),
+NAME = "llm-pruner"
+
+
+@register_structured(NAME, needs=("calibration", "base_gradients"),
                      summary="first-order Taylor importance Σ|W ⊙ ∂L/∂W| from base-weight gradients on calibration "
                              "samples",
                      citation="Ma et al. 2023, arXiv 2305.11627 (horseee/LLM-Pruner, taylor, param_first)")

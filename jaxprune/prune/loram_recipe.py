@@ -31,6 +31,7 @@ from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_tra
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import make_optimizer
 from ..weights import merge_lora
+from . import llm_pruner
 from .groups import prunable_layers, resolve_attn_unit
 from .loram import (check_dense, describe_units, host_arrays, partition_align, pruned_model, recover_full_model,
                     units_from_masks)
@@ -43,7 +44,7 @@ from .registry import STRUCTURED
 class LoRAMConfig:
     """``prune_method``: a structured criterion (registry); ``prune_steps``: an iterative criterion's run (None:
     ``TrainConfig.steps``); ``align_steps`` 0: no alignment; ``align_text`` None: ``TrainConfig.text``."""
-    prune_method: str = "llm-pruner"
+    prune_method: str = llm_pruner.NAME  # the paper's LoRAM-Stru
     ratio: float = 0.5
     attn_unit: str = "auto"
     exclude_layers: str = "default"

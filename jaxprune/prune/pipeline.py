@@ -39,12 +39,18 @@ from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_tra
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import merged_arrays, model_from_arrays
+from . import flap
 from .groups import WIDTHS, check_attn_unit, resolve_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
 from .masks import global_structured_masks, structured_sparsity, update_structured_masks
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, check_options
 from .schedule import CubicSchedule
 from .shrink import describe_widths, shrink
+
+
+#: ``prune``'s default recipe: the best stock-loadable one measured (README, "The best pruned model for a budget"):
+#: FLAP, its default ``uniform`` widths, LoRA recovery
+DEFAULT_METHOD = flap.NAME
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class StructuredPruneConfig:
     layerwise); ``recover_steps``: LoRA recovery steps for one-shot criteria and LoRAPrune with
     ``select_steps`` (None: ``TrainConfig.steps``; 0: none, the pruned base as it is); ``calib_*``:
     calibration samples for criteria that need them."""
-    method: str = "loraprune"
+    method: str = DEFAULT_METHOD
     ratio: float = 0.5
     attn_unit: str = "auto"
     widths: str | None = None

@@ -27,5 +27,7 @@ def wanda_mask(w, sq_norms, sparsity: float, nm=None) -> np.ndarray:
     return select_mask(wanda_scores(w, sq_norms), sparsity, nm, per_output=True)
 
 
-register_elementwise("wanda", statistic="sq", summary="|W_ij|·‖X_j‖₂ compared per output (per N:M group)",
+NAME = "wanda"
+
+register_elementwise(NAME, statistic="sq", summary="|W_ij|·‖X_j‖₂ compared per output (per N:M group)",
                      citation="Sun et al. 2023, arXiv 2306.11695 (locuslab/wanda prune_wanda)")(wanda_mask)
