@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..fixtures import PLAYS_TOKENIZER
 from ..pretrain.methods import MethodConfig
 from ..pretrain.pipeline import PretrainConfig, TinyModelConfig, load_tokenizer, run_pretrain
+from ..pretrain import slope, sltrain
 from ..pretrain.registry import PRETRAIN
 from ..pretrain.slope import SLoPeOptions
 from ..pretrain.switchlora import SwitchOptions
@@ -31,7 +32,7 @@ def add_pretrain_parser(sub) -> None:
     # --lora-rank is also LOST's and SwitchLoRA's rank; --lora-alpha is lowrank / sltrain only (LOST's
     # SVD factors have no scale, SwitchLoRA's is the official 1 / r).
     p.set_defaults(lora_rank=32, lora_alpha=8.0, seq_len=128, batch_size=4)
-    p.add_argument("--method", choices=PRETRAIN.names(), default="sltrain",
+    p.add_argument("--method", choices=PRETRAIN.names(), default=sltrain.NAME,
                    help="; ".join(f"{m.name}: {m.summary}" for m in PRETRAIN))
     p.add_argument("--tokenizer", default=None,
                    help="dir with tokenizer.json, or a cached one by name: smollm2 (the default, 49,152 tokens) or "
@@ -45,12 +46,12 @@ def add_pretrain_parser(sub) -> None:
     g.add_argument("--head-dim", type=POSITIVE_INT, default=None, help="default: hidden-size / num-heads")
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="share embed_tokens and lm_head (SmolLM2 does); --no-tie-word-embeddings unties")
-    g = p.add_argument_group("sltrain")
+    g = p.add_argument_group(sltrain.NAME)
     g.add_argument("--sparse-ratio", type=OPEN_FRACTION, default=0.03, help="δ: the support holds ⌊δ·in·out⌋ entries")
     g.add_argument("--sltrain-b-init", choices=("zero", "uniform"), default="zero",
                    help="the up factor B at init: zero (the official code: W starts as S alone) or U(±1/√r) "
                    "(as the low-rank baseline)")
-    g = p.add_argument_group("slope")
+    g = p.add_argument_group(slope.NAME)
     g.add_argument("--adapter-rank", type=NONNEG_INT, default=16, help="lazy adapter rank r (0: none)")
     g.add_argument("--adapter-frac", type=FRACTION, default=0.01, help="fraction of final steps with adapters")
     g.add_argument("--mask-change-freq", type=POSITIVE_INT, default=100, help="steps between mask refreshes")

@@ -285,5 +285,7 @@ def _plan(mc, cfg) -> RunHooks:
     return RunHooks(partial(job_hooks, schedule=schedule), {"adapter_start_step": schedule.adapter_start})
 
 
-PRETRAIN.register(PretrainMethod("slope", "2:4 forward, double-pruned backward, lazy low-rank adapters at the end",
+NAME = "slope"
+
+PRETRAIN.register(PretrainMethod(NAME, "2:4 forward, double-pruned backward, lazy low-rank adapters at the end",
                                  _build_slope, uses_impl=True, plan=_plan))

@@ -159,6 +159,8 @@ def _check_sltrain(mc) -> None:
 
 PRETRAIN.register(PretrainMethod("lowrank", "W = s·A@B on the targeted linears (the pure low-rank baseline)",
                                  _build(False), uses_rank=True))
-PRETRAIN.register(PretrainMethod("sltrain", "W = s·A@B + S, S on a fixed random support of ⌊δ·in·out⌋ entries",
+NAME = "sltrain"
+
+PRETRAIN.register(PretrainMethod(NAME, "W = s·A@B + S, S on a fixed random support of ⌊δ·in·out⌋ entries",
                                  _build(True), uses_rank=True, check=_check_sltrain,
                                  citation="Han et al. 2024, arXiv 2406.02214 (andy-yang-1/SLTrain)"))
