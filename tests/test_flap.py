@@ -135,7 +135,8 @@ def test_flap_cli_equals_the_authors_pruning_and_transformers_reproduces_it(mha_
 
     hf_dir, torch_model = mha_model
     run = tmp_path / "run"
-    proc = run_cli("prune", hf_dir, "--method", "flap", "--ratio", "0.3", "--recover-steps", "0", "--calib-samples",
+    proc = run_cli("prune", hf_dir, "--method", "flap", "--widths", "global", "--ratio", "0.3", "--recover-steps", "0",
+                   "--calib-samples",
                    "6", "--calib-len", "32", "--calib-batch", "4", "--seq-len", "32", "--text", small_text,
                    "--out", run, "--no-progress", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -26,48 +26,12 @@ so that a pruned channel's mean contribution stays. The exported model is a stoc
 
 from __future__ import annotations
 
-from functools import partial
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..errors import UserError
-from ..partition import combine
 from .masks import standardise
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion
-
-TAPPED = (("self_attn", "o_proj", "attn"), ("mlp", "down_proj", "mlp"))
-
-
-class _InputSums:
-    """Wraps a Linear inside a traced forward: records per-sequence Σ_t x and Σ_t x² of its input."""
-
-    def __init__(self, inner, sink: list):
-        self.inner, self.sink = inner, sink
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        self.sink.append((xf.sum(axis=1), (xf * xf).sum(axis=1)))  # [B, in] each
-        return self.inner(x)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _input_sums(graphdef, frozen, trainable, masks, tokens):
-    """tokens [B, S] -> per layer {attn, mlp: (Σ_t x [B, in], Σ_t x² [B, in])} of o_proj / down_proj inputs."""
-    model = combine(graphdef, frozen, trainable, masks)
-    model.remat = False
-    sinks = []
-    for layer in model.layers:
-        sink: list = []
-        for block, name, _ in TAPPED:
-            parent = getattr(layer, block)
-            setattr(parent, name, _InputSums(getattr(parent, name), sink))
-        sinks.append(sink)
-    model.hidden_states(tokens)
-    return [{key: sink[k] for k, (_, _, key) in enumerate(TAPPED)} for sink in sinks]
-
+from .taps import TAPPED, sums_and_squares, unit_input_stats
 
 def running_statistics(s1: np.ndarray, s2: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """BiasGPT's running (mean μ [in], fluctuation F [in]) from per-sequence sums ``s1``, ``s2`` [n, in]."""
@@ -83,21 +47,13 @@ def running_statistics(s1: np.ndarray, s2: np.ndarray, tokens: int) -> tuple[np.
 def flap_statistics(x: ScoreInputs) -> list[dict]:
     """Per layer {attn, mlp: (μ [in], F [in])}, memoised in ``x.cache``."""
     if "flap" not in x.cache:
-        if x.calib is None:
-            raise UserError("flap needs calibration samples")
-        calib = np.asarray(x.calib)
-        chunk = x.calib_batch or len(calib)
-        sums = [_input_sums(x.graphdef, x.frozen, x.trainable, x.masks, jnp.asarray(calib[i:i + chunk]))
-                for i in range(0, len(calib), chunk)]
-        out = []
-        for li in range(x.cfg.num_layers):
-            layer = {}
-            for _, _, key in TAPPED:
-                s1 = np.concatenate([np.asarray(c[li][key][0], np.float64) for c in sums])
-                s2 = np.concatenate([np.asarray(c[li][key][1], np.float64) for c in sums])
-                layer[key] = running_statistics(s1, s2, calib.shape[1])
-            out.append(layer)
-        x.cache["flap"] = out
+        chunks = unit_input_stats(x, sums_and_squares, "flap")
+        tokens = np.asarray(x.calib).shape[1]
+        x.cache["flap"] = [
+            {key: running_statistics(np.concatenate([np.asarray(c[li][key][0], np.float64) for c in chunks]),
+                                     np.concatenate([np.asarray(c[li][key][1], np.float64) for c in chunks]), tokens)
+             for _, _, key in TAPPED}
+            for li in range(x.cfg.num_layers)]
     return x.cache["flap"]
 
 

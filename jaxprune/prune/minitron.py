@@ -36,56 +36,16 @@ pruning and the architecture search over candidates.
 
 from __future__ import annotations
 
-from functools import partial
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ..errors import UserError
-from ..partition import combine
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion
-
-TAPPED = (("self_attn", "o_proj", "attn"), ("mlp", "down_proj", "mlp"))
-
-
-class _MeanAbs:
-    """Wraps a Linear inside a traced forward: records each sequence's mean over tokens of |input| [B, in]."""
-
-    def __init__(self, inner, sink: list):
-        self.inner, self.sink = inner, sink
-
-    def __call__(self, x):
-        self.sink.append(jnp.abs(x.astype(jnp.float32)).mean(axis=1))
-        return self.inner(x)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _mean_abs_inputs(graphdef, frozen, trainable, masks, tokens):
-    """tokens [B, S] -> per layer {attn, mlp: mean_t |x| [B, in]} of the o_proj / down_proj inputs."""
-    model = combine(graphdef, frozen, trainable, masks)
-    model.remat = False
-    sinks = []
-    for layer in model.layers:
-        sink: list = []
-        for block, name, _ in TAPPED:
-            parent = getattr(layer, block)
-            setattr(parent, name, _MeanAbs(getattr(parent, name), sink))
-        sinks.append(sink)
-    model.hidden_states(tokens)
-    return [{key: sink[k] for k, (_, _, key) in enumerate(TAPPED)} for sink in sinks]
-
+from .taps import TAPPED, mean_abs, unit_input_stats
 
 def minitron_activations(x: ScoreInputs) -> list[dict]:
     """Per layer {attn: a [H·D], mlp: a [m]}: ``sqrt(Σ_b (mean_t |x_b,t|)²)`` over the calibration sequences,
     memoised in ``x.cache``."""
     if "minitron" not in x.cache:
-        if x.calib is None:
-            raise UserError("minitron needs calibration samples")
-        calib = np.asarray(x.calib)
-        chunk = x.calib_batch or len(calib)
-        parts = [_mean_abs_inputs(x.graphdef, x.frozen, x.trainable, x.masks, jnp.asarray(calib[i:i + chunk]))
-                 for i in range(0, len(calib), chunk)]
+        parts = unit_input_stats(x, mean_abs, "minitron")
         x.cache["minitron"] = [
             {key: np.sqrt(sum((np.asarray(p[li][key], np.float64) ** 2).sum(axis=0) for p in parts))
              for _, _, key in TAPPED}
