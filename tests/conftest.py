@@ -150,6 +150,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def main_in_process(*args) -> subprocess.CompletedProcess:
+    """`jaxprune ARGS` through ``jaxprune.cli.main`` in this process: (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from jaxprune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
 def start_cli(*args, env=None):
     """Start `python -m jaxprune.cli ...` in the background (Popen, text pipes); see ``finish_cli``."""
     e = dict(os.environ)

@@ -8,31 +8,19 @@ tokenizer; --ratio 0.34 removes round(0.34·6) = 2 layers.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import jax_logits, make_hf_llama
+from conftest import jax_logits, main_in_process, make_hf_llama
 
 LAYERS, SEQ, SAMPLES = 6, 32, 6
 COMMON = ("--seq-len", str(SEQ), "--batch-size", "2", "--calib-len", str(SEQ), "--calib-samples", str(SAMPLES),
           "--calib-batch", "4", "--no-progress", "--json")
 TOKENS = np.random.default_rng(1).integers(0, 49152, (2, 12))
-
-
-def main_in_process(*args) -> subprocess.CompletedProcess:
-    from jaxprune.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

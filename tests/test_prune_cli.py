@@ -9,19 +9,16 @@ Model: 2 layers, 4 query heads over 2 KV heads (groups of 2), head_dim 8, MLP 48
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 
 import numpy as np
 import pytest
 
-import subprocess
 
 from jaxprune.prune.schedule import CubicSchedule
 
-from conftest import finish_cli, jax_logits, start_cli
+from conftest import finish_cli, jax_logits, main_in_process, start_cli
 
 HIDDEN, H, KV, D, M, VOCAB = 32, 4, 2, 8, 48, 49152
 COMMON = ("--seq-len", "32", "--batch-size", "2", "--no-progress", "--json")
@@ -46,16 +43,6 @@ def _params(widths, vocab=VOCAB, h=HIDDEN, d=D) -> int:
     for heads, kv, m in widths:
         n += h * heads * d * 2 + 2 * h * kv * d + 3 * h * m + 2 * h
     return n
-
-
-def main_in_process(*args) -> subprocess.CompletedProcess:
-    """`jaxprune ARGS` through ``jaxprune.cli.main`` in this process: (returncode, stdout, stderr)."""
-    from jaxprune.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
