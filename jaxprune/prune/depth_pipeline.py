@@ -36,7 +36,8 @@ from ..sharding import MeshConfig, init_distributed, is_main_process, placement_
 from ..train import make_optimizer
 from ..weights import merged_arrays, model_from_arrays
 from . import depth
-from .registry import DEPTH, DepthCriterion, ScoreInputs, check_options
+from .pipeline import calibration_batch
+from .registry import DEPTH, DepthCriterion, ScoreInputs, method_options, options_record
 from .shrink import shrink
 
 #: ModelConfig fields with one entry per layer
@@ -60,13 +61,7 @@ class DepthPruneConfig:
         return DEPTH.get(self.method)
 
     def method_options(self):
-        c = self.criterion()
-        opts = self.options if self.options is not None else (c.options() if c.options is not None else None)
-        if c.options is not None and not isinstance(opts, c.options):
-            raise UserError(f"DepthPruneConfig.options: {self.method} takes {c.options.__name__}, "
-                            f"not {type(opts).__name__}")
-        check_options(opts)
-        return opts
+        return method_options(self.criterion(), self.options, "DepthPruneConfig")
 
     def n_remove(self, num_layers: int) -> int:
         """round(ratio · L), half up; a UserError unless 1 <= n <= L − 1."""
@@ -128,10 +123,8 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
     mcfg = s.model.config
     n = cfg.n_remove(mcfg.num_layers)
     placement = placement.with_head_dim(mcfg.head_dim)
-    calib = None
-    if "calibration" in criterion.needs:
-        length = min(cfg.calib_len, s.blocks.train.shape[1])
-        calib = placement.put_batch(s.blocks.calibration(cfg.calib_samples, length, seed=train.seed), 0, strict=False)
+    calib = (calibration_batch(s, placement, cfg.calib_samples, cfg.calib_len, train.seed)
+             if "calibration" in criterion.needs else None)
     inputs = ScoreInputs(mcfg, "kv_group", s.graphdef, placement.put(s.frozen), placement.put(s.trainable),
                          placement.put(s.masks), calib, train.seed, cfg.calib_batch, opts)
     removed = sorted(int(i) for i in criterion.select(inputs, n))
@@ -142,7 +135,7 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
     method_summary, tokenizer = inputs.cache.get("summary", {}), s.tokenizer
     del inputs, s
     if record is None:
-        record = {"kind": "prune", "model": str(model_path), **config_record(cfg), **dataclasses.asdict(train)}
+        record = {"kind": "prune", "model": str(model_path), **options_record(cfg), **dataclasses.asdict(train)}
     run_dir, prev = prepare_run_dir(train.out, record, resume=train.resume,
                                     overwrite=train.overwrite)  # after the checks: bad input leaves no run dir
     trainable = 0
@@ -169,9 +162,3 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
         write_json_atomic(run_dir / "prune.json", summary)
     return summary
 
-
-def config_record(cfg: DepthPruneConfig) -> dict:
-    """``cfg`` as run.json fields (the options flattened in)."""
-    opts = cfg.method_options()
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "options"}
-    return {**fields, **(dataclasses.asdict(opts) if opts is not None else {})}

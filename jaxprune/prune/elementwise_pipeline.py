@@ -22,7 +22,7 @@ from ..fileio import check_output_dir
 from ..weights import linears, merge_lora
 from . import wanda
 from .posttraining import calibration_tokens, posttraining_layers, prune_model
-from .registry import ELEMENTWISE, check_options
+from .registry import ELEMENTWISE, method_options
 from .select import parse_pattern, resolve_sparsity
 
 
@@ -44,10 +44,7 @@ class ElementwisePruneConfig:
     options: Any = None
 
     def method_options(self):
-        m = ELEMENTWISE.get(self.method)
-        opts = self.options if self.options is not None else (m.options() if m.options is not None else None)
-        check_options(opts)
-        return opts
+        return method_options(ELEMENTWISE.get(self.method), self.options, "ElementwisePruneConfig")
 
 
 def prune_elementwise(model_path, cfg: ElementwisePruneConfig, out, *, calib_text=None,

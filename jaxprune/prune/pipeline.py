@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import jax
@@ -43,7 +42,7 @@ from . import flap
 from .groups import WIDTHS, check_attn_unit, resolve_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
 from .masks import global_structured_masks, structured_sparsity, update_structured_masks
-from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, check_options
+from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, method_options, options_record
 from .schedule import CubicSchedule
 from .shrink import describe_widths, shrink
 
@@ -76,13 +75,7 @@ class StructuredPruneConfig:
 
     def method_options(self):
         """``options``, or the criterion's defaults; checked against its declared ranges."""
-        c = self.criterion()
-        opts = self.options if self.options is not None else (c.options() if c.options is not None else None)
-        if c.options is not None and not isinstance(opts, c.options):
-            raise UserError(f"StructuredPruneConfig.options: {self.method} takes {c.options.__name__}, "
-                            f"not {type(opts).__name__}")
-        check_options(opts)
-        return opts
+        return method_options(self.criterion(), self.options, "StructuredPruneConfig")
 
     def resolved_widths(self) -> str:
         return self.widths or self.criterion().default_widths or "layerwise"
@@ -127,6 +120,19 @@ def loraprune_job(s, hooks: LoRAPruneHooks, run_cfg: TrainConfig, describe=None,
                     callbacks=lambda _f, _p: LoopCallbacks(after_step=hooks.after_step, describe=describe))
 
 
+def calibration_batch(s, placement: Placement, samples: int, length: int, seed: int):
+    """``samples`` calibration sequences [samples, L] from ``s.blocks`` (``runs.LoraSetup``), L = ``length`` capped
+    at the training window (a short --seq-len shortens the samples too), on the mesh's batch axes."""
+    length = min(length, s.blocks.train.shape[1])
+    return placement.put_batch(s.blocks.calibration(samples, length, seed=seed), 0, strict=False)
+
+
+def recovery_job(s, frozen, masks, train: TrainConfig, describe) -> TrainJob:
+    """LoRA recovery of ``s`` (``runs.LoraSetup``) with fixed ``masks``: a fresh optimizer, no pruning hooks."""
+    return TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
+                    head_dim=s.model.config.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
+
+
 def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, layers: Sequence[int],
                    placement: Placement, *, calib_samples: int, calib_len: int, calib_batch: int | None, seed: int,
                    options=None, frozen=None, widths: str = "layerwise"):
@@ -138,8 +144,7 @@ def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, l
     placement = placement.with_head_dim(cfg.head_dim)
     calib = None
     if "calibration" in criterion.needs:
-        length = min(calib_len, s.blocks.train.shape[1])  # a short --seq-len shortens the samples too
-        calib = placement.put_batch(s.blocks.calibration(calib_samples, length, seed=seed), 0, strict=False)
+        calib = calibration_batch(s, placement, calib_samples, calib_len, seed)
     frozen = placement.put(s.frozen) if frozen is None else frozen
     inputs = ScoreInputs(cfg, unit, s.graphdef, frozen, placement.put(s.trainable),
                          placement.put(s.masks), calib, seed, calib_batch, options)
@@ -181,7 +186,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
                         f"model_type {cfg.model_type!r}")
     check_attn_unit([cfg.kv_heads(i) for i in layers], unit, prune.ratio)
     if record is None:
-        record = {"kind": "prune", "model": str(model_path), **config_record(prune), **dataclasses.asdict(train)}
+        record = {"kind": "prune", "model": str(model_path), **options_record(prune), **dataclasses.asdict(train)}
     run_dir, prev = prepare_run_dir(train.out, record, resume=train.resume,
                                     overwrite=train.overwrite)  # after the checks above: bad input leaves no run dir
     frozen = placement.put(s.frozen)
@@ -189,8 +194,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
         masks = select_with_loraprune(model_path, prune, opts, train, s, layers, unit, placement, run_dir, record,
                                       prev is not None)
-        job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
-                       head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
+        job = recovery_job(s, frozen, masks, train, describe)
     elif criterion.iterative:
         hooks = loraprune_hooks(cfg, unit, layers, train.steps, prune.ratio, opts, train.lora_scale, placement.put)
         job = loraprune_job(s, hooks, train, describe, frozen=frozen)
@@ -204,15 +208,14 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
             del inputs, frozen
             s = setup_lora(model_path, train, model=biased, mesh_devices=placement.mesh.size)
             frozen = placement.put(s.frozen)
-        job = TrainJob(s.graphdef, frozen, s.trainable, masks, s.blocks, make_optimizer(train.optim()),
-                       head_dim=cfg.head_dim, callbacks=lambda _f, _p: LoopCallbacks(describe=describe))
+        job = recovery_job(s, frozen, masks, train, describe)
     if train.steps == 0:  # no recovery: the pruned base as it is (LoRA's B = 0 adds nothing)
         model = combine(job.graphdef, *jax.tree.map(jnp.asarray, to_host((job.frozen, job.trainable, job.masks))))
         dequantize_base(model)
-        state = SimpleNamespace(masks=job.masks, trainable={})
+        final_masks, trained = job.masks, 0
     else:
         result = run_training(job, train, placement, run_dir, resume=prev is not None)
-        model, state = result.model, result.state
+        model, final_masks, trained = result.model, result.state.masks, tree_size(result.state.trainable)
     small = shrink(model)
     if is_main_process():
         checkpoint.save_model(small, run_dir / "model", tokenizer=s.tokenizer, overwrite=True,
@@ -220,11 +223,11 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     before, after = cfg.num_params(), small.config.num_params()
     summary = {
         "method": prune.method, "ratio": prune.ratio, "attn_unit": unit, "impl": s.impl,
-        "widths_mode": widths, "prunable_layers": layers, "recover_steps": train.steps if not criterion.iterative or split
-        else None,
+        "widths_mode": widths, "prunable_layers": layers,
+        "recover_steps": train.steps if not criterion.iterative or split else None,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
-        **structured_sparsity(to_host(state.masks), cfg, layers),
-        "trainable_params": tree_size(state.trainable),
+        **structured_sparsity(to_host(final_masks), cfg, layers),
+        "trainable_params": trained,
         "widths": describe_widths(small), "run_dir": str(run_dir), "model_dir": str(run_dir / "model"),
         "distill": {"alpha": train.distill_alpha, "temperature": train.distill_temp} if train.distill else None,
         "select_steps": opts.select_steps if split else None,
@@ -270,9 +273,3 @@ def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPr
     job = loraprune_job(host, hooks, scfg, describe_sparsity(cfg, layers), frozen=placement.put(sel.frozen))
     return to_host(run_training(job, scfg, placement, d, resume=again).state.masks)
 
-
-def config_record(prune: StructuredPruneConfig) -> dict:
-    """``prune`` as run.json fields (the options flattened in)."""
-    opts = prune.method_options()
-    fields = {k: v for k, v in dataclasses.asdict(prune).items() if k != "options"}
-    return {**fields, **(dataclasses.asdict(opts) if opts is not None else {})}

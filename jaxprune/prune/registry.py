@@ -63,6 +63,27 @@ def check_options(options) -> None:
             raise UserError(f"{where} = {v!r}: out of range")
 
 
+def method_options(entry, options, where: str):
+    """``options``, or ``entry``'s defaults (``entry.options()``; None when it has none), checked against their
+    declared ranges; ``where`` names the config in the error for options of another method's type."""
+    if entry.options is None:
+        check_options(options)
+        return options
+    opts = entry.options() if options is None else options
+    if not isinstance(opts, entry.options):
+        raise UserError(f"{where}.options: {entry.name} takes {entry.options.__name__}, not {type(opts).__name__}")
+    check_options(opts)
+    return opts
+
+
+def options_record(config) -> dict:
+    """A method config (a dataclass with ``options`` and ``method_options()``) as run.json fields: its fields with
+    the options flattened in (so a recorded run compares field by field on ``resume``)."""
+    opts = config.method_options()
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "options"}
+    return {**fields, **(dataclasses.asdict(opts) if opts is not None else {})}
+
+
 @dataclass(frozen=True)
 class ScoreInputs:
     """What a one-shot structured criterion may read. ``frozen`` / ``trainable`` / ``masks``: the model's
@@ -138,7 +159,8 @@ ELEMENTWISE: Registry[ElementwiseMethod] = Registry("element-wise pruning method
 
 def register_structured(name: str, *, summary: str, needs: tuple[str, ...] = (), options: type | None = None,
                         citation: str = ""):
-    """Decorator: register ``fn(ScoreInputs) -> importance.UnitScores`` as the one-shot structured criterion ``name``."""
+    """Decorator: register ``fn(ScoreInputs) -> importance.UnitScores`` as the one-shot structured criterion
+    ``name``."""
     def wrap(fn):
         STRUCTURED.register(StructuredCriterion(name, summary, fn, tuple(needs), options, citation))
         return fn
