@@ -50,10 +50,12 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--attn-unit", choices=ATTN_UNITS, default="auto",
                    help="a whole KV group, or query heads (same count per group); auto: kv_group unless a layer "
                         "has a single KV head (MQA), then q_head")
+    own = ", ".join(f"{m.name}: {m.default_widths}" for m in STRUCTURED if m.default_widths)
     g.add_argument("--widths", choices=WIDTHS, default=None,
-                   help="'layerwise' (default; flap: global) prunes --ratio of the units of each layer not in "
-                        "--exclude-layers (the papers' protocol; 5x lower perplexity than uniform at ratio 0.5 on "
-                        "SmolLM2); `export` writes it as --format gguf (llama.cpp runs it), --format vllm or --pad. "
+                   help=f"default: the method's own ({own}; the others: layerwise). 'layerwise' "
+                        "prunes --ratio of the units of each layer not in --exclude-layers (the papers' protocol; "
+                        "for LoRAPrune 5x lower perplexity than uniform at ratio 0.5 on SmolLM2); `export` writes it "
+                        "as --format gguf (llama.cpp runs it), --format vllm or --pad. "
                         "'uniform' prunes every layer to the same widths, so `export` writes a stock transformers "
                         "model. 'global' (one-shot criteria): scores z-scored per layer and module, one threshold "
                         "removes --ratio of the decoder linears' parameters, widths follow (FLAP's AL-AM)")
