@@ -58,7 +58,9 @@ def add_prune_parser(sub) -> None:
                         "as --format gguf (llama.cpp runs it), --format vllm or --pad. "
                         "'uniform' prunes every layer to the same widths, so `export` writes a stock transformers "
                         "model. 'global' (one-shot criteria): scores z-scored per layer and module, one threshold "
-                        "removes --ratio of the decoder linears' parameters, widths follow (FLAP's AL-AM)")
+                        "removes --ratio of the decoder linears' parameters, widths follow (FLAP's AL-AM). "
+                        "'incremental' (one-shot criteria): every layer, at ratios rising as ln(1 + depth) with mean "
+                        "--ratio (SlimGPT's Incremental Pruning Ratio)")
     g.add_argument("--exclude-layers", default="default",
                    help="comma-separated layer indices never pruned, 'none', or 'default' (structured with "
                         "--widths layerwise: layers < int(0.1·L) and the last one; element-wise: none)")

@@ -10,11 +10,11 @@ Structured, shared pieces:
 Methods, one module each with its formula, citation and registration:
 * ``loraprune``: LoRA-guided importance, its EMA as an ``(init, update)`` pair, the scheduled mask update
 * ``llm_pruner``: Taylor importance from base-weight gradients; ``flap``: fluctuation-based, bias compensation;
-  ``minitron``: activation magnitude; ``depth`` (whole layers: ShortGPT, ReplaceMe; ``depth_pipeline``)
+  ``minitron``: activation magnitude; ``slimgpt``: layer-wise structured OBS; ``depth`` (whole layers: ShortGPT, ReplaceMe; ``depth_pipeline``)
 * ``select`` (element masks, N:M; magnitude), ``wanda``, ``sparsegpt``; ``posttraining``: the sequential pipeline
 
 Importing ``jaxprune.prune`` registers every built-in method.
 """
 
 # noqa below: imported so that they register
-from . import depth, flap, importance, llm_pruner, loraprune, minitron, select, sparsegpt, wanda  # noqa: F401
+from . import depth, flap, importance, llm_pruner, loraprune, minitron, select, slimgpt, sparsegpt, wanda  # noqa: F401

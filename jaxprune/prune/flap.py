@@ -80,7 +80,7 @@ def flap_scores(x: ScoreInputs):
 
 
 def flap_biases(x: ScoreInputs, masks) -> dict[tuple, np.ndarray]:
-    """{(layer, block, name): b [hidden]}: ``Σ_{j pruned} μ_j · W[j, :]`` on o_proj / down_proj (``compress``)."""
+    """{(layer, block, name, 'bias'): b [hidden]}: ``Σ_{j pruned} μ_j · W[j, :]`` on o_proj / down_proj (``compress``)."""
     cfg, stats, frozen = x.cfg, flap_statistics(x), x.frozen_arrays()
     d = nnx.to_pure_dict(masks)
     out = {}
@@ -92,7 +92,7 @@ def flap_biases(x: ScoreInputs, masks) -> dict[tuple, np.ndarray]:
         for block, name, key in TAPPED:
             w = np.asarray(frozen["layers"][i][block][name]["kernel"], np.float64)
             mean = stats[i][key][0]
-            out[(i, block, name)] = (mean * pruned[key]) @ w if w.size else np.zeros(cfg.hidden_size)
+            out[(i, block, name, "bias")] = (mean * pruned[key]) @ w if w.size else np.zeros(cfg.hidden_size)
     return out
 
 
@@ -102,4 +102,4 @@ STRUCTURED.register(StructuredCriterion(
     NAME, "fluctuation of each channel's input × ‖W row‖² (WIFV), z-scored per layer, one global threshold, "
     "bias compensation; retraining-free", flap_scores, ("calibration",),
     citation="An et al. 2024, arXiv 2312.11983 (CASIA-IVA-Lab/FLAP prune_flap, BiasGPT)",
-    normalised=True, default_widths="uniform", compensate=flap_biases))
+    normalised=True, default_widths="uniform", compensate=flap_biases, compensates=("bias",)))

@@ -95,7 +95,7 @@ def excluded_layers_default(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(int(0.1 * num_layers))) | {num_layers - 1}))
 
 
-WIDTHS = ("layerwise", "uniform", "global")
+WIDTHS = ("layerwise", "uniform", "global", "incremental")
 
 
 def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
@@ -103,8 +103,9 @@ def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
     counts (a stock-config model); excluding layers then is an error. ``'layerwise'`` follows
     ``--exclude-layers`` (LoRAPrune / LLM-Pruner: the first layers and the last one keep full width).
     ``'global'`` ranks the units of every layer not listed in ``exclude`` ('default': none) against each
-    other (``masks.global_structured_masks``), so the widths follow the scores."""
-    if widths == "global":
+    other (``masks.global_structured_masks``), so the widths follow the scores; ``'incremental'`` prunes those
+    layers at ratios rising with depth (``masks.incremental_ratios``, SlimGPT)."""
+    if widths in ("global", "incremental"):
         return prunable_layers(num_layers, "none" if exclude == "default" else exclude)
     layers = prunable_layers(num_layers, exclude)  # validates the indices either way
     if widths == "layerwise":

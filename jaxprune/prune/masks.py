@@ -61,6 +61,26 @@ def update_structured_masks(masks: nnx.State, scores, ratio: float, cfg: ModelCo
     return new
 
 
+def incremental_ratios(ratio: float, n: int, top: float = 1.25) -> np.ndarray:
+    """SlimGPT's Incremental Pruning Ratio (arXiv 2412.18110; their ``log_increase``): per-layer ratios [n] for the
+    k-th of n pruned layers ``r_k = r_0 + (r_max − r_0)·ln(1 + k)/ln(n)`` with ``r_max = top·ratio`` (capped at
+    0.95) and ``r_0`` set so that the mean is ``ratio`` (their LLaMA-7B 20% run: 0.0625 … 0.25, i.e. top 1.25)."""
+    if n <= 1:
+        return np.full(n, ratio)
+    shape = np.log1p(np.arange(n)) / np.log(n)
+    c = shape.mean()
+    r_max = min(top * ratio, 0.95)
+    r_0 = (ratio - r_max * c) / (1 - c)
+    return np.clip(r_0 + (r_max - r_0) * shape, 0.0, 0.95)
+
+
+def layer_ratios(widths: str, ratio: float, layers: Sequence[int]) -> dict[int, float]:
+    """{layer: fraction of its units removed}: ``ratio`` everywhere, or rising with depth for ``incremental``."""
+    if widths == "incremental":
+        return dict(zip(layers, (float(r) for r in incremental_ratios(ratio, len(layers)))))
+    return {i: ratio for i in layers}
+
+
 def structured_sparsity(masks: nnx.State, cfg: ModelConfig, layers: Sequence[int] | None = None) -> dict:
     """Fractions of query heads and MLP channels pruned (over ``layers``, default all)."""
     d = nnx.to_pure_dict(masks)

@@ -41,7 +41,7 @@ from ..weights import merged_arrays, model_from_arrays
 from . import flap
 from .groups import WIDTHS, check_attn_unit, resolve_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
-from .masks import global_structured_masks, structured_sparsity, update_structured_masks
+from .masks import global_structured_masks, layer_ratios, structured_sparsity, update_structured_masks
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, method_options, options_record
 from .schedule import CubicSchedule
 from .shrink import describe_widths, shrink
@@ -86,9 +86,12 @@ class StructuredPruneConfig:
         widths = self.resolved_widths()
         if widths not in WIDTHS:
             raise UserError(f"StructuredPruneConfig.widths = {widths!r}: expected one of {', '.join(WIDTHS)}")
-        if widths == "global" and self.criterion().iterative:
-            raise UserError(f"StructuredPruneConfig.widths = 'global': {self.method} prunes during training on a "
-                            "per-layer schedule; global allocation is for one-shot criteria")
+        if widths in ("global", "incremental") and self.criterion().iterative:
+            raise UserError(f"StructuredPruneConfig.widths = {widths!r}: {self.method} prunes during training on a "
+                            "per-layer schedule; this allocation is for one-shot criteria")
+        if widths == "global" and self.criterion().select is not None:
+            raise UserError(f"StructuredPruneConfig.widths = 'global': {self.method} chooses its units layer by "
+                            "layer (use uniform, layerwise or incremental)")
         if self.recover_steps is not None and self.recover_steps < 0:
             raise UserError(f"StructuredPruneConfig.recover_steps = {self.recover_steps}: must be >= 0")
         self.method_options()
@@ -139,7 +142,8 @@ def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, l
     """(host masks, the ``ScoreInputs`` scored) of ``s`` (``runs.LoraSetup``-like: graphdef, frozen, trainable,
     masks, blocks, model), scored once by ``criterion``: the lowest-scored ``ratio`` of units of each layer in
     ``layers`` masked, or with ``widths='global'`` one threshold over all of them
-    (``masks.global_structured_masks``). ``frozen``: ``s.frozen`` already on the mesh (else placed here)."""
+    (``masks.global_structured_masks``), or at ratios rising with depth (``incremental``); a criterion with its own
+    ``select`` (SlimGPT) picks them itself. ``frozen``: ``s.frozen`` already on the mesh (else placed here)."""
     cfg = s.model.config
     placement = placement.with_head_dim(cfg.head_dim)
     calib = None
@@ -148,11 +152,17 @@ def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, l
     frozen = placement.put(s.frozen) if frozen is None else frozen
     inputs = ScoreInputs(cfg, unit, s.graphdef, frozen, placement.put(s.trainable),
                          placement.put(s.masks), calib, seed, calib_batch, options)
+    ratios = layer_ratios(widths, ratio, layers)
+    if criterion.select is not None:
+        return criterion.select(inputs, ratios), inputs
     scores = to_host(criterion.score(inputs))
     if widths == "global":
         return global_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers,
                                        normalised=criterion.normalised), inputs
-    return update_structured_masks(to_host(s.masks), scores, ratio, cfg, unit, layers), inputs
+    masks = to_host(s.masks)
+    for r in sorted(set(ratios.values())):
+        masks = update_structured_masks(masks, scores, r, cfg, unit, [i for i in layers if ratios[i] == r])
+    return masks, inputs
 
 
 def describe_sparsity(cfg, layers):
@@ -180,10 +190,12 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     widths = prune.resolved_widths()
     layers = structured_layers(cfg.num_layers, prune.exclude_layers, widths)
     unit = resolve_attn_unit(prune.attn_unit, [cfg.kv_heads(i) for i in layers])
-    if criterion.compensate is not None and (train.quantize_base != "none" or not cfg.family.output_biases):
-        raise UserError(f"{prune.method} adds output biases to the base: it needs a float base of a family whose "
-                        f"HF config holds them (llama), not quantize_base={train.quantize_base!r} / "
-                        f"model_type {cfg.model_type!r}")
+    if criterion.compensates and train.quantize_base != "none":
+        raise UserError(f"{prune.method} updates the base weights ({', '.join(criterion.compensates)}): it needs a "
+                        "float base", field="quantize_base", value=train.quantize_base)
+    if "bias" in criterion.compensates and not cfg.family.output_biases:
+        raise UserError(f"{prune.method} adds output biases to the base: it needs a family whose HF config holds "
+                        f"them (llama), not model_type {cfg.model_type!r}", field="method", value=prune.method)
     check_attn_unit([cfg.kv_heads(i) for i in layers], unit, prune.ratio)
     if record is None:
         record = {"kind": "prune", "model": str(model_path), **options_record(prune), **dataclasses.asdict(train)}
@@ -203,10 +215,10 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
                                        calib_samples=prune.calib_samples, calib_len=prune.calib_len,
                                        calib_batch=prune.calib_batch, seed=train.seed, options=opts, frozen=frozen,
                                        widths=widths)
-        if criterion.compensate is not None:  # new output biases: the base changes shape, so LoRA goes on anew
-            biased = with_output_biases(s.model, criterion.compensate(inputs, masks))
+        if criterion.compensate is not None:  # a new base (new output biases: a new shape), so LoRA goes on anew
+            updated = with_weight_updates(s.model, criterion.compensate(inputs, masks))
             del inputs, frozen
-            s = setup_lora(model_path, train, model=biased, mesh_devices=placement.mesh.size)
+            s = setup_lora(model_path, train, model=updated, mesh_devices=placement.mesh.size)
             frozen = placement.put(s.frozen)
         job = recovery_job(s, frozen, masks, train, describe)
     if train.steps == 0:  # no recovery: the pruned base as it is (LoRA's B = 0 adds nothing)
@@ -239,21 +251,23 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     return summary
 
 
-def with_output_biases(model, biases: dict) -> nnx.Module:
-    """``model`` (its LoRA merged; B = 0 before training) with ``biases`` {(layer, block, linear): [hidden]} added to
-    those linears' outputs; its config gains LLaMA's ``attention_bias`` / ``mlp_bias`` (the other biases zero)."""
+def with_weight_updates(model, updates: dict) -> nnx.Module:
+    """``model`` (its LoRA merged; B = 0 before training) with ``updates`` {(layer, block, linear, param): delta}
+    added, ``param`` 'kernel' [in, out] or 'bias' [out]; with any bias its config gains LLaMA's
+    ``attention_bias`` / ``mlp_bias`` (the other biases zero)."""
     cfg = model.config
     arrays = merged_arrays(model)
-    new_cfg = dataclasses.replace(cfg, attention_bias=True, attention_out_bias=None, mlp_bias=True)
-    for i in range(cfg.num_layers):
-        for block, name in DECODER_LINEARS:
-            path = ("layers", i, block, name, "bias")
-            if path not in arrays:
-                arrays[path] = np.zeros(arrays[path[:-1] + ("kernel",)].shape[1], np.float32)
-    for (i, block, name), b in biases.items():
-        path = ("layers", i, block, name, "bias")
-        arrays[path] = np.asarray(arrays[path], np.float64) + np.asarray(b, np.float64)
-    return model_from_arrays(new_cfg, arrays, dtype=model.dtype, source="bias compensation")
+    if any(key[3] == "bias" for key in updates):
+        cfg = dataclasses.replace(cfg, attention_bias=True, attention_out_bias=None, mlp_bias=True)
+        for i in range(cfg.num_layers):
+            for block, name in DECODER_LINEARS:
+                path = ("layers", i, block, name, "bias")
+                if path not in arrays:
+                    arrays[path] = np.zeros(arrays[path[:-1] + ("kernel",)].shape[1], np.float32)
+    for (i, block, name, param), delta in updates.items():
+        path = ("layers", i, block, name, param)
+        arrays[path] = np.asarray(arrays[path], np.float64) + np.asarray(delta, np.float64)
+    return model_from_arrays(cfg, arrays, dtype=model.dtype, source="pruning compensation")
 
 
 def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPruneOptions, train: TrainConfig, s,

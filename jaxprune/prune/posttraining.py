@@ -87,6 +87,34 @@ def _forward(graphdef, state, h, cos, sin):
     return nnx.merge(graphdef, state)(h, cos, sin)[0]
 
 
+def rope_tables(model):
+    """``rope_of(layer)(B, S) -> (cos, sin)``: each layer's rotary tables for positions 0..S−1 (Gemma's sliding
+    layers have their own), computed once per shape."""
+    tables = {}
+
+    def rope_of(li):
+        def rope(b, s):
+            if (b, s) not in tables:
+                pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+                tables[(b, s)] = jax.jit(lambda p: layer_rope_tables(model.config, p, s))(pos)
+            return tables[(b, s)][rope_kind(model.config, li)]
+        return rope
+    return rope_of
+
+
+def capture_input_stats(layer, chunks, rope, key: str, kind: str) -> np.ndarray:
+    """The ``kind`` statistic (:func:`_stat`) of the input of ``TAPS[key]`` in ``layer`` over hidden-state
+    ``chunks`` [B, S, hidden] each, summed in float64 (``"xtx"``: [in, in])."""
+    graphdef, state = nnx.split(layer)
+    return sum(np.asarray(_capture(graphdef, state, h, *rope(*h.shape[:2]), kind)[key], np.float64) for h in chunks)
+
+
+def forward_layer(layer, chunks, rope) -> list:
+    """``layer`` applied to each hidden-state chunk [B, S, hidden] (jitted): the next layer's inputs."""
+    graphdef, state = nnx.split(layer)
+    return [_forward(graphdef, state, h, *rope(*h.shape[:2])) for h in chunks]
+
+
 def _compiled_bytes(fn, *args, **kwargs) -> int:
     """Peak memory XLA reports for ``fn(*args)`` compiled (arguments + outputs + temporaries)."""
     try:
@@ -191,15 +219,7 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
             raise UserError("calibration data is empty")
         chunks = [model.embed(jnp.asarray(calib[i:i + batch_size])) for i in range(0, len(calib), batch_size)]
         n_tokens = calib.size
-        tables = {}
-
-        def rope_of(li):
-            def rope(b, s):  # layer li's (cos, sin): Gemma's sliding layers have their own
-                if (b, s) not in tables:
-                    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
-                    tables[(b, s)] = jax.jit(lambda p: layer_rope_tables(model.config, p, s))(pos)
-                return tables[(b, s)][rope_kind(model.config, li)]
-            return rope
+        rope_of = rope_tables(model)
     first = min(prune_set, default=-1)  # the compiled passes' memory is measured on the first pruned layer
     for li, layer in enumerate(tqdm(model.layers, desc=f"prune {method}", unit="layer", disable=not progress)):
         measure = measure_memory and li == first
@@ -221,7 +241,7 @@ def prune_model(model, calib: np.ndarray | None, *, method: str, sparsity: float
             graphdef, state = nnx.split(layer)
             if measure:
                 peak = max(peak, _compiled_bytes(_forward, graphdef, state, chunks[0], *rope(*chunks[0].shape[:2])))
-            chunks = [_forward(graphdef, state, h, *rope(*h.shape[:2])) for h in chunks]
+            chunks = forward_layer(layer, chunks, rope)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     report["seconds"] = time.perf_counter() - t0
     if measure_memory:

@@ -112,8 +112,10 @@ class StructuredCriterion:
     the LoRA training step; ``prune/pipeline.py`` runs it); ``options`` is its options dataclass.
     ``normalised``: its scores are comparable across layers already (``--widths global`` does not z-score
     them); ``default_widths``: the allocation it is published with (None: ``layerwise``);
-    ``compensate(inputs, masks) -> {(layer, block, linear): bias [hidden]}``: output biases added to the
-    base once the units are chosen (FLAP)."""
+    ``compensate(inputs, masks) -> {(layer, block, linear, param): delta}``: what is added to the base once the
+    units are chosen, ``param`` in ``compensates``: ``"bias"`` (output biases the config gains: FLAP) or
+    ``"kernel"`` (SlimGPT's OBS update); ``select(inputs, {layer: ratio}) -> masks``: a criterion that chooses
+    its units itself, layer by layer (SlimGPT), instead of ``score`` + lowest-first selection."""
     name: str
     summary: str
     score: Callable[[ScoreInputs], Any] | None = None  # -> importance.UnitScores
@@ -123,6 +125,8 @@ class StructuredCriterion:
     normalised: bool = False
     default_widths: str | None = None
     compensate: Callable | None = None
+    compensates: tuple[str, ...] = ()
+    select: Callable | None = None
 
     def __post_init__(self):
         bad = [n for n in self.needs if n not in NEEDS]
@@ -131,7 +135,7 @@ class StructuredCriterion:
 
     @property
     def iterative(self) -> bool:
-        return self.score is None
+        return self.score is None and self.select is None
 
 
 @dataclass(frozen=True)
