@@ -61,31 +61,36 @@ def obs_prune(w: np.ndarray, h: np.ndarray, n_units: int, unit_size: int, *, gro
     """SlimGPT's ``struct_prune`` on one linear: w [in, out], h [in, in] (2XXᵀ/n of its input). Removes ``n_units``
     units of ``unit_size`` consecutive input rows (unit_size 1: Dynamic Group Size batches; > 1: one unit per
     round). ``groups`` [in // unit_size] with ``per_group``: at most that many units of each group (GQA q_head).
-    Returns (compensated w [in, out] float64 with pruned rows zero, pruned unit mask [in // unit_size] bool)."""
-    W = np.array(w, np.float64).T  # their layout: [rows = out, columns = in]
+    Returns (compensated w [in, out] float64 with pruned rows zero, pruned unit mask [in // unit_size] bool).
+
+    Where the authors refactor H⁻¹ and the permuted H⁻¹ every round (O(in³)), this keeps H⁻¹ and updates it:
+    with P the pruned inputs and R the rest, the round's upper Cholesky rows are U_PP = chol(H⁻¹_PP)ᵀ and
+    U_PR = U_PP⁻ᵀ H⁻¹_PR, and the inverse of H with P's rows and columns set to the identity is
+    H⁻¹_RR − U_PRᵀ U_PR (a Schur complement), O(in²·|P|) — the same numbers to rounding."""
+    W = np.array(w, np.float64)  # [in, out]: input channel j is row j (their column j)
     H = np.array(h, np.float64)
-    cols = W.shape[1]
+    cols = W.shape[0]
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[dead] = 0.0
     if percdamp > 0:
         H[np.diag_indices(cols)] += percdamp * np.mean(np.diag(H))
+    try:
+        hinv = _cholesky_inverse(H)
+    except np.linalg.LinAlgError:
+        raise UserError("SlimGPT: the calibration inputs' H is not positive definite; raise the dampening",
+                        field="percdamp", value=percdamp) from None
     n_all = cols // unit_size
     pruned = np.zeros(cols, bool)
     target = n_units * unit_size
     block = (target - 512) // 2
     while pruned.sum() < target:
-        try:
-            hinv = _cholesky_inverse(H)
-        except np.linalg.LinAlgError:
-            raise UserError("SlimGPT: the calibration inputs' H is not positive definite; raise the dampening",
-                            field="percdamp", value=percdamp) from None
         if unit_size > 1:
             blocks = np.stack([hinv[i:i + unit_size, i:i + unit_size] for i in range(0, cols, unit_size)])
             d = np.diagonal(np.linalg.cholesky(blocks), axis1=-2, axis2=-1).reshape(-1) ** 2
         else:
             d = np.diag(hinv)
-        err = (W ** 2 / d[None]).sum(axis=0)
+        err = (W ** 2 / d[:, None]).sum(axis=1)
         err[pruned] = np.inf
         if unit_size > 1:
             unit_err = err.reshape(n_all, unit_size).sum(axis=1)
@@ -98,25 +103,25 @@ def obs_prune(w: np.ndarray, h: np.ndarray, n_units: int, unit_size: int, *, gro
         else:
             sort_idx = np.argsort(err, kind="stable")
             cnt = int(min(target - pruned.sum(), max(block, 64), 1024))
-        W = W[:, sort_idx]
-        U = np.linalg.cholesky(hinv[np.ix_(sort_idx, sort_idx)]).T[:cnt]  # upper factor, its first cnt rows
-        W1 = W[:, :cnt].copy()
+        idx, rest = sort_idx[:cnt], sort_idx[cnt:cols - int(pruned.sum())]  # the pruned ones sort last
+        lower = np.linalg.cholesky(hinv[np.ix_(idx, idx)])
+        u_pp = lower.T
+        u_pr = np.linalg.solve(lower, hinv[np.ix_(idx, rest)])
+        W1 = W[idx].copy()
         E = np.zeros_like(W1)
         for i in range(cnt):
-            E[:, i] = W1[:, i] / U[i, i]
-            W1[:, i:] -= np.outer(E[:, i], U[i, i:cnt])  # local update
-        end = cols - int(pruned.sum())
-        W[:, :cnt] = 0.0
-        W[:, cnt:end] -= E @ U[:, cnt:end]  # global update (the pruned columns sort last)
-        W = W[:, np.argsort(sort_idx)]
-        idx = sort_idx[:cnt]
-        H[idx, :] = 0.0
-        H[:, idx] = 0.0
-        H[idx, idx] = 1.0
+            E[i] = W1[i] / u_pp[i, i]
+            W1[i:] -= np.outer(u_pp[i, i:], E[i])  # local update
+        W[idx] = 0.0
+        W[rest] -= u_pr.T @ E  # global update
+        hinv[np.ix_(rest, rest)] -= u_pr.T @ u_pr
+        hinv[idx, :] = 0.0
+        hinv[:, idx] = 0.0
+        hinv[idx, idx] = 1.0
         pruned[idx] = True
         if unit_size == 1:
             block = (block - 512) // 2
-    return W.T, pruned.reshape(n_all, unit_size)[:, 0]
+    return W, pruned.reshape(n_all, unit_size)[:, 0]
 
 
 def _attention_units(cfg, i: int, unit: str, ratio: float):
