@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--speed", action="store_true", help="also time each pruned forward against the dense one "
                                                          "(meaningful on an idle machine only)")
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                    help="SmolLM2-135M (GQA 9/3 heads) or Gemma 3 270M (MQA: 4 query heads on one KV head)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out (same budget) and run only the missing ones")
@@ -179,8 +181,11 @@ def main() -> None:
     from jaxprune.fixtures import fixture_paths
 
     paths = fixture_paths()
-    base = corrected_base(a, paths, build_parser) if a.teacher_correction else paths.hf_dir
-    tok = load.load_tokenizer(paths.hf_dir)
+    model_dir = paths.gemma3_hf_dir if a.model == "gemma3" else paths.hf_dir
+    if a.teacher_correction and a.model != "smollm2":
+        sys.exit("error: --teacher-correction is for --model smollm2")
+    base = corrected_base(a, paths, build_parser) if a.teacher_correction else model_dir
+    tok = load.load_tokenizer(model_dir)
     heldout = tokenize_text(tok, paths.heldout_text.read_text())
     ppl_of = lambda m: perplexity(m, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens,  # noqa: E731
                                   progress=False)["ppl"]
@@ -194,7 +199,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    result = {"benchmark": "pruning", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+    result = {"benchmark": "pruning", "model": {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+                                                "gemma3": "Gemma 3 270M (Q4_K_M GGUF, dequantised)"}[a.model],
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "loadavg_start": os.getloadavg()[0]},
               "protocol": "select" if a.select_steps else "during",

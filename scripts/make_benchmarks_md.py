@@ -186,7 +186,8 @@ def render_pruning_seeded(data: dict) -> str:
         *([f"Teacher correction: the dense model first gets {b['teacher_correction']} LoRA steps of "
            f"{b.get('batch_size')} x {b.get('seq_len')} tokens on the training plays, merged (Minitron); every method "
            "prunes that model and `+distill` distils from it.", ""] if b.get("teacher_correction") else []),
-        f"SmolLM2-135M, every layer but the first 3 and the last (`--widths layerwise`). {protocol}. "
+        f"{str(data.get('model', 'SmolLM2-135M')).split(' (')[0]}, every layer but the first 3 and the last "
+        f"(`--widths layerwise`). {protocol}. "
         "`+distill`: recovery on (1-a)·CE + a·KL to the unpruned model (`--distill`; a = 0.5 unless "
         "`+distill-alpha=a`). Perplexity on "
         f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
@@ -479,6 +480,13 @@ RENDERERS = {
                               render_budget),
     "budget_seeds.json": ("The best pruned model for a budget: the headline rows over three seeds", render_budget),
     "budget_depth.json": ("Depth pruning (ShortGPT, ReplaceMe) at the same budget", render_generic),
+    "budget_slimgpt_free.json": ("The best pruned model for a budget: SlimGPT and incremental ratios, retraining-free",
+                                 render_budget),
+    "budget_slimgpt_recovered.json": ("The best pruned model for a budget: SlimGPT after equal LoRA recovery",
+                                      render_budget),
+    "budget_gemma3_free.json": ("The best pruned model for a budget: Gemma 3 270M, retraining-free", render_budget),
+    "budget_gemma3_recovered.json": ("The best pruned model for a budget: Gemma 3 270M after equal LoRA recovery",
+                                     render_budget),
 }
 
 
