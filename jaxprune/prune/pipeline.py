@@ -38,7 +38,7 @@ from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_tra
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
 from ..train import LoopCallbacks, make_optimizer
 from ..weights import merged_arrays, model_from_arrays
-from . import flap
+from . import slimgpt
 from .groups import WIDTHS, check_attn_unit, resolve_attn_unit, structured_layers
 from .loraprune import LoRAPruneOptions, importance_hook, init_importance, scheduled_mask_update
 from .masks import global_structured_masks, layer_ratios, structured_sparsity, update_structured_masks
@@ -48,8 +48,8 @@ from .shrink import describe_widths, shrink
 
 
 #: ``prune``'s default recipe: the best stock-loadable one measured (README, "The best pruned model for a budget"):
-#: FLAP, its default ``uniform`` widths, LoRA recovery
-DEFAULT_METHOD = flap.NAME
+#: SlimGPT, its default ``uniform`` widths, LoRA recovery
+DEFAULT_METHOD = slimgpt.NAME
 
 
 @dataclass(frozen=True)

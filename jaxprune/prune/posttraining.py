@@ -70,12 +70,13 @@ def _stat(x: jax.Array, kind: str) -> jax.Array:
     return x.T @ x if kind == "xtx" else jnp.sum(x * x, axis=0)
 
 
-@partial(jax.jit, static_argnums=(0, 5))
-def _capture(graphdef, state, h, cos, sin, kind: str) -> dict:
-    """One decoder layer on hidden states h [B, S, hidden] -> input statistics of its linears."""
+@partial(jax.jit, static_argnums=(0, 5, 6))
+def _capture(graphdef, state, h, cos, sin, kind: str, keys: tuple = tuple(TAPS)) -> dict:
+    """One decoder layer on hidden states h [B, S, hidden] -> input statistics of its linears (those of ``keys``)."""
     layer = nnx.merge(graphdef, state)
     sink: dict = {}
-    for key, (mod, attr) in TAPS.items():
+    for key in keys:
+        mod, attr = TAPS[key]
         parent = getattr(layer, mod)
         setattr(parent, attr, _Tap(getattr(parent, attr), sink, key))
     layer(h, cos, sin)
@@ -106,7 +107,8 @@ def capture_input_stats(layer, chunks, rope, key: str, kind: str) -> np.ndarray:
     """The ``kind`` statistic (:func:`_stat`) of the input of ``TAPS[key]`` in ``layer`` over hidden-state
     ``chunks`` [B, S, hidden] each, summed in float64 (``"xtx"``: [in, in])."""
     graphdef, state = nnx.split(layer)
-    return sum(np.asarray(_capture(graphdef, state, h, *rope(*h.shape[:2]), kind)[key], np.float64) for h in chunks)
+    return sum(np.asarray(_capture(graphdef, state, h, *rope(*h.shape[:2]), kind, (key,))[key], np.float64)
+               for h in chunks)
 
 
 def forward_layer(layer, chunks, rope) -> list:
