@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# torch: the CPU build (2.13.0) — a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,eval]'
+	# llama.cpp (CPU) for the GGUF tests and 4-bit export: --no-deps, see pyproject.toml's test extra.
+	$(BIN)/python -m pip install -q --no-deps llama-cpp-cffi==0.4.42
 	rm -f $(VENV)/.installed-*; touch $@
 
 fixtures: $(STAMP)

@@ -407,6 +407,40 @@ def render_export(data: dict) -> str:
     ])
 
 
+def render_deploy(data: dict) -> str:
+    b, m = data.get("budget", {}), data.get("machine", {})
+    models, t = data.get("models", {}), b.get("threads")
+    rows = []
+    for r in data.get("results", []):
+        types = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(r.get("tensor_types", {}).items())[:3])
+        sn, s1 = r["speed"].get(f"threads_{t}", {}), r["speed"].get("threads_1", {})
+        rows.append([r["model"], r["arch"], f"{models.get(r['model'], {}).get('params', 0):,}", r["outtype"], types,
+                     f"{r['bytes'] / 1e6:.1f}", f"{r['ppl']:.2f}", f"{r['ppl_over_f16']:.3f}x",
+                     f"{sn.get('pp_tokens_per_s', 0):.0f} ({sn.get('pp_speedup_per_s', 0):.2f}x)",
+                     f"{sn.get('tg_tokens_per_s', 0):.1f} ({sn.get('tg_speedup_per_s', 0):.2f}x)",
+                     f"{s1.get('pp_tokens_per_cpu_s', 0):.0f} ({s1.get('pp_speedup_per_cpu_s', 0):.2f}x)",
+                     f"{s1.get('tg_tokens_per_cpu_s', 0):.1f} ({s1.get('tg_speedup_per_cpu_s', 0):.2f}x)"])
+    load = lambda x: "/".join(f"{v:.1f}" for v in x) if x else "?"  # noqa: E731
+    return "\n".join([
+        f"SmolLM2-135M pruned by {b.get('method', '?').upper()} at ratio {b.get('ratio')} with "
+        f"{b.get('recover_steps')} recovery steps, in both width layouts, exported with `export --format gguf` "
+        f"and run in llama.cpp (the CPU extension of {data.get('llama_cpp', '?')}). Perplexity: llama.cpp on "
+        f"{b.get('eval_tokens')} held-out tokens (windows of {b.get('seq_len')}). Speed: prompt processing of "
+        f"{b.get('n_prompt')} tokens in one batch (pp) and {b.get('n_gen')} single-token decodes after it (tg), "
+        f"each file timed once per round at {t} threads (wall clock) and at 1 thread (per CPU second: the compute "
+        f"itself, which other jobs on the machine do not change), round-robin over {b.get('rounds')} rounds; "
+        "(x) = over the dense model in the same weight type within a round, median over rounds.", "",
+        table(["model", "arch", "parameters", "type", "stored as (share of weights)", "MB", "perplexity", "vs f16",
+               f"pp tokens/s, {t} threads", f"tg tokens/s, {t} threads", "pp tokens/CPU s, 1 thread",
+               "tg tokens/CPU s, 1 thread"], rows),
+        "", f"Machine: {m.get('platform', '?')}, {m.get('cpus', '?')} CPUs shared with other jobs (load average "
+        f"{load(m.get('loadavg_start'))} at the start, {load(m.get('loadavg_end'))} at the end): the wall-clock "
+        f"columns at {t} threads swing with that load (llama.cpp's threads spin-wait for each other); the "
+        "per-CPU-second columns are the ones to compare.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
 def render_loram(data: dict) -> str:
     b, lm = data.get("budget", {}), data.get("loram", {})
     rows = [[r.get("model"), r.get("ppl"), f"{r.get('params', 0):,}",
@@ -440,6 +474,7 @@ def render_loram(data: dict) -> str:
 
 
 RENDERERS = {
+    "deploy.json": ("Pruned models in llama.cpp: perplexity, 4-bit cost, tokens/s", render_deploy),
     "export.json": ("Pruned models outside jaxprune: layouts, file sizes, transformers speed", render_export),
     "kernels.json": ("Pallas kernels", render_kernels),
     "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),

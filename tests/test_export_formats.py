@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -60,11 +61,20 @@ def test_uniform_export_holds_exactly_the_parameters(tmp_path):
     assert (out / "model.safetensors").stat().st_size <= 4 * n * 1.01
 
 
+def _zero_q_bias(model):
+    """llama.cpp reads attn_q.bias hidden_size wide, so a pruned layer's q bias must be zero (as FLAP's are)."""
+    for layer in model.layers:
+        layer.self_attn.q_proj.bias[...] = jnp.zeros_like(layer.self_attn.q_proj.bias[...])
+    return model
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_gguf_per_layer_roundtrip_is_exact(tmp_path, bias):
     import gguf
 
     model = _nonuniform(bias)
+    if bias:
+        _zero_q_bias(model)
     info = gguf_io.export_gguf(model, tmp_path / "m.gguf", outtype="f32")
     assert info["arch"] == "deci"
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
@@ -74,7 +84,10 @@ def test_gguf_per_layer_roundtrip_is_exact(tmp_path, bias):
     # the file holds the pruned shapes: llama.cpp's [in, out] ne order of layer 1's q is (48, 2·D)
     q1 = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
     assert tuple(int(x) for x in q1.shape) == (48, 2 * D)
-    assert sum(int(t.n_elements) for t in reader.tensors) == model.config.num_params()
+    left_out = sum(WIDTHS[0]) * D if bias else 0  # the all-zero q biases
+    assert sum(int(t.n_elements) for t in reader.tensors) == model.config.num_params() - left_out
+    assert ("blk.0.attn_q.bias" in {t.name for t in reader.tensors}, "blk.0.attn_k.bias" in
+            {t.name for t in reader.tensors}) == (False, bias)
 
     back = load.load_model(tmp_path / "m.gguf")
     assert back.config == model.config.replace(rms_norm_eps=float(np.float32(model.config.rms_norm_eps)))  # f32 key
@@ -179,3 +192,98 @@ def test_cli_export_formats(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
     np.testing.assert_allclose(jax_logits(load.load_model(tmp_path / "back"), TOKENS),
                                jax_logits(load.load_model(ckpt), TOKENS), rtol=1e-6, atol=1e-6)
+
+
+# ---- issue 32: the tokenizer llama.cpp sees, biases llama.cpp can read, 4-bit without llama.cpp -------------------
+def test_tokenizer_pre_found_as_llama_cpp_converter_does(fixtures):
+    """convert_hf_to_gguf.py's hash of SmolLM2's tokenizer is its ``smollm`` entry; the plays tokenizer (not in
+    the table) is plain GPT-2 byte-level, ``gpt-2``."""
+    from transformers import AutoTokenizer
+
+    from jaxprune import gguf_vocab
+
+    smol = AutoTokenizer.from_pretrained(fixtures.hf_dir)
+    assert gguf_vocab.chkhsh(smol) == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+    assert gguf_vocab.tokenizer_pre(smol) == ("smollm", "chkhsh")
+    assert gguf_vocab.tokenizer_pre(AutoTokenizer.from_pretrained(fixtures.plays_tokenizer)) == \
+        ("gpt-2", "gpt2-byte-level")
+
+
+def _digit_split_tokenizer(fixtures):
+    """The plays tokenizer with digits split first: byte-level BPE that no rule here identifies."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((fixtures.plays_tokenizer / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, spec["pre_tokenizer"]]}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+def test_unknown_tokenizer_is_refused_naming_tokenizer_pre(tmp_path, fixtures, capsys):
+    from jaxprune.checkpoint import save_model
+
+    model = random_llama(tiny_config(vocab_size=4096, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     head_dim=16, intermediate_size=32))
+    ckpt = save_model(model, tmp_path / "ckpt", tokenizer=_digit_split_tokenizer(fixtures))
+    assert main(["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tokenizer-pre" in err and "chkhsh" in err
+    assert not (tmp_path / "m.gguf").exists()
+    assert main(["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf", "--tokenizer-pre", "gpt-2",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (res["tokenizer_pre"], res["tokenizer_pre_from"]) == ("gpt-2", "given")
+
+
+def test_gguf_source_keeps_its_own_pre_tokenizer(tmp_path, fixtures, capsys):
+    """Export from a GGUF: ``tokenizer.ggml.pre`` is the source's, not re-derived (here a name the hash would
+    not give)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    model = random_llama(tiny_config(vocab_size=4096, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                     head_dim=16, intermediate_size=32))
+    src = tmp_path / "src.gguf"
+    gguf_io.export_gguf(model, src, tokenizer=AutoTokenizer.from_pretrained(fixtures.plays_tokenizer),
+                        outtype="f32", tokenizer_pre="stablelm2")
+    assert main(["export", str(src), str(tmp_path / "out.gguf"), "--format", "gguf", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (res["tokenizer_pre"], res["tokenizer_pre_from"]) == ("stablelm2", "source gguf")
+    assert gguf.GGUFReader(tmp_path / "out.gguf").fields["tokenizer.ggml.pre"].contents() == "stablelm2"
+
+
+def test_flap_style_biases_round_trip_and_a_narrow_q_bias_is_refused(tmp_path):
+    """All-zero q / k / v biases (FLAP's) are left out; o / MLP biases kept; jaxprune reads the file back to the
+    same logits. A nonzero q bias on a pruned layer has no llama.cpp form: one line."""
+    cfg = tiny_config(hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3, head_dim=D, intermediate_size=40,
+                      attention_bias=True, mlp_bias=True, rope_theta=500.0).with_layer_widths(*WIDTHS)
+    model = random_llama(cfg, seed=3)
+    with pytest.raises(UserError, match="attn_q.bias"):
+        gguf_io.export_gguf(model, tmp_path / "q.gguf", outtype="f32")
+    assert not list(tmp_path.iterdir())
+    for layer in model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias[...] = jnp.zeros_like(proj.bias[...])
+    gguf_io.export_gguf(model, tmp_path / "m.gguf", outtype="f32")
+    back = load.load_model(tmp_path / "m.gguf")
+    c = back.config
+    assert (c.attention_bias, c.o_bias, c.mlp_bias) == (False, True, True)
+    np.testing.assert_allclose(jax_logits(back, TOKENS), jax_logits(model, TOKENS), rtol=1e-6, atol=1e-6)
+
+
+def test_4bit_without_llama_cpp_is_one_line(tmp_path, monkeypatch, capsys):
+    from jaxprune import llamacpp
+    from jaxprune.checkpoint import save_model
+
+    def absent(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(llamacpp, "_STATE", {})
+    monkeypatch.setattr(llamacpp.importlib, "import_module", absent)
+    ckpt = save_model(_nonuniform(), tmp_path / "ckpt")
+    assert main(["export", str(ckpt), str(tmp_path / "m.gguf"), "--format", "gguf", "--outtype", "q4_k_m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps llama-cpp-cffi==0.4.42" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import checkpoint, evaluate, gguf_io, hf, load
+from .. import checkpoint, evaluate, gguf_io, gguf_vocab, hf, load
 from ..errors import UserError
 from ..fileio import check_output_dir
 from ..generate import generate
@@ -34,8 +34,14 @@ def cmd_export(a) -> dict:
     cfg = model.config
     res = {"out": str(out), "format": a.format, "uniform": cfg.is_uniform, "params": cfg.num_params()}
     if a.format == "gguf":
+        pre = a.tokenizer_pre
+        kind, src = load.resolve(a.model)
+        if pre is None and kind == "gguf":  # a GGUF source names its own pre-tokenizer
+            pre = gguf_vocab.source_tokenizer_pre(src)
         res.update(gguf_io.export_gguf(model, out, tokenizer=tok, outtype=a.outtype, overwrite=a.overwrite,
-                                       tokenizer_pre=a.tokenizer_pre))
+                                       tokenizer_pre=pre))
+        if pre is not None and a.tokenizer_pre is None and res["tokenizer"]:
+            res["tokenizer_pre_from"] = "source gguf"
         res["stored_params"] = cfg.num_params()
     else:
         if a.format == "vllm":
@@ -47,8 +53,10 @@ def cmd_export(a) -> dict:
     res["padded_fraction"] = res["stored_params"] / res["params"] - 1.0
     if not a.json:
         pad = f", {100 * res['padded_fraction']:.1f}% zero padding" if res["padded_fraction"] > 0 else ""
+        tok_note = (f"; llama.cpp pre-tokenizer {res['tokenizer_pre']!r} ({res['tokenizer_pre_from']})"
+                    if res.get("tokenizer") else "")
         print(f"wrote {out} ({a.format}, {res['stored_params']:,} parameters stored for {res['params']:,}{pad}; "
-              f"{res['bytes'] / 1e6:.1f} MB of weights)")
+              f"{res['bytes'] / 1e6:.1f} MB of weights{tok_note})")
     return res
 
 
@@ -99,9 +107,12 @@ def add_model_io_parsers(sub) -> None:
                         "(llama.cpp 'deci' arch when they differ); vllm: DeciLM config with per-layer widths")
     p.add_argument("--pad", action="store_true",
                    help="hf: zero-pad layers of different widths to the widest (same logits, dense size)")
-    p.add_argument("--outtype", choices=gguf_io.OUTTYPES, default="f16", help="gguf: weight type of 2-D tensors")
-    p.add_argument("--tokenizer-pre", default="default",
-                   help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2; default: 'default')")
+    p.add_argument("--outtype", choices=gguf_io.OUTTYPES, default="f16",
+                   help="gguf: weight type of 2-D tensors (f32, f16, q8_0 written here; q4_0, q4_k_m, ... by "
+                        "llama.cpp's own quantizer, which needs llama-cpp-cffi)")
+    p.add_argument("--tokenizer-pre", default=None,
+                   help="gguf: llama.cpp's pre-tokenizer name (e.g. smollm, llama-bpe, qwen2); default: the GGUF "
+                        "source's own, else found as llama.cpp's convert_hf_to_gguf.py finds it")
     add_model_args(p)
     p.set_defaults(fn=cmd_export)
 
