@@ -51,8 +51,8 @@ class DepthPruneConfig:
     ``options``: the method's options dataclass (None: its defaults)."""
     method: str = depth.SHORTGPT
     ratio: float = 0.25
-    calib_samples: int = 10
-    calib_len: int = 64
+    calib_samples: int = 80
+    calib_len: int = 128
     calib_batch: int | None = 8
     recover_steps: int | None = None
     options: Any = None

@@ -34,8 +34,8 @@ class ElementwisePruneConfig:
     method: str = wanda.NAME
     sparsity: float | None = None
     pattern: str | None = None
-    calib_samples: int = 10
-    calib_len: int = 64
+    calib_samples: int = 80
+    calib_len: int = 128
     calib_batch: int = 8
     exclude_layers: str | None = None
     seed: int = 0

@@ -64,8 +64,8 @@ class StructuredPruneConfig:
     attn_unit: str = "auto"
     widths: str | None = None
     exclude_layers: str = "default"
-    calib_samples: int = 10
-    calib_len: int = 64
+    calib_samples: int = 80
+    calib_len: int = 128
     calib_batch: int | None = 8
     recover_steps: int | None = None
     options: Any = None
