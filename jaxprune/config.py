@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,177 @@ from .families import ACTIVATIONS, FAMILIES, HF_KEYS, LAYER_TYPES, Family
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 #: the model_types read and written (``families``: one module each, with what it changes from LLaMA)
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+
+
+# ---- validation: every field read, one rule each (type, range; consistency in ModelConfig.__post_init__) ----
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config field must hold: ``kind`` (int, number, bool, str), a range [lo, hi] (``lo_open``: lo
+    excluded) and whether null (None) is allowed."""
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    null: bool = False
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.null
+        good = {"int": _is_int, "number": _is_number, "bool": lambda x: isinstance(x, bool),
+                "str": lambda x: isinstance(x, str)}[self.kind](v)
+        if not good or self.kind in ("bool", "str"):
+            return good
+        return not ((self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)))
+                    or (self.hi is not None and v > self.hi))
+
+    def describe(self) -> str:
+        what = {"int": "an integer", "number": "a finite number", "bool": "true or false", "str": "a string"}[self.kind]
+        num = lambda x: f"{x:d}" if isinstance(x, int) else f"{x:g}"  # noqa: E731
+        if self.lo is not None and self.hi is not None:
+            what += f" in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}]"
+        elif self.lo is not None:
+            what += f" {'>' if self.lo_open else '>='} {num(self.lo)}"
+        return what + (" or null" if self.null else "")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_field(name: str, value, rule: Rule) -> None:
+    """A UserError ``config: NAME=VALUE must be ...`` unless ``value`` satisfies ``rule``."""
+    if not rule.ok(value):
+        raise UserError(f"config: {name}={_shown(value)} must be {rule.describe()}")
+
+
+def check_list(name: str, value, rule: Rule, length: int | None = None) -> None:
+    """``value`` a list whose every entry satisfies ``rule`` (and of ``length`` entries when given)."""
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"config: {name}={_shown(value)} must be a list")
+    for i, x in enumerate(value):
+        check_field(f"{name}[{i}]", x, rule)
+    if length is not None and len(value) != length:
+        raise UserError(f"config: {name} has {len(value)} entries, expected {length}")
+
+
+#: sizes are int32 (jax indexes with them); a layer or head count beyond 2**16 is no model that exists
+MAX_SIZE, MAX_COUNT = 2**31 - 1, 2**16
+BOOL = Rule("bool")
+SIZE, COUNT = Rule("int", 1, MAX_SIZE), Rule("int", 1, MAX_COUNT)
+POS_NUMBER = Rule("number", 0, lo_open=True)
+OPT_POS_NUMBER = Rule("number", 0, lo_open=True, null=True)
+TOKEN_ID = Rule("int", -1, MAX_SIZE, null=True)  # -1: none (older HF configs)
+#: ModelConfig's fields (eos_token_id, rope_scaling, the per-layer tuples and layer_types: in __post_init__)
+FIELD_RULES: dict[str, Rule] = {
+    "vocab_size": SIZE, "hidden_size": SIZE, "intermediate_size": Rule("int", 0, MAX_SIZE), "num_layers": COUNT,
+    "num_heads": Rule("int", 0, MAX_COUNT), "num_kv_heads": Rule("int", 0, MAX_COUNT), "head_dim": SIZE,
+    "rope_theta": POS_NUMBER, "max_position_embeddings": SIZE, "rms_norm_eps": Rule("number", 0),
+    "tie_word_embeddings": BOOL,
+    "attention_bias": BOOL, "mlp_bias": BOOL, "model_type": Rule("str"), "attention_out_bias": Rule("bool", null=True),
+    "qk_norm": BOOL, "sliding_window": Rule("int", 1, MAX_SIZE, null=True),
+    "partial_rotary_factor": Rule("number", 0, 1, lo_open=True), "hidden_act": Rule("str"), "norm_one_plus": BOOL,
+    "sandwich_norms": BOOL, "scale_embeddings": BOOL, "query_pre_attn_scalar": OPT_POS_NUMBER,
+    "rope_local_base_freq": OPT_POS_NUMBER, "final_logit_softcapping": OPT_POS_NUMBER,
+    "bos_token_id": TOKEN_ID, "pad_token_id": TOKEN_ID,
+}
+#: the HF ``config.json`` keys read (any family), checked before anything is computed from them; null where a
+#: missing key's default applies
+HF_RULES: dict[str, Rule] = {
+    "vocab_size": SIZE, "hidden_size": SIZE, "intermediate_size": Rule("int", 0, MAX_SIZE),
+    "num_hidden_layers": COUNT, "num_attention_heads": Rule("int", 0, MAX_COUNT),
+    "num_key_value_heads": Rule("int", 0, MAX_COUNT, null=True), "head_dim": Rule("int", 1, MAX_SIZE, null=True),
+    "rope_theta": POS_NUMBER, "max_position_embeddings": SIZE,
+    "rms_norm_eps": Rule("number", 0), "tie_word_embeddings": BOOL, "attention_bias": BOOL, "mlp_bias": BOOL,
+    "hidden_act": Rule("str", null=True), "hidden_activation": Rule("str", null=True),
+    "pretraining_tp": Rule("int", 1, null=True),
+    "sliding_window": Rule("int", 1, MAX_SIZE, null=True), "use_sliding_window": Rule("bool", null=True),
+    "sliding_window_pattern": COUNT, "partial_rotary_factor": Rule("number", 0, 1, lo_open=True, null=True),
+    "query_pre_attn_scalar": OPT_POS_NUMBER, "rope_local_base_freq": POS_NUMBER,
+    "final_logit_softcapping": OPT_POS_NUMBER,
+    "use_bidirectional_attention": Rule("bool", null=True),
+    "original_max_position_embeddings": Rule("int", 1, MAX_SIZE, null=True), "bos_token_id": TOKEN_ID,
+    "pad_token_id": TOKEN_ID,
+}
+HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_hf_fields(d: dict, required: tuple[str, ...] = HF_REQUIRED) -> None:
+    """Every key of an HF ``config.json`` dict that some family reads, by ``HF_RULES`` (types and ranges), before
+    anything is computed from them; the rope dicts' shapes; ``required`` keys present."""
+    if not isinstance(d, dict):
+        raise UserError(f"config: the file holds a JSON {type(d).__name__}, not an object of fields")
+    for key in required:
+        if key not in d:
+            raise UserError(f"config: required field {key!r} is missing")
+    for key, rule in HF_RULES.items():
+        if key in d:
+            check_field(key, d[key], rule)
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        check_list("eos_token_id", eos, TOKEN_ID)
+    else:
+        check_field("eos_token_id", eos, TOKEN_ID)
+    if d.get("layer_types") is not None:
+        check_list("layer_types", d["layer_types"], Rule("str"))
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise UserError(f"config: {key}={_shown(rope)} must be a mapping or null")
+        nested = {key: rope}
+        for sub in LAYER_TYPES:  # Gemma 3's per-layer-type rope_parameters
+            if sub in rope and rope[sub] is not None:
+                if not isinstance(rope[sub], dict):
+                    raise UserError(f"config: {key}.{sub}={_shown(rope[sub])} must be a mapping or null")
+                nested[f"{key}.{sub}"] = rope[sub]
+        for where, params in nested.items():
+            for name, rule in (("rope_theta", POS_NUMBER), ("rope_type", Rule("str")), ("type", Rule("str")),
+                               ("partial_rotary_factor", HF_RULES["partial_rotary_factor"])):
+                if name in params:
+                    check_field(f"{where}.{name}", params[name], rule)
+
+
+def check_rope_scaling(scaling, prefix: str, rotary: int) -> None:
+    """The RoPE scaling parameters ``rope.inv_frequencies`` reads (``prefix``: where they sit in the file), for a
+    rotary dimension ``rotary`` (rope_type itself is checked by ``ModelConfig``)."""
+    if not scaling:
+        return
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    check_field(f"{prefix}.rope_type", rtype, Rule("str"))
+    opt_number, opt_len = OPT_POS_NUMBER, Rule("int", 1, MAX_SIZE, null=True)
+    if rtype == "longrope":
+        missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings")
+                   if scaling.get(k) is None]
+        if missing:
+            raise UserError(f"config: {prefix} longrope needs {', '.join(missing)}")
+    if rtype in ("linear", "dynamic", "llama3"):
+        check_field(f"{prefix}.factor", scaling.get("factor"), POS_NUMBER)
+    if rtype in ("dynamic", "llama3", "longrope"):
+        check_field(f"{prefix}.original_max_position_embeddings", scaling.get("original_max_position_embeddings"),
+                    SIZE if rtype == "longrope" else opt_len)
+    if rtype == "dynamic" and rotary <= 2:
+        raise UserError(f"config: {prefix} dynamic needs more than 2 rotary dims (has {rotary})")
+    if rtype == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            check_field(f"{prefix}.{key}", scaling.get(key), opt_number)
+        low, high = scaling.get("low_freq_factor", 1.0) or 1.0, scaling.get("high_freq_factor", 4.0) or 4.0
+        if high <= low:
+            raise UserError(f"config: {prefix}.high_freq_factor={high!r} must be > low_freq_factor={low!r}")
+    if rtype == "longrope":
+        for key in ("short_factor", "long_factor"):
+            check_list(f"{prefix}.{key}", scaling.get(key), POS_NUMBER, rotary // 2)
+        for key in ("factor", "attention_factor"):
+            check_field(f"{prefix}.{key}", scaling.get(key), opt_number)
 
 
 @dataclass(frozen=True)
@@ -64,38 +237,48 @@ class ModelConfig:
     extra_hf: dict = field(default_factory=dict, compare=False)  # HF keys we carry through export
 
     def __post_init__(self):
+        for name, rule in FIELD_RULES.items():
+            check_field(name, getattr(self, name), rule)
+        if isinstance(self.eos_token_id, (list, tuple)):
+            check_list("eos_token_id", self.eos_token_id, TOKEN_ID)
+        else:
+            check_field("eos_token_id", self.eos_token_id, TOKEN_ID)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise UserError(f"config: rope_scaling={_shown(self.rope_scaling)} must be a mapping or null")
         for name in ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_size"):
             v = getattr(self, name)
             if v is not None:
+                check_list(name, v, Rule("int", 0, MAX_SIZE))
                 if len(v) != self.num_layers:
                     raise UserError(f"config: {name} has {len(v)} entries, expected num_layers={self.num_layers}")
                 object.__setattr__(self, name, tuple(int(x) for x in v))
         for i in range(self.num_layers):
             h, kv = self.heads(i), self.kv_heads(i)
-            if kv < 0 or h < 0 or (kv and h % kv):
+            if (kv and h % kv) or (h and not kv):
                 raise UserError(f"config: layer {i} has {h} query heads over {kv} KV heads "
                                 "(num_attention_heads must be a multiple of num_key_value_heads)")
         if self.model_type not in FAMILIES:
             raise UserError(f"config: model_type={self.model_type!r} is not supported ({', '.join(FAMILIES)})")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise UserError(f"config: sliding_window={self.sliding_window} must be >= 1")
         if self.hidden_act not in ACTIVATIONS:
             raise UserError(f"config: hidden_act={self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         if self.layer_types is not None:
+            check_list("layer_types", self.layer_types, Rule("str"))
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
             if len(self.layer_types) != self.num_layers or bad:
                 raise UserError(f"config: layer_types needs {self.num_layers} entries from {', '.join(LAYER_TYPES)}"
                                 + (f" (got {bad[0]!r})" if bad else f" (got {len(self.layer_types)})"))
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise UserError("config: layer_types has sliding_attention layers but sliding_window is null")
+        rotary = int(self.head_dim * self.partial_rotary_factor)
+        if rotary < 2 or rotary % 2:
+            raise UserError(f"config: partial_rotary_factor={self.partial_rotary_factor!r} of head_dim="
+                            f"{self.head_dim} rotates {rotary} dims (RoPE needs an even number >= 2)")
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(f"config: rope_scaling.rope_type={rope_type!r} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope_type == "longrope":
-            missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings")
-                       if self.rope_scaling.get(k) is None]
-            if missing:
-                raise UserError(f"config: rope_scaling longrope needs {', '.join(missing)}")
+        check_rope_scaling(self.rope_scaling, "rope_scaling", rotary)
 
     # ---- per-layer accessors -------------------------------------------------
     def heads(self, layer: int) -> int:
@@ -182,10 +365,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
         if unknown:
             raise UserError(f"config: unknown keys {sorted(unknown)}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise UserError(f"config: required field {missing[0]!r} is missing")
         return cls(**d)
 
     def save(self, path: Path) -> None:
@@ -199,11 +386,17 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         """Read an HF LLaMA ``config.json`` dict; anything unsupported is a UserError naming the field."""
+        if not isinstance(d, dict):
+            raise UserError(f"config: the file holds a JSON {type(d).__name__}, not an object of fields")
         model_type = d.get("model_type")
         fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
         if fam is None:
             raise UserError(f"config: model_type={model_type!r} is not supported (jaxprune handles the "
                             f"LLaMA family: model_type {', '.join(map(repr, SUPPORTED_ARCHITECTURES))})")
+        check_hf_fields(d)
+        prefix = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        if isinstance(d.get("rope_parameters"), dict) and "full_attention" in d["rope_parameters"]:
+            prefix = "rope_parameters.full_attention"
         d = fam.normalise_hf(d)
         family = fam.fields(d)
         act, acts = d.get("hidden_act", "silu"), fam.hidden_acts
@@ -211,24 +404,30 @@ class ModelConfig:
             raise UserError(f"config: hidden_act={act!r} is not supported (only {', '.join(map(repr, acts))})")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise UserError("config: pretraining_tp > 1 is not supported")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise UserError(f"config: required field {key!r} is missing")
         heads = d["num_attention_heads"]
-        kv = d.get("num_key_value_heads") or heads
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        kv = heads if d.get("num_key_value_heads") is None else d["num_key_value_heads"]
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            if heads == 0 or d["hidden_size"] < heads:
+                raise UserError(f"config: num_attention_heads={heads} leaves no head_dim for hidden_size="
+                                f"{d['hidden_size']} (give head_dim)")
+            head_dim = d["hidden_size"] // heads
         rope = d.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        check_field("rope_theta", rope_theta, POS_NUMBER)  # Gemma 3: its defaults, read after normalise_hf
         scaling = d.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-        partial = float(rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
+        partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+        partial = 1.0 if partial is None else partial
         if scaling:
             scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
             rtype = scaling.pop("type", None) or scaling.get("rope_type", "default")
+            check_field(f"{prefix}.rope_type", rtype, Rule("str"))
             scaling["rope_type"] = fam.rope_type_aliases.get(rtype, rtype)
             if scaling["rope_type"] == "longrope":
                 scaling.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
             if rtype == "default":
                 scaling = None
+            check_rope_scaling(scaling, prefix, int(head_dim * partial))
         known = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters",
                  "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "attention_bias",

@@ -7,10 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .errors import UserError
+
 
 def generate(model, prompt_ids: np.ndarray, *, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int = 0, eos_token_id: int | list[int] | None = None) -> np.ndarray:
-    """prompt_ids [S] -> generated ids [<= max_new_tokens] (stops after EOS). temperature 0 = greedy."""
+    """prompt_ids [S] -> generated ids [<= max_new_tokens] (stops after EOS). temperature 0 = greedy.
+
+    An empty prompt is a UserError (there is no last position to predict from)."""
+    if np.size(prompt_ids) == 0:
+        raise UserError("tokenizes to no tokens; generation continues a prompt of at least one token",
+                        field="prompt")
+    if max_new_tokens <= 0:
+        return np.zeros(0, np.int32)
     prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     S = prompt.shape[1]
     max_len = S + max_new_tokens

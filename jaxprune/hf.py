@@ -14,16 +14,17 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from . import deci, gguf_io
-from .config import ModelConfig
+from .config import ModelConfig, Rule, check_field, check_hf_fields
 from .errors import UserError
 from .fileio import check_output_dir, replace_dir
 from .model import LlamaForCausalLM
 from .padding import pad_to_layout
-from .weights import dense_arrays, model_from_arrays
+from .weights import abstract_model, dense_arrays, model_from_arrays
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 _NORM = re.compile(r"^model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
@@ -80,32 +81,84 @@ def _arrays_from_hf_tensors(tensors: dict[str, np.ndarray]) -> dict[tuple, np.nd
     return out
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+#: the weight dtypes read (anything else, e.g. an integer tensor, is a UserError naming it)
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+
+def _read_safetensors(files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """(HF name -> array, HF name -> the file it came from); a damaged file or a non-float tensor is a UserError."""
     tensors: dict[str, np.ndarray] = {}
+    origin: dict[str, Path] = {}
     for f in files:
         if not f.exists():
             raise UserError(f"{f}: shard named in the index is missing")
         try:
-            tensors.update(load_file(f))
-        except (SafetensorError, OSError, ValueError) as e:
+            part = load_file(f)
+        except (SafetensorError, OSError, ValueError, TypeError, AttributeError) as e:
+            # TypeError / AttributeError: a dtype numpy has no type for (safetensors' numpy reader)
             raise UserError(f"{f}: truncated or corrupt safetensors file ({str(e).splitlines()[0]})") from None
-    return tensors
+        for name, arr in part.items():
+            if arr.dtype.name not in WEIGHT_DTYPES:
+                raise UserError(f"{f}: tensor {name} has dtype {arr.dtype.name} (weights are "
+                                f"{', '.join(WEIGHT_DTYPES)})")
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, f))
+    return tensors, origin
+
+
+def _check_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], origin: dict[str, Path], where: Path) -> None:
+    """Each HF tensor of the model present with the shape config.json implies (HF's [out, in])."""
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"^model\.layers\.(\d+)\.", name))}
+    if max(layers, default=-1) + 1 != cfg.num_layers:
+        raise UserError(f"{where}: the weights hold {max(layers, default=-1) + 1} layers, config.json's "
+                        f"num_hidden_layers is {cfg.num_layers}")
+    for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+        name, transpose = path_to_hf_name(tuple(path))
+        want = tuple(var.get_value().shape)[::-1] if transpose else tuple(var.get_value().shape)
+        if name not in tensors:
+            raise UserError(f"{where}: tensor {name} is missing")
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise UserError(f"{origin.get(name, where)}: tensor {name} has shape {list(got)}, config.json implies "
+                            f"{list(want)}")
+
+
+def _read_json(f: Path, what: str):
+    try:
+        return json.loads(f.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+        raise UserError(f"{f}: not valid JSON {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def _shard_files(path: Path, index: Path) -> list[Path]:
+    """The shards an index's ``weight_map`` names (plain file names in ``path``)."""
+    d = _read_json(index, "index")
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UserError(f"{index}: weight_map must be a mapping of tensor name to shard file")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise UserError(f"{index}: weight_map[{name!r}]={shard!r} must be a file name in {path}")
+    return sorted({path / f for f in weight_map.values()})
 
 
 def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """An HF model dir (config.json + safetensors, single or sharded) -> jaxprune model."""
+    """An HF model dir (config.json + safetensors, single or sharded) -> jaxprune model.
+
+    Anything wrong in a file is a UserError naming the file and the field or tensor."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise UserError(f"{path}: no config.json (not an HF model dir)")
+    d = _read_json(cfg_file, "config")
     try:
-        cfg = config_from_hf_json(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = config_from_hf_json(d)
+    except UserError as e:
+        raise UserError(f"{cfg_file}: {e.message.removeprefix('config: ')}") from None
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        files = _shard_files(path, index)
     elif (path / "model.safetensors").exists():
         files = [path / "model.safetensors"]
     else:
@@ -115,7 +168,22 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
                             "Convert with: python -c \"from transformers import AutoModelForCausalLM as M; "
                             f"M.from_pretrained('{path}').save_pretrained('OUT', safe_serialization=True)\"")
         raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    tensors = cfg.family.split_tensors(_read_safetensors(files), cfg)  # Phi-3's fused qkv / gate_up
+    where = files[0] if len(files) == 1 else index
+    tensors, origin = _read_safetensors(files)
+    try:
+        tensors = cfg.family.split_tensors(tensors, cfg)  # Phi-3's fused qkv / gate_up
+    except ValueError as e:  # a fused tensor whose rows do not split as config.json says
+        raise UserError(f"{where}: fused tensors do not split as config.json implies ({e})") from None
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings and head is not None and embed is not None and not np.array_equal(head, embed):
+        raise UserError(f"{origin['lm_head.weight']}: tensor lm_head.weight differs from model.embed_tokens.weight, "
+                        "but config.json's tie_word_embeddings is true (false unties them)")
+    for name in tensors:
+        try:
+            hf_name_to_path(name)
+        except UserError as e:
+            raise UserError(f"{origin.get(name, where)}: {e.message}") from None
+    _check_tensors(cfg, tensors, origin, where)
     arrays = _arrays_from_hf_tensors(tensors)
     if dtype is None:
         dtype = arrays[("embed_tokens",)].dtype
@@ -124,9 +192,32 @@ def load_hf_dir(path: Path, dtype=None) -> tuple[LlamaForCausalLM, ModelConfig]:
 
 def config_from_hf_json(d: dict) -> ModelConfig:
     """An HF ``config.json`` dict (stock LLaMA, or vLLM's per-layer DeciLM form) -> ModelConfig."""
-    if d.get("model_type") == deci.MODEL_TYPE:
+    if isinstance(d, dict) and d.get("model_type") == deci.MODEL_TYPE:
+        check_hf_fields(d, required=("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"))
+        _check_deci_blocks(d)
         return deci.from_deci_dict(d)
     return ModelConfig.from_hf_dict(d)
+
+
+def _check_deci_blocks(d: dict) -> None:
+    """The types and ranges of the ``block_configs`` fields ``deci.from_deci_dict`` reads."""
+    blocks = d.get("block_configs")
+    if not isinstance(blocks, list) or len(blocks) != d["num_hidden_layers"]:
+        raise UserError("config: nemotron-nas needs block_configs with one entry per layer")
+    for i, b in enumerate(blocks):
+        where = f"block_configs[{i}]"
+        if not isinstance(b, dict):
+            raise UserError(f"config: {where}={b!r} must be a mapping")
+        for part in ("attention", "ffn"):
+            if not isinstance(b.get(part, {}), dict):
+                raise UserError(f"config: {where}.{part}={b[part]!r} must be a mapping")
+            for flag in ("no_op", "replace_with_linear"):
+                check_field(f"{where}.{part}.{flag}", b.get(part, {}).get(flag), Rule("bool", null=True))
+        check_field(f"{where}.attention.n_heads_in_group", b.get("attention", {}).get("n_heads_in_group"),
+                    Rule("int", 1))
+        ffn = b.get("ffn", {})
+        check_field(f"{where}.ffn.ffn_mult", ffn.get("ffn_mult"), Rule("number", 0, lo_open=True, null=True))
+        check_field(f"{where}.ffn.intermediate_size", ffn.get("intermediate_size"), Rule("int", 0, null=True))
 
 
 def load_gguf(path: Path, dtype=jnp.float32) -> tuple[LlamaForCausalLM, ModelConfig]:

@@ -15,7 +15,6 @@ import pytest
 from jaxprune import kernels, load
 from jaxprune.cli import main
 from jaxprune.errors import UserError
-from jaxprune.ops.blocks import block_shape_of
 from jaxprune.prune.select import Block, block_keep_mask, parse_pattern
 from jaxprune.weights import block_sparse_linears, linears, set_linear_impl
 
@@ -41,7 +40,15 @@ def test_block_mask_matches_reference(shape, block, per_output):
     scores = np.abs(np.random.default_rng(0).standard_normal(shape))
     got = block_keep_mask(scores, 0.5, Block(*block), per_output=per_output)
     np.testing.assert_array_equal(got, _reference_block_mask(scores, 0.5, *block, per_output))
-    assert block_shape_of(got, candidates=(block[0],)) is not None or block[0] != block[1]
+    # whole blocks (each all kept or all pruned), floor(0.5·n) pruned of each group's n (a ragged edge block counts)
+    bk, bn = block
+    cells = [[got[i:i + bk, j:j + bn] for j in range(0, shape[1], bn)] for i in range(0, shape[0], bk)]
+    assert all(c.all() or not c.any() for row in cells for c in row)
+    kept = np.array([[c.all() for c in row] for row in cells])
+    if per_output:
+        assert (kept.shape[0] - kept.sum(0) == kept.shape[0] // 2).all()
+    else:
+        assert kept.size - kept.sum() == kept.size // 2
 
 
 def test_parse_and_refusals():
@@ -68,14 +75,58 @@ def run_json(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_cli_block_prune_then_eval_and_generate_through_the_kernel(block_ckpt, small_text, capsys):
+HF_LINEARS = {("self_attn", n): f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+    ("mlp", n): f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+
+
+def wanda_block_reference(torch_model, calib):
+    """The block masks Wanda's rule gives, computed in torch / numpy: layer by layer (the layers before pruned
+    with the masks found for them, as in the Wanda paper's code), score |W_ij|·||x_i|| with x the linear's input
+    on the calibration batch (torch hooks on transformers' forward), 16x16 blocks ranked by their summed score,
+    floor(half) of each column of blocks pruned. {(layer, block, name): keep [in, out]}."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(torch_model)
+    masks = {}
+    for i, layer in enumerate(ref.model.layers):
+        sq, hooks = {}, []
+        for key, name in HF_LINEARS.items():
+            def hook(mod, args, key=key):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sq[key] = sq.get(key, 0) + (x * x).sum(0).numpy()
+            hooks.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+        with torch.no_grad():
+            ref(torch.as_tensor(calib))
+        for h in hooks:
+            h.remove()
+        for key, name in HF_LINEARS.items():
+            w = layer.get_submodule(name).weight  # [out, in]
+            scores = np.abs(w.detach().double().numpy().T) * np.sqrt(sq[key])[:, None]
+            masks[(i,) + key] = _reference_block_mask(scores, 0.5, 16, 16, per_output=True)
+            with torch.no_grad():
+                w.mul_(torch.as_tensor(masks[(i,) + key].T, dtype=w.dtype))
+    return masks
+
+
+def test_cli_block_prune_then_eval_and_generate_through_the_kernel(block_ckpt, tiny_hf_with_tokenizer, small_text,
+                                                                   capsys):
+    """The kept blocks are the top blocks by summed Wanda score (the reference above, on the run's calibration
+    windows); eval and generate through the kernel give the XLA path's numbers."""
+    from jaxprune.prune.posttraining import calibration_tokens
+
     model = load.load_model(block_ckpt)
-    masked = [lin for _, lin in linears(model) if lin.weight_mask is not None]
+    masked = {path: lin for path, lin in linears(model) if lin.weight_mask is not None}
     assert len(masked) == 14
-    for lin in masked:  # whole 16x16 blocks, floor(0.5·rows of blocks) of each column of blocks pruned (Wanda
-        m = np.asarray(lin.weight_mask[...])  # compares per output): 1 of 2 k-blocks (in = 32), 1 of 3 (in = 48)
-        assert block_shape_of(m, candidates=(16,)) == (16, 16)
-        rows = m.shape[0] // 16
+    hf_dir, torch_model = tiny_hf_with_tokenizer
+    calib = calibration_tokens(small_text, load.load_tokenizer(hf_dir), 4, 32)
+    want = wanda_block_reference(torch_model, calib)
+    assert sorted(want) == sorted(p[1:] for p in masked)
+    for path, lin in masked.items():
+        m = np.asarray(lin.weight_mask[...])
+        np.testing.assert_array_equal(m, want[path[1:]], err_msg=str(path))
+        rows = m.shape[0] // 16  # 1 of 2 k-blocks pruned per column of blocks (in = 32), 1 of 3 (in = 48)
         assert m.mean() == pytest.approx(1 - (rows // 2) / rows)
     common = ["eval", block_ckpt, "--text", small_text, "--seq-len", "32", "--max-tokens", "96", "--batch-size", "3"]
     xla, pallas = run_json(capsys, *common, "--impl", "xla"), run_json(capsys, *common, "--impl", "pallas")

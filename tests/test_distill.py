@@ -18,7 +18,7 @@ from jaxprune.partition import partition
 from jaxprune.train import DistillConfig, distillation_loss, make_loss_fn
 from jaxprune.weights import linears, model_arrays, model_from_arrays
 
-from conftest import random_llama
+from conftest import make_hf_llama, random_llama, torch_logits
 
 
 def _np_log_softmax(x):
@@ -68,23 +68,70 @@ def test_teacher_is_the_unpruned_base():
     assert isinstance(next(iter(nnx.to_flat_state(nnx.state(model, Mask))))[1], Mask)
 
 
-def test_cli_prune_distill(tiny_hf_with_tokenizer, small_text, tmp_path, capsys):
-    hf_dir, _ = tiny_hf_with_tokenizer
-    common = ["prune", str(hf_dir), "--method", "llm-pruner", "--ratio", "0.5", "--steps", "3", "--calib-samples", "2",
-              "--calib-len", "32", "--text", str(small_text), "--seq-len", "32", "--batch-size", "2", "--no-progress",
-              "--val-every", "0"]
-    assert main(common + ["--out", str(tmp_path / "plain"), "--json"]) == 0
-    assert main(common + ["--out", str(tmp_path / "kd"), "--distill", "--distill-alpha", "1.0", "--json"]) == 0
-    kd = json.loads((tmp_path / "kd" / "prune.json").read_text())
-    assert kd["distill"] == {"alpha": 1.0, "temperature": 1.0}
-    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("plain", "kd")]
-    assert first[1] < first[0]  # the KL to the unpruned model is far below the LM loss of a random 49k-vocab model
+@pytest.fixture(scope="module")
+def strong_hf(tmp_path_factory, fixtures):
+    """(dir, torch model): a tiny random LLaMA with SmolLM2's tokenizer whose pruning shows in the distributions.
+    With HF's init (std 0.02) the logits are ~0.1, every distribution is near uniform over the 49k tokens, and the
+    KL between pruned and unpruned is 1e-5 of the objective; std 0.2 and an lm_head 10x larger give logits of
+    order 10."""
+    import shutil
+
+    import torch
+
+    out, model = make_hf_llama(tmp_path_factory.mktemp("strong"), 0, vocab_size=49152, hidden_size=32,
+                               intermediate_size=48, initializer_range=0.2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(fixtures.hf_dir / name, out / name)
+    return out, model
+
+
+def first_batch(model_dir, text, seq_len: int, batch_size: int, seed: int = 0) -> np.ndarray:
+    """The training batch of step 1 (the runs' data: ``data.Blocks`` over the text's token stream)."""
+    from jaxprune import load
+    from jaxprune.data import Blocks, token_stream
+
+    blocks = Blocks.from_stream(token_stream(text, load.load_tokenizer(model_dir)), seq_len, seed=seed)
+    return blocks.batch(0, batch_size)
+
+
+def check_first_loss(run_dir, student, teacher, batch, alpha, T):
+    """The run's step-1 loss (computed before any update; LoRA's B = 0) is the objective formed in numpy from the
+    two models' logits; a teacher equal to the student, a = 0.5 (the default) or T = 1 in its place all differ
+    from it by 10x the tolerance."""
+    loss = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    want = _np_distill(student, teacher, batch, alpha, T)
+    assert loss == pytest.approx(want, rel=1e-4)
+    for wrong in (_np_distill(student, student, batch, alpha, T), _np_distill(student, teacher, batch, 0.5, T),
+                  _np_distill(student, teacher, batch, alpha, 1.0)):
+        assert abs(wrong / want - 1) > 1e-3, (wrong, want)  # 10x the tolerance above
+
+
+def test_cli_prune_distill(strong_hf, small_text, tmp_path):
+    """`prune --distill` with a = 0.3, T = 2: step 1's loss is (1-a)·CE + a·T²·KL(teacher ‖ student) with the
+    student the pruned model (the run's model after one step at lr 1e-9) and the teacher the unpruned model in
+    transformers."""
+    from jaxprune import load
+
+    hf_dir, torch_model = strong_hf
+    run = tmp_path / "kd"
+    assert main(["prune", str(hf_dir), "--method", "llm-pruner", "--ratio", "0.5", "--steps", "1", "--lr", "1e-9",
+                 "--calib-samples", "2", "--calib-len", "32", "--text", str(small_text), "--seq-len", "32",
+                 "--batch-size", "2", "--no-progress", "--val-every", "0", "--distill", "--distill-alpha", "0.3",
+                 "--distill-temp", "2", "--exclude-layers", "none", "--out", str(run), "--json"]) == 0
+    assert json.loads((run / "prune.json").read_text())["distill"] == {"alpha": 0.3, "temperature": 2.0}
+    batch = first_batch(hf_dir, small_text, 32, 2)
+    student = load.load_model(run)
+    assert student.config.num_params() < load.load_model(hf_dir).config.num_params()
+    check_first_loss(run, np.asarray(student(jnp.asarray(batch))), torch_logits(torch_model, batch), batch, 0.3, 2.0)
 
 
 @pytest.fixture(scope="module")
-def element_pruned(tiny_hf_with_tokenizer, small_text, tmp_path_factory):
+def element_pruned(strong_hf, small_text, tmp_path_factory):
     """(unpruned HF dir, magnitude 50% checkpoint, SparseGPT 50% checkpoint) of the tiny model."""
-    hf_dir, _ = tiny_hf_with_tokenizer
+    hf_dir, _ = strong_hf
     out = tmp_path_factory.mktemp("element")
     for method in ("magnitude", "sparsegpt"):
         assert main(["prune", str(hf_dir), "--method", method, "--sparsity", "0.5", "--calib", str(small_text),
@@ -120,18 +167,22 @@ def test_element_teacher_is_the_unpruned_model(element_pruned):
     assert {p: float(np.mean(np.asarray(lin.kernel[...]) == 0)) for p, lin in masked} == zeros
 
 
-def test_cli_finetune_distill_element_wise(element_pruned, small_text, tmp_path, capsys):
+def test_cli_finetune_distill_element_wise(element_pruned, strong_hf, small_text, tmp_path, capsys):
+    """`finetune --keep-sparsity --distill` with a = 0.7, T = 1.5: step 1's loss is the objective with the student
+    the magnitude-pruned checkpoint and the teacher the unpruned model in transformers (its 'pruned_from')."""
     from jaxprune import load
 
     hf_dir, ckpt, sgpt = element_pruned
     common = ["finetune", str(ckpt), "--keep-sparsity", "--text", str(small_text), "--steps", "2", "--seq-len", "32",
               "--batch-size", "2", "--lora-rank", "4", "--warmup-steps", "1", "--val-every", "0", "--no-progress"]
-    assert main(common + ["--distill", "--distill-alpha", "1.0", "--out", str(tmp_path / "kd"), "--json"]) == 0
-    assert main(common + ["--out", str(tmp_path / "plain"), "--json"]) == 0
+    assert main(common + ["--distill", "--distill-alpha", "0.7", "--distill-temp", "1.5", "--out",
+                          str(tmp_path / "kd"), "--json"]) == 0
+    batch = first_batch(hf_dir, small_text, 32, 2)
+    student = np.asarray(load.load_model(ckpt)(jnp.asarray(batch)))
+    check_first_loss(tmp_path / "kd", student, torch_logits(strong_hf[1], batch), batch, 0.7, 1.5)
     run = json.loads((tmp_path / "kd" / "run.json").read_text())
-    assert (run["teacher"], run["distill"], run["distill_alpha"]) == (str(hf_dir), True, 1.0)  # from 'pruned_from'
-    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in ("plain", "kd")]
-    assert 0 < first[1] < first[0]  # KL to the unpruned model vs the LM loss, same first batch, B = 0
+    assert (run["teacher"], run["distill"], run["distill_alpha"], run["distill_temp"]) == (str(hf_dir), True, 0.7,
+                                                                                           1.5)  # from 'pruned_from'
     before, after = load.load_model(ckpt), load.load_model(tmp_path / "kd" / "model")
     pairs = [(p, a, b) for (p, a), (_, b) in zip(linears(before), linears(after)) if a.weight_mask is not None]
     assert len(pairs) == 7 * before.config.num_layers

@@ -24,10 +24,13 @@ from jaxprune.prune.shrink import shrink
 
 from conftest import jax_logits, rewrite_config, torch_logits
 
+#: initializer_range 0.2 (HF's default 0.02 leaves q·k near 0, attention near uniform, and the logits to the
+#: embeddings: position, window and rotary features would barely show)
 KW = dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
-          num_key_value_heads=3, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+          num_key_value_heads=3, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+          initializer_range=0.2)
 FAMILIES = {"qwen2": {}, "qwen3": {"head_dim": 12}, "mistral": {"sliding_window": 4},
-            "phi3": {"sliding_window": 5, "pad_token_id": 0}}
+            "phi3": {"sliding_window": 5, "pad_token_id": 0, "partial_rotary_factor": 0.5}}
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 13))
 
 
@@ -65,6 +68,49 @@ def test_load_matches_transformers(family_model):
             "mistral": (False, False, False, 4), "phi3": (False, False, False, 5)}[family]
     assert (cfg.attention_bias, cfg.o_bias, cfg.qk_norm, cfg.sliding_window) == want
     np.testing.assert_allclose(jax_logits(model, TOKENS), torch_logits(torch_model, TOKENS), rtol=1e-4, atol=1e-4)
+
+
+def _rewrite_tensors(src, dst, change):
+    """A copy of the HF dir ``src`` at ``dst`` with ``change(name, array)`` applied to each tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    save_file({k: change(k, v) for k, v in tensors.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+#: per family, variants that each remove or change one of its features: (name, config changes, tensor change)
+FEATURES = {
+    "qwen2": [("no q/k/v bias", {}, lambda k, v: 0 * v if k.endswith("_proj.bias") else v)],
+    "qwen3": [("q/k norm weights 1", {}, lambda k, v: np.ones_like(v) if k.endswith(("q_norm.weight", "k_norm.weight"))
+               else v)],
+    "mistral": [("no window", {"sliding_window": None}, None)],
+    "phi3": [("no window", {"sliding_window": None}, None),
+             ("full rotary", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 1.0}}, None)],
+}
+
+
+def test_each_family_feature_changes_the_logits(family_model, tmp_path):
+    """The model without (or with another value of) each family feature: jaxprune's logits are still
+    transformers', and they differ from the model's by more than 1e-2 on 13 tokens (window 4 / 5: the sequence
+    is longer), so each feature is exercised by the tests that compare logits (Phi-3: half of each head's dims
+    rotated against all of them)."""
+    family, hf_dir, _ = family_model
+    model, cfg = load_hf_dir(hf_dir)
+    if family == "phi3":
+        rope = json.loads((hf_dir / "config.json").read_text())["rope_parameters"]
+        assert cfg.partial_rotary_factor == 0.5 and rope == {**FEATURES["phi3"][1][1]["rope_parameters"],
+                                                              "partial_rotary_factor": 0.5}
+    base = jax_logits(model, TOKENS)
+    for feature, changes, tensors in FEATURES[family]:
+        d = tmp_path / feature.replace(" ", "-").replace("/", "")
+        other = rewrite_config(hf_dir, d, **changes) if changes else _rewrite_tensors(hf_dir, d, tensors)
+        got = jax_logits(load_hf_dir(other)[0], TOKENS)
+        want = torch_logits(_classes(family)[1].from_pretrained(other, dtype=torch.float32).eval(), TOKENS)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=feature)
+        assert np.abs(got - base).max() > 1e-2, feature
 
 
 @pytest.mark.parametrize("unit", ["kv_group", "q_head"])
@@ -150,7 +196,7 @@ def test_unsupported_family_features_are_one_line_errors(tmp_path, capsys):
 def test_cli_prune_each_family(family, method, tmp_path, fixtures, small_text):
     """`jaxprune prune` + `export` on each family (a different method each): the export loads in the family's
     transformers class with jaxprune's logits."""
-    hf_dir, _ = make_hf(tmp_path, family, vocab_size=49152)
+    hf_dir, source = make_hf(tmp_path, family, vocab_size=49152)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(fixtures.hf_dir / name, hf_dir / name)
     run = tmp_path / "run"
@@ -169,4 +215,13 @@ def test_cli_prune_each_family(family, method, tmp_path, fixtures, small_text):
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
     back = _classes(family)[1].from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert sum(p.numel() for p in back.parameters()) == model.config.num_params()
+    # the export is smaller than the input: structured pruning drops units (parameters and bytes); Wanda's zeros
+    # keep the dense shape, half of each decoder linear zero
+    params_in = sum(p.numel() for p in source.parameters())
+    bytes_in, bytes_out = ((d / "model.safetensors").stat().st_size for d in (hf_dir, tmp_path / "hf"))
+    if method == "wanda":
+        w = back.model.layers[0].mlp.up_proj.weight.detach().numpy()
+        assert model.config.num_params() == params_in and (w == 0).mean() == pytest.approx(0.5)
+    else:
+        assert model.config.num_params() < params_in and bytes_out < bytes_in
     np.testing.assert_allclose(torch_logits(back, TOKENS), jax_logits(model, TOKENS), rtol=1e-4, atol=1e-4)

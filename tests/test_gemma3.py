@@ -5,6 +5,7 @@ spellings, and (slow) the real Gemma 3 270M from the PyPI GGUF fixture."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -86,9 +87,30 @@ def test_final_softcapping_matches_transformers(tmp_path):
     np.testing.assert_allclose(jax_logits(model, TOKENS), want, rtol=1e-4, atol=1e-4)
 
 
+def cached_step_logits(model, seq, prompt_len):
+    """The logits the KV-cache path predicts each next token of ``seq`` from: a prefill of ``seq[:prompt_len]``,
+    then one cached step per token (teacher-forced, as ``generate`` steps) -> [len(seq) - prompt_len + 1, V]."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, tokens, caches, index: nnx.merge(graphdef, st)(tokens, caches=caches,
+                                                                             cache_index=index))
+    logits, caches = run(state, jnp.asarray([seq[:prompt_len]], jnp.int32), model.init_caches(1, len(seq)), 0)
+    out = [np.asarray(logits[0, -1])]
+    for i in range(prompt_len, len(seq)):
+        logits, caches = run(state, jnp.asarray([[seq[i]]], jnp.int32), caches, jnp.int32(i))
+        out.append(np.asarray(logits[0, -1]))
+    return np.stack(out)
+
+
 def test_generate_matches_transformers(tmp_path):
-    """Greedy decoding of 14 tokens past a 6-token prompt with window 3 on the sliding layers: the KV-cache path
-    equals transformers' generate (which keeps a sliding-window cache for those layers)."""
+    """Greedy decoding of 14 tokens past a 6-token prompt, the sliding layers' window 3: prompt and output both
+    exceed it. The tokens equal transformers' generate (which keeps a sliding-window cache for those layers), and
+    every step's logits from the KV cache equal transformers' full forward over the same 20 tokens to 1e-4; the
+    window moves those logits by more than 1e-2 (the same weights with every layer global), so a cache path that
+    ignored the window fails here."""
     from jaxprune.generate import generate
 
     hf_dir, torch_model = make_gemma3(tmp_path, seed=3, sliding_window=3)
@@ -97,6 +119,11 @@ def test_generate_matches_transformers(tmp_path):
     with torch.no_grad():
         ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=14, do_sample=False, min_new_tokens=14)
     assert generate(model, prompt, max_new_tokens=14, temperature=0.0).tolist() == ref[0, len(prompt):].tolist()
+    seq = ref[0].tolist()
+    want = torch_logits(torch_model, [seq])[0, len(prompt) - 1:]
+    np.testing.assert_allclose(cached_step_logits(model, seq, len(prompt)), want, rtol=1e-4, atol=1e-4)
+    unwindowed, _ = load_hf_dir(rewrite_config(hf_dir, tmp_path / "global", layer_types=[FULL] * 3))
+    assert np.abs(jax_logits(unwindowed, [seq])[0, len(prompt) - 1:] - want).max() > 1e-2
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
@@ -262,7 +289,8 @@ def gemma3_real(fixtures):
 
 @pytest.mark.slow
 def test_gemma3_270m_matches_transformers(gemma3_real, fixtures):
-    """Logits, held-out perplexity (2 windows of 640 tokens of Hamlet) and 20 greedy tokens equal transformers'."""
+    """Logits, held-out perplexity (2 windows of 640 tokens of Hamlet) and 20 greedy tokens (sliding window cut to
+    8 tokens) equal transformers'."""
     from jaxprune import evaluate
     from jaxprune.generate import generate
 
@@ -280,11 +308,33 @@ def test_gemma3_270m_matches_transformers(gemma3_real, fixtures):
     ref = float(np.exp(sum(nll) / (WINDOWS * (SEQ - 1))))
     ours = evaluate.perplexity(model, tokens, seq_len=SEQ, batch_size=1, max_tokens=WINDOWS * SEQ, progress=False)
     assert ours["windows"] == WINDOWS and abs(ours["ppl"] / ref - 1) < PPL_RTOL, (ours["ppl"], ref)
+    # greedy decoding with the sliding layers' window cut from 512 to 8 tokens, in both models: the 12-token prompt
+    # and the 20 new tokens exceed it, so the KV-cache path's window decides the tokens
     prompt = tokens[:12].tolist()
-    with torch.no_grad():
-        greedy = torch_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                                      min_new_tokens=20)[0, 12:].tolist()
-    assert generate(model, prompt, max_new_tokens=20).tolist() == greedy
+    with sliding_window(model, torch_model, 8):
+        with torch.no_grad():
+            greedy = torch_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                          min_new_tokens=20)[0, 12:].tolist()
+        assert generate(model, prompt, max_new_tokens=20).tolist() == greedy
+
+
+@contextlib.contextmanager
+def sliding_window(model, torch_model, window: int):
+    """Both models' sliding layers with ``window`` (restored after): jaxprune's attention modules, transformers'
+    config (its masks and sliding cache) and attention modules."""
+    ours = [layer.self_attn for layer in model.layers if layer.self_attn.sliding_window is not None]
+    theirs = [layer.self_attn for layer in torch_model.model.layers if layer.self_attn.sliding_window is not None]
+    old = torch_model.config.sliding_window
+    assert ours and len(ours) == len(theirs) and {a.sliding_window for a in ours} == {old}
+    try:
+        for a in ours + theirs:
+            a.sliding_window = window
+        torch_model.config.sliding_window = window
+        yield
+    finally:
+        for a in ours + theirs:
+            a.sliding_window = old
+        torch_model.config.sliding_window = old
 
 
 @pytest.mark.slow

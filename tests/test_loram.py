@@ -240,8 +240,12 @@ def test_cli_resume_after_an_interrupted_alignment_gives_the_same_model(cli_run,
 
 
 def test_cli_loraprune_int8_base_on_a_mesh(tiny_hf_with_tokenizer, small_text, tmp_path):
-    """LoRAPrune picks the units, LoRA trains on an int8 pruned base over a 2x2 mesh; RUN/model exports."""
+    """LoRAPrune picks the units, LoRA trains on an int8 pruned base over a 2x2 mesh; with --merge RUN/model's
+    kernels are W0 + s·A^R B^R formed here in numpy: W0 the float checkpoint's weights (read with safetensors, not
+    their int8 image, which differs by up to half a quantisation step), A^R, B^R RUN/train/model's trained factors
+    scattered by units.json, s = alpha / rank = 16 / 4. RUN/model exports with its logits."""
     import torch
+    from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
     from jaxprune import load
@@ -257,8 +261,23 @@ def test_cli_loraprune_int8_base_on_a_mesh(tiny_hf_with_tokenizer, small_text, t
     units = json.loads((tmp_path / "run" / "units.json").read_text())
     assert [sum(h) for h in units["head_mask"]] == [2, 4] and [sum(c) for c in units["channel_mask"]] == [24, 48]
     assert len((tmp_path / "run" / "prune" / "metrics.jsonl").read_text().splitlines()) == 6
-    full = load.load_model(tmp_path / "run")
+    full, small = load.load_model(tmp_path / "run"), load.load_model(tmp_path / "run" / "train")
     assert not any(lin.has_lora for _, lin in linears(full))  # --merge: W0 + s·A^R B^R folded
+    w0 = load_file(hf_dir / "model.safetensors")
+    lora, int8_error = 0.0, 0.0
+    for i in range(2):
+        for block, name in DECODER_LINEARS:
+            path = ("layers", i, block, name)
+            a, b = scatter(lin_arrays(small, path, "lora_a"), lin_arrays(small, path, "lora_b"),
+                           keep_mask(units, i, name), UNIT_AXIS[name])
+            w = w0[f"model.layers.{i}.{HF_NAMES[name]}.weight"].T.astype(np.float64)  # [in, out]
+            update = 16.0 / 4 * (a.astype(np.float64) @ b.astype(np.float64))
+            np.testing.assert_allclose(lin_arrays(full, path, "kernel"), w + update, rtol=0, atol=1e-6,
+                                       err_msg=str(path))
+            step = np.abs(w).max(0) / 127  # the int8 image: per output channel absmax / 127
+            lora, int8_error = max(lora, np.abs(update).max()), max(int8_error, np.abs(
+                np.round(w / step) * step - w).max())
+    assert lora > 1e-3 and int8_error > 1e-4  # the tolerance tells W0 from its int8 image, and the LoRA from none
     out = export_hf(full, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, 49152, (2, 12))

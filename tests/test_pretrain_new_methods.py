@@ -1,8 +1,9 @@
 """LOST, SwitchLoRA and S-STE pretraining (issue 22): each method's rule against small hand-computed cases
 (S-STE's soft-threshold of a known row, LOST's SVD split, SwitchLoRA's switch of a known candidate and the
 reset of exactly the counterpart rows / columns of Adam's moments), parameter counts against the papers'
-formulas, and through the CLI: a run resumed mid-run (across switches / 2:4 pattern changes) is bitwise the
-uninterrupted one, and `jaxprune export RUN_DIR` gives transformers logits equal to the trained model's."""
+formulas, LOST's layer gradients against float64 numpy, and through the CLI: a run resumed mid-run (across
+switches / 2:4 pattern changes / LOST's training) is bitwise the uninterrupted one, and `jaxprune export RUN_DIR`
+gives transformers logits equal to the trained model's."""
 
 from __future__ import annotations
 
@@ -109,6 +110,34 @@ def test_lost_svd_split_reconstructs_w():
     np.testing.assert_allclose(merged[off], top2[off], atol=1e-5)  # ... its top-r SVD elsewhere
     x = np.random.default_rng(1).standard_normal((2, 3, 6)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), x @ merged, rtol=1e-5, atol=1e-5)
+
+
+def test_lost_layer_gradients_match_float64_numpy():
+    """The LOST layer's gradients (through nnx, as the train step takes them) of A, B, S and the bias against
+    float64 numpy: y = (x@A)@B + x[..., idx]@S + b, L = Σ (y − t)², G = 2(y − t): dA = xᵀ G Bᵀ,
+    dB = (xA)ᵀ G, dS = x[..., idx]ᵀ G, db = Σ G; the channel index (frozen) has none. A, B, S are moved off the
+    SVD init first, so no term vanishes by construction."""
+    rng = np.random.default_rng(0)
+    lin = LOSTLinear(Linear(12, 10, kernel=jnp.asarray(rng.standard_normal((12, 10)), jnp.float32), use_bias=True,
+                            bias=jnp.asarray(rng.standard_normal(10), jnp.float32)), rank=3, ratio=0.4)
+    for v in (lin.lora_a, lin.lora_b, lin.sparse_values):
+        v.set_value(v[...] + jnp.asarray(0.3 * rng.standard_normal(v[...].shape), jnp.float32))
+    x = rng.standard_normal((3, 5, 12)).astype(np.float32)
+    t = rng.standard_normal((3, 5, 10)).astype(np.float32)
+    graphdef, params, rest = nnx.split(lin, nnx.Param, ...)
+    loss, g = jax.value_and_grad(lambda p: jnp.sum((nnx.merge(graphdef, p, rest)(jnp.asarray(x)) - t) ** 2))(params)
+    a, b, sv, bias = (np.asarray(v[...], np.float64) for v in (lin.lora_a, lin.lora_b, lin.sparse_values, lin.bias))
+    idx = np.asarray(lin.channel_index[...])
+    assert len(idx) == channel_count(12, 0.4) == 5
+    x2, t2 = x.reshape(-1, 12).astype(np.float64), t.reshape(-1, 10).astype(np.float64)
+    y = x2 @ a @ b + x2[:, idx] @ sv + bias
+    G = 2 * (y - t2)
+    np.testing.assert_allclose(float(loss), ((y - t2) ** 2).sum(), rtol=1e-5)
+    for name, want in (("lora_a", x2.T @ G @ b.T), ("lora_b", (x2 @ a).T @ G), ("sparse_values", x2[:, idx].T @ G),
+                       ("bias", G.sum(0))):
+        got = np.asarray(g[name][...], np.float64)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    assert "channel_index" not in g and "kernel" not in g  # no dense weight, and the channels do not train
 
 
 def test_lost_parameter_counts():
@@ -260,7 +289,7 @@ def runs(tmp_path_factory, fixtures, small_text):
     return out
 
 
-@pytest.mark.parametrize("name", ["switchlora", "sste"])
+@pytest.mark.parametrize("name", ["switchlora", "sste", "lost"])
 def test_resume_mid_run_is_bitwise_the_same(runs, name, tmp_path, capsys):
     run_dir, out, argv = runs[name]
     ref = tmp_path / name  # the uninterrupted run (run.json records --out, so the resume happens in place)
@@ -280,10 +309,15 @@ def test_resume_mid_run_is_bitwise_the_same(runs, name, tmp_path, capsys):
                    and not np.array_equal(np.asarray(l4[p].kernel[...]), np.asarray(l.kernel[...]))
                    for p, l in switch_linears(m8)]
         assert all(changed) and out["switches_scheduled"] >= 4
-    else:  # the 2:4 pattern of the forward weight changed between the checkpoints
+    elif name == "sste":  # the 2:4 pattern of the forward weight changed between the checkpoints
         k4 = np.asarray(m4.layers[0].mlp.up_proj.merged_kernel()) != 0
         k8 = np.asarray(m8.layers[0].mlp.up_proj.merged_kernel()) != 0
         assert (k4 != k8).any()
+    else:  # LOST: A, B and S all trained between the checkpoints, on the same frozen channels
+        l4, l8 = m4.layers[0].mlp.up_proj, m8.layers[0].mlp.up_proj
+        np.testing.assert_array_equal(np.asarray(l4.channel_index[...]), np.asarray(l8.channel_index[...]))
+        assert all(not np.array_equal(np.asarray(getattr(l4, v)[...]), np.asarray(getattr(l8, v)[...]))
+                   for v in ("lora_a", "lora_b", "sparse_values"))
 
 
 @pytest.mark.parametrize("name", list(METHOD_ARGS))
@@ -312,8 +346,8 @@ def test_export_logits_equal_the_trained_model(runs, name, tmp_path):
     (["--method", "switchlora", "--lora-rank", "32"], "must be below min(in, out) = 32"),
     (["--method", "lost", "--lost-channel-ratio", "0"], "argument --lost-channel-ratio: must be a number in (0, 1]"),
     (["--method", "lost", "--lora-rank", "64"], "exceeds min(in, out) = 32"),
-    (["--method", "sste", "--hidden-size", "34", "--num-heads", "2", "--num-kv-heads", "2",
-      "--intermediate-size", "34"], "divisible by 4"),
+    (["--method", "sste", "--hidden-size", "36", "--num-heads", "2", "--num-kv-heads", "2",
+      "--intermediate-size", "34"], "divisible by 4"),  # down_proj's in = 34 (head_dim 18: RoPE needs it even)
 ])
 def test_bad_flags_are_one_line_and_leave_no_run_dir(fixtures, small_text, tmp_path, capsys, extra, needle):
     out = tmp_path / "never"

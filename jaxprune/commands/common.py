@@ -12,7 +12,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import yaml
 
 from ..errors import UserError
 from ..partition import DEFAULT_LORA_TARGETS
@@ -20,7 +19,8 @@ from ..quantize import QUANTIZE_CHOICES
 from ..runs import TrainConfig
 from ..sharding import MeshConfig
 from ..weights import IMPL_CHOICES
-from .flags import FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN
+from .flags import (FRACTION, NONNEG_FLOAT, NONNEG_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, SEQ_LEN, read_recipe,
+                    recipe_value)
 
 # options that may change on --resume without changing the trajectory (a checkpoint restores onto
 # whatever mesh the resumed run has)
@@ -134,24 +134,17 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if not getattr(args, "config", None):
         return
     path = Path(args.config)
-    if not path.exists():
-        raise UserError(f"{path}: no such config file")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: a recipe is a mapping of option: value")
+    recipe = read_recipe(path)
     options = {a.dest: a for a in parser._actions if a.option_strings}
     for key, value in recipe.items():
         dest = str(key).replace("-", "_")
         action = options.get(dest)
         if action is None or dest in ("help", "config"):
             raise UserError(f"{path}: unknown key {key!r}")
-        # YAML reads `2e-4` as a string (YAML 1.1 floats need a dot): convert like the command line does
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                why = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"{value!r} is not a valid number"
-                raise UserError(f"{path}: {key}: {why}") from None
+        try:
+            value = recipe_value(action, value)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{path}: {key}: {e}") from None
         if action.choices is not None and value not in action.choices:
             raise UserError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
         if dest not in argv_flags:

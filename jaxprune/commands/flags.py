@@ -19,6 +19,9 @@ import argparse
 import math
 import shlex
 import sys
+from pathlib import Path
+
+import yaml
 
 from ..errors import UserError
 
@@ -33,6 +36,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+    def _get_values(self, action, arg_strings):
+        # argparse drops a '--' value (``--lora-rank=--``) as the end of options and stores [] for a one-value flag
+        if action.nargs is None and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one argument (got '--')")
+        return super()._get_values(action, arg_strings)
 
 
 def _parse_int(text) -> int:
@@ -139,3 +148,52 @@ def _as_typed(value) -> str:
 def error_line(e: UserError) -> str:
     """A UserError as the command line shows it: its fields named by their flags."""
     return e.render(flag_of, _as_typed)
+
+
+# ---- YAML recipes (--config): the same checks as the command line ------------------------------------------
+def read_recipe(path) -> dict:
+    """A ``--config`` recipe: a YAML mapping of option: value (a UserError naming the file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{where})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 text; nesting too deep
+        raise UserError(f"{path}: not a YAML text ({type(e).__name__})") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe is a mapping of option: value")
+    return recipe
+
+
+def recipe_value(action: argparse.Action, value):
+    """A recipe's value for ``action`` as the command line would have it: converted by the flag's ``type``
+    (YAML reads ``2e-4`` as a string), true / false for a switch, a string for a text option, a list (or one
+    value) for a repeatable one; null only where the flag's default is null. ArgumentTypeError otherwise."""
+    if action.nargs == 0:  # --overwrite, --no-progress, ...: their dest's value
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false (got {value!r})")
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        raise argparse.ArgumentTypeError(f"must have a value (null; the default is {action.default!r})")
+    if isinstance(action, argparse._AppendAction):
+        return [_recipe_scalar(action, v) for v in (value if isinstance(value, list) else [value])]
+    return _recipe_scalar(action, value)
+
+
+def _recipe_scalar(action: argparse.Action, value):
+    if action.type is not None:
+        try:
+            return action.type(value)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a valid value ({e})") from None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise argparse.ArgumentTypeError(f"must be a string (got {value!r})")
+    return str(value)
