@@ -39,11 +39,12 @@ def main() -> int:
     slowest = [l.strip() for l in lines if re.match(r"\s*\d+\.\d+s (call|setup|teardown)", l)]
     write_json_atomic(a.out, {
         "command": f"python {' '.join(PYTEST)}", "returncode": proc.returncode, "seconds": round(seconds, 1),
-        "summary": summary, "slowest": slowest, "cpus": os.cpu_count(), "machine": platform.platform(),
+        "summary": summary, "failed": [l for l in lines if l.startswith("FAILED")], "slowest": slowest, "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": load0[0], "load_average_end": os.getloadavg()[0],
         "date": datetime.date.today().isoformat(),
     })
     print(f"{summary} in {seconds / 60:.1f} min -> {a.out}")
+    print("\n".join(l for l in lines if l.startswith("FAILED")))
     return proc.returncode
 
 

@@ -182,7 +182,7 @@ def test_eval_run_dir_is_the_sltrain_models_perplexity(sltrain_run, small_text, 
 
 @pytest.mark.parametrize("extra, needle", [
     (["--method", "sltrain", "--sparse-ratio", "0"], "argument --sparse-ratio: must be a number in (0, 1) (got 0)"),
-    (["--method", "slope", "--hidden-size", "34", "--num-heads", "2", "--num-kv-heads", "2",
+    (["--method", "slope", "--hidden-size", "36", "--num-heads", "2", "--num-kv-heads", "2",
       "--intermediate-size", "34"], "divisible by 4"),
     (["--method", "lowrank", "--targets", "nothing_matches"], "matches no decoder linear"),
     (["--method", "full", "--tokenizer", "/nonexistent/tok"], "/nonexistent/tok: no such tokenizer dir"),

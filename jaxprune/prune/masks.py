@@ -42,6 +42,13 @@ def prune_attention_units(scores: np.ndarray, head_mask: np.ndarray, ratio: floa
     return np.asarray(head_mask_from_units(~pruned, H, KV, unit))
 
 
+def masks_replaced(masks: nnx.State, d) -> nnx.State:
+    """A copy of the ``masks`` state holding the (host or device) arrays of the pure dict ``d``."""
+    new = nnx.clone(masks)
+    nnx.replace_by_pure_dict(new, jax.tree.map(jnp.asarray, d))
+    return new
+
+
 def update_structured_masks(masks: nnx.State, scores, ratio: float, cfg: ModelConfig, unit: AttnUnit,
                             layers: Sequence[int]) -> nnx.State:
     """A new masks pytree with each listed layer pruned to ``ratio`` (existing pruning kept)."""
@@ -56,9 +63,7 @@ def update_structured_masks(masks: nnx.State, scores, ratio: float, cfg: ModelCo
         mlp = d["layers"][i]["mlp"]
         m = np.asarray(mlp["channel_mask"])
         mlp["channel_mask"] = ~grow_pruned(np.asarray(mlp_scores[i]), ~m, int(ratio * len(m)))
-    new = nnx.clone(masks)
-    nnx.replace_by_pure_dict(new, jax.tree.map(jnp.asarray, d))
-    return new
+    return masks_replaced(masks, d)
 
 
 def incremental_ratios(ratio: float, n: int, top: float = 1.25) -> np.ndarray:
@@ -144,6 +149,4 @@ def global_structured_masks(masks: nnx.State, scores, ratio: float, cfg: ModelCo
             H, KV = cfg.heads(i), cfg.kv_heads(i)
             old = np.asarray(units_from_head_mask(np.asarray(attn["head_mask"]), H, KV, unit))
             attn["head_mask"] = np.asarray(head_mask_from_units(old & keep, H, KV, unit))
-    new = nnx.clone(masks)
-    nnx.replace_by_pure_dict(new, jax.tree.map(jnp.asarray, d))
-    return new
+    return masks_replaced(masks, d)

@@ -43,6 +43,7 @@ from ..errors import UserError
 from ..partition import combine
 from ..sharding import to_host
 from .groups import head_mask_from_units
+from .masks import masks_replaced
 from .posttraining import capture_input_stats, forward_layer, rope_tables
 from .registry import STRUCTURED, ScoreInputs, StructuredCriterion, option
 
@@ -197,9 +198,7 @@ def _masks_of(model, like):
     for i, layer in enumerate(model.layers):
         d["layers"][i]["self_attn"]["head_mask"] = np.asarray(layer.self_attn.head_mask[...])
         d["layers"][i]["mlp"]["channel_mask"] = np.asarray(layer.mlp.channel_mask[...])
-    new = nnx.clone(like)
-    nnx.replace_by_pure_dict(new, jax.tree.map(jnp.asarray, d))
-    return new
+    return masks_replaced(like, d)
 
 
 def slimgpt_updates(x: ScoreInputs, masks) -> dict[tuple, np.ndarray]:
