@@ -1,6 +1,6 @@
 """How fast the pruned SmolLM2-135M runs in llama.cpp, where users run it, and what 4-bit costs there (issue 32).
 
-Prunes SmolLM2-135M with FLAP (retraining-free) at one ratio in both width layouts
+Prunes SmolLM2-135M with --method (default: prune's default, SlimGPT; retraining-free) at one ratio in both width layouts
 (`--widths uniform` -> llama arch, `--widths layerwise` -> deci), exports the dense and the pruned models
 with `export --format gguf` as f16 and as 4-bit (q4_0, q4_k_m: llama.cpp's own quantizer), then in llama.cpp (the CPU
 extension of llama-cpp-cffi, `jaxprune.llamacpp`):
@@ -47,7 +47,8 @@ def tensor_types(path: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=0, help="LoRA recovery steps after pruning (FLAP needs none)")
+    ap.add_argument("--method", default=None, help="structured method (default: prune's default)")
+    ap.add_argument("--steps", type=int, default=0, help="LoRA recovery steps after pruning (0: retraining-free)")
     ap.add_argument("--quant", default="q4_0,q4_k_m",
                     help="4-bit --outtype values, comma-separated (SmolLM2's 576-wide rows do not split into "
                          "k-quant 256-blocks, so llama.cpp stores most q4_k_m tensors as q5_0 / q8_0; q4_0 is 4-bit "
@@ -67,6 +68,9 @@ def main() -> None:
     from jaxprune.cli import build_parser
     from jaxprune.evaluate import tokenize_text
     from jaxprune.fixtures import fixture_paths
+    from jaxprune.prune.pipeline import DEFAULT_METHOD
+
+    method = a.method or DEFAULT_METHOD
 
     llamacpp.require()
     paths = fixture_paths()
@@ -78,9 +82,9 @@ def main() -> None:
 
     models = {"dense": {"dir": paths.hf_dir, "widths": None}}
     for widths in ("uniform", "layerwise"):
-        run = runs / f"flap-{widths}"
-        argv = ["prune", str(paths.hf_dir), "--method", "flap", "--ratio", str(a.ratio), "--widths", widths, "--text",
-                str(paths.train_text), "--calib-samples", "64", "--calib-len", "128", "--seq-len", "128",
+        run = runs / f"{method}-{widths}"
+        argv = ["prune", str(paths.hf_dir), "--method", method, "--ratio", str(a.ratio), "--widths", widths, "--text",
+                str(paths.train_text), "--seq-len", "128",
                 "--batch-size", "4", "--recover-steps", str(a.steps), "--out", str(run), "--overwrite", "--json",
                 "--no-progress"]
         if a.reuse and (run / "prune.json").exists():
@@ -151,7 +155,7 @@ def main() -> None:
               "llama_cpp": llamacpp.WHEEL,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                           "loadavg_end": os.getloadavg()},
-              "budget": {"method": "flap", "ratio": a.ratio, "recover_steps": a.steps, "threads": a.threads,
+              "budget": {"method": method, "ratio": a.ratio, "recover_steps": a.steps, "threads": a.threads,
                          "rounds": a.rounds, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "seq_len": a.seq_len,
                          "eval_tokens": int(windows.size), "quant": a.quant},
               "models": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()}

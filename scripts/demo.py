@@ -57,7 +57,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)  # runs/ does not exist in a fresh clone
     common = ["--ratio", str(a.ratio), "--text", str(paths.train_text), "--steps", str(steps), "--seq-len", "128",
-              "--batch-size", "4", "--calib-samples", "32" if a.quick else "64", "--calib-len", "128",
+              "--batch-size", "4", *(["--calib-samples", "32"] if a.quick else []),  # else prune's default, 80 x 128
               "--save-every", str(steps), "--val-every", "0", "--overwrite", "--json"]
     runs = {"default": [], "llm-pruner": ["--method", "llm-pruner", "--widths", "layerwise"]}
     res = {}
@@ -74,11 +74,11 @@ def main() -> None:
     best = res["default"]
     hf_out, gguf_out, dense_gguf = out / "default" / "hf", out / "default" / "model-f16.gguf", out / "dense-f16.gguf"
     export_hf(best["model"], hf_out, tokenizer=tok, overwrite=True)  # uniform widths: a stock config, no padding
-    gguf_info = export_gguf(best["model"], gguf_out, tokenizer=tok, outtype="f16", overwrite=True,
-                            tokenizer_pre="smollm")
-    export_gguf(model, dense_gguf, tokenizer=tok, outtype="f16", overwrite=True, tokenizer_pre="smollm")
+    gguf_info = export_gguf(best["model"], gguf_out, tokenizer=tok, outtype="f16", overwrite=True)
+    export_gguf(model, dense_gguf, tokenizer=tok, outtype="f16", overwrite=True)
     gguf_dense_mb, gguf_pruned_mb = dense_gguf.stat().st_size / 1e6, gguf_out.stat().st_size / 1e6
-    dense_gguf.unlink()  # only its size was needed
+    cpp = llamacpp_speed(dense_gguf, gguf_out, rounds=1 if a.quick else 3)
+    dense_gguf.unlink()  # only its size and speed were needed
     print("[demo] timing stock transformers on the dense and the exported pruned model", flush=True)
     hf_speedup, hf_pruned_tps, hf_dense_tps = torch_forward_speedup(hf_out, paths.hf_dir, batch_size=4, seq_len=256)
     size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) / 1e6  # noqa: E731
@@ -92,6 +92,8 @@ def main() -> None:
             ("HF safetensors size (MB)", f"{hf_dense_mb:.1f}", f"{hf_pruned_mb:.1f}", "(per-layer: GGUF/vLLM)"),
             ("transformers forward tokens/s", f"{hf_dense_tps:.0f}", f"{hf_pruned_tps:.0f}", ""),
             ("GGUF f16 size (MB)", f"{gguf_dense_mb:.1f}", f"{gguf_pruned_mb:.1f}", "")]
+    if cpp:
+        rows.append(("llama.cpp generation tokens/s (f16)", f"{cpp['dense']:.0f}", f"{cpp['pruned']:.0f}", ""))
     head = ("", "dense", f"{DEFAULT_METHOD} {a.ratio:.0%} (default)", f"llm-pruner {a.ratio:.0%}")
     w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
@@ -106,7 +108,9 @@ def main() -> None:
           f"transformers runs it {hf_speedup:.2f}x as fast as the dense model")
     print(f"pruned model (jaxprune):     {out / 'default' / 'model'}")
     print(f"pruned model (transformers): {hf_out}  (stock LlamaForCausalLM, {hf_pruned_mb:.0f} MB)")
-    print(f"pruned model (llama.cpp):    {gguf_out}  ({gguf_info['arch']} arch, {gguf_pruned_mb:.0f} MB f16)")
+    print(f"pruned model (llama.cpp):    {gguf_out}  ({gguf_info['arch']} arch, {gguf_pruned_mb:.0f} MB f16)"
+          + (f"; llama.cpp generates {cpp['speedup']:.2f}x as fast as from the dense GGUF" if cpp else ""))
+    print(f"run it in llama.cpp:         llama-cli -m {gguf_out} -p 'ROMEO:' -n 64")
     print(f"training logs:               {out / 'default' / 'metrics.jsonl'}, {out / 'llm-pruner' / 'metrics.jsonl'}")
     print(f"[demo] done in {time.time() - t0:.0f} s")
     result = {"dense_ppl": dense_ppl, "pruned_ppl": best["ppl"], "llm_pruner_ppl": lp["ppl"],
@@ -114,9 +118,40 @@ def main() -> None:
               "hf_pruned_mb": hf_pruned_mb, "transformers_dense_tokens_per_s": hf_dense_tps,
               "transformers_pruned_tokens_per_s": hf_pruned_tps, "transformers_speedup": hf_speedup,
               "gguf_dense_mb": gguf_dense_mb, "gguf_pruned_mb": gguf_pruned_mb, "gguf_arch": gguf_info["arch"],
-              "gguf_path": str(gguf_out), "hf_path": str(hf_out), "steps": steps, "eval_tokens": eval_tokens,
+              "llamacpp_tg_tokens_per_s": cpp, "gguf_path": str(gguf_out), "hf_path": str(hf_out), "steps": steps, "eval_tokens": eval_tokens,
               "llm_pruner": {k: v for k, v in lp["summary"].items() if k != "widths"}, **s}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
+
+
+def llamacpp_speed(dense: Path, pruned: Path, rounds: int) -> dict | None:
+    """llama.cpp generation tokens/s of the two f16 GGUFs (2 threads, 32 decodes after a 128-token prompt),
+    timed round-robin so that both see the same machine load; the median round counts. None without the wheel."""
+    import numpy as np
+
+    from jaxprune import llamacpp
+    from jaxprune.errors import UserError
+
+    try:
+        llamacpp.require()
+    except UserError as e:  # the optional llama-cpp-cffi wheel is absent (make setup installs it)
+        print(f"[demo] llama.cpp speed skipped: {e}", flush=True)
+        return None
+    print("[demo] timing llama.cpp on the dense and the pruned GGUF", flush=True)
+    tps = {"dense": [], "pruned": []}
+    models = {k: llamacpp.LlamaCpp(p, n_ctx=160, n_threads=2, kv_f32=False) for k, p in (("dense", dense),
+                                                                                         ("pruned", pruned))}
+    try:
+        for m in models.values():
+            m.speed(n_prompt=128, n_gen=32, reps=1)  # warm-up
+        for r in range(rounds):
+            for k, m in models.items():
+                tps[k].append(m.speed(n_prompt=128, n_gen=32, reps=1, warmup=False, seed=r)["tg_tokens_per_s"])
+    finally:
+        for m in models.values():
+            m.close()
+    ratios = np.asarray(tps["pruned"]) / np.asarray(tps["dense"])
+    return {"dense": float(np.median(tps["dense"])), "pruned": float(np.median(tps["pruned"])),
+            "speedup": float(np.median(ratios)), "rounds": rounds, "threads": 2}
 
 
 if __name__ == "__main__":

@@ -87,3 +87,12 @@ def test_demo_quick(fixtures, tmp_path, smollm2_torch, smollm2_tokenizer):
     assert sum(int(np.prod(t.shape)) for t in reader.tensors) == res["params_after"]
     assert res["params_after"] * 2 <= path.stat().st_size <= res["params_after"] * 2 * 1.03 + 8e6
     assert abs(res["gguf_pruned_mb"] - path.stat().st_size / 1e6) < 0.1 < res["gguf_dense_mb"] - res["gguf_pruned_mb"]
+    # the tokenizer's pre-tokenizer is detected, not passed (issue 32): llama.cpp tokenises as transformers does
+    pre = reader.fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "smollm"
+    # llama.cpp ran both GGUFs (make setup installs llama-cpp-cffi) and the table prints what demo.json holds
+    cpp = res["llamacpp_tg_tokens_per_s"]
+    assert cpp and all(math.isfinite(cpp[k]) and cpp[k] > 0 for k in ("dense", "pruned", "speedup")), cpp
+    cpp_row = next(l for l in table.splitlines() if l.startswith("llama.cpp generation"))
+    assert f"{cpp['dense']:.0f}" in cpp_row and f"{cpp['pruned']:.0f}" in cpp_row
+    assert f"{cpp['speedup']:.2f}x as fast as from the dense GGUF" in table and "llama-cli -m" in table
