@@ -1,5 +1,7 @@
 """A thin wrapper over llama.cpp's C API, from the CPU extension of the PyPI wheel ``llama-cpp-cffi==0.4.42``
-(``llama/_llama_cpp_cpu.*.so``: cffi ``lib`` / ``ffi``; installed ``--no-deps`` by ``make setup``).
+(``llama/_llama_cpp_cpu.*.so``: cffi ``lib`` / ``ffi``; installed ``--no-deps`` by ``make setup``). That is
+llama.cpp build b4965 (March 2025): it runs the llama, deci, qwen2, gemma3 and phi3 archs jaxprune writes, not
+qwen3 (added to llama.cpp later).
 
 What jaxprune needs from llama.cpp: load a GGUF, tokenize text, logits for token ids, perplexity, its own
 quantizer (``llama_model_quantize``) and prompt / generation tokens per second. The extension is loaded

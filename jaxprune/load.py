@@ -43,7 +43,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> LlamaForCausalLM:
     if kind == "checkpoint":
         return checkpoint.load_model(p, dt)
     if kind == "gguf":
-        if gguf_io.gguf_architecture(p) in gguf_io.READABLE_ARCHS:  # llama, deci (per-layer widths)
+        if gguf_io.gguf_architecture(p) in gguf_io.READABLE_ARCHS:  # every arch export writes (gguf_families)
             return gguf_io.load_gguf_file(p, dt or jnp.float32)[0]
         return hf.load_gguf(p, dt or jnp.float32)[0]
     return hf.load_hf_dir(p, dt)[0]

@@ -24,8 +24,8 @@ def cmd_convert(a) -> dict:
 
 def cmd_export(a) -> dict:
     out = Path(a.out)
-    if a.format != "hf" and a.pad:
-        raise UserError(f"--pad applies to --format hf (--format {a.format} keeps per-layer widths)")
+    if a.format == "vllm" and a.pad:
+        raise UserError("--pad applies to --format hf and gguf (--format vllm keeps per-layer widths)")
     if a.format == "gguf" and out.suffix != ".gguf":
         raise UserError(f"{out}: --format gguf writes one file; name it *.gguf")
     check_output_dir(out, a.overwrite)
@@ -39,10 +39,9 @@ def cmd_export(a) -> dict:
         if pre is None and kind == "gguf":  # a GGUF source names its own pre-tokenizer
             pre = gguf_vocab.source_tokenizer_pre(src)
         res.update(gguf_io.export_gguf(model, out, tokenizer=tok, outtype=a.outtype, overwrite=a.overwrite,
-                                       tokenizer_pre=pre))
-        if pre is not None and a.tokenizer_pre is None and res["tokenizer"]:
+                                       tokenizer_pre=pre, pad=a.pad))
+        if pre is not None and a.tokenizer_pre is None and res["tokenizer"] and res["tokenizer_pre_from"] == "given":
             res["tokenizer_pre_from"] = "source gguf"
-        res["stored_params"] = cfg.num_params()
     else:
         if a.format == "vllm":
             hf.export_vllm(model, out, tokenizer=tok, overwrite=a.overwrite)
@@ -55,8 +54,11 @@ def cmd_export(a) -> dict:
         pad = f", {100 * res['padded_fraction']:.1f}% zero padding" if res["padded_fraction"] > 0 else ""
         tok_note = (f"; llama.cpp pre-tokenizer {res['tokenizer_pre']!r} ({res['tokenizer_pre_from']})"
                     if res.get("tokenizer") else "")
-        print(f"wrote {out} ({a.format}, {res['stored_params']:,} parameters stored for {res['params']:,}{pad}; "
+        arch = f" {res['arch']}" if a.format == "gguf" else ""
+        print(f"wrote {out} ({a.format}{arch}, {res['stored_params']:,} parameters stored for {res['params']:,}{pad}; "
               f"{res['bytes'] / 1e6:.1f} MB of weights{tok_note})")
+        for note in res.get("notes", ()):
+            print(f"note: {note}")
     return res
 
 
@@ -103,10 +105,11 @@ def add_model_io_parsers(sub) -> None:
     p.add_argument("out")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--format", choices=("hf", "gguf", "vllm"), default="hf",
-                   help="hf: stock transformers LLaMA (layers of one width); gguf: one file, per-layer widths "
-                        "(llama.cpp 'deci' arch when they differ); vllm: DeciLM config with per-layer widths")
+                   help="hf: stock transformers model of the family (layers of one width); gguf: one file in the "
+                        "family's llama.cpp arch (llama, qwen2, qwen3, gemma3, phi3; LLaMA / Mistral layers of "
+                        "different widths as 'deci'); vllm: DeciLM config with per-layer widths")
     p.add_argument("--pad", action="store_true",
-                   help="hf: zero-pad layers of different widths to the widest (same logits, dense size)")
+                   help="hf, gguf: zero-pad layers of different widths to the widest (same logits, dense size)")
     p.add_argument("--outtype", choices=gguf_io.OUTTYPES, default="f16",
                    help="gguf: weight type of 2-D tensors (f32, f16, q8_0 written here; q4_0, q4_k_m, ... by "
                         "llama.cpp's own quantizer, which needs llama-cpp-cffi)")

@@ -34,8 +34,9 @@ class Family:
     hf_drop: ClassVar[tuple[str, ...]] = ("pretraining_tp", "mlp_bias", "attention_bias")
     #: its config class requires hidden_size % num_attention_heads == 0 (``ModelConfig.stock_layout``)
     heads_divide_hidden: ClassVar[bool] = False
-    #: export capabilities: GGUF (llama.cpp's llama / deci arch), vLLM's per-layer DeciLM config
-    gguf: ClassVar[bool] = False
+    #: export capabilities: GGUF (as llama.cpp's ``gguf_arch``, see ``gguf_families``), vLLM's per-layer DeciLM
+    gguf: ClassVar[bool] = True
+    gguf_arch: ClassVar[str] = "llama"
     vllm_deci: ClassVar[bool] = False
     #: its HF config can hold o_proj and down_proj biases (LLaMA's attention_bias / mlp_bias, the other
     #: biases then zero): what FLAP's bias compensation writes

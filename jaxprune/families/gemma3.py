@@ -14,6 +14,7 @@ from .base import ACTIVATIONS, Family
 class Gemma3(Family):
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
+    gguf_arch = "gemma3"
     hf_keys = frozenset({"hidden_activation", "query_pre_attn_scalar", "rope_local_base_freq",
                          "sliding_window_pattern", "attn_logit_softcapping", "final_logit_softcapping",
                          "use_bidirectional_attention"})

@@ -1,4 +1,4 @@
-"""LLaMA: the reference every other family is a delta from; the only one GGUF and vLLM DeciLM export write."""
+"""LLaMA: the reference every other family is a delta from; the only one vLLM DeciLM export writes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,5 @@ class Llama(Family):
     model_type = "llama"
     architecture = "LlamaForCausalLM"
     hf_drop = ()  # ModelConfig.to_hf_dict's dict is LLaMA's
-    gguf = True
     vllm_deci = True
     output_biases = True

@@ -13,6 +13,7 @@ from .mistral import Mistral
 class Phi3(Mistral):
     model_type = "phi3"
     architecture = "Phi3ForCausalLM"
+    gguf_arch = "phi3"
     rope_type_aliases = {"su": "longrope", "yarn": "longrope"}
     writes_partial_rotary = True
 

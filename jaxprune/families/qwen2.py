@@ -12,6 +12,7 @@ from .base import Family
 class Qwen2(Family):
     model_type = "qwen2"
     architecture = "Qwen2ForCausalLM"
+    gguf_arch = "qwen2"
 
     def fields(self, d: dict) -> dict:
         if d.get("use_sliding_window") or "sliding_attention" in (d.get("layer_types") or ()):

@@ -9,6 +9,7 @@ from .qwen2 import Qwen2
 class Qwen3(Qwen2):
     model_type = "qwen3"
     architecture = "Qwen3ForCausalLM"
+    gguf_arch = "qwen3"
     hf_drop = ("pretraining_tp", "mlp_bias")  # Qwen3Config has attention_bias
 
     def attention_fields(self, d: dict) -> dict:
