@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,eval]'
 	# llama.cpp (CPU) for the GGUF tests and 4-bit export: --no-deps, see pyproject.toml's test extra.
 	$(BIN)/python -m pip install -q --no-deps llama-cpp-cffi==0.4.42
+	# PEFT, the independent reference of tests/test_adapters.py (DoRA, RandLoRA): --no-deps, its requirements
+	# (torch, transformers, accelerate, safetensors, huggingface_hub, psutil, tqdm, pyyaml) are installed above.
+	$(BIN)/python -m pip install -q --no-deps peft==0.21.0
 	rm -f $(VENV)/.installed-*; touch $@
 
 fixtures: $(STAMP)

@@ -34,6 +34,7 @@ from flax import nnx
 
 from . import kernels
 from .ops.int8 import dequantize, int8_matmul
+from .ops import sharded
 from .ops.lora import lora_matmul
 
 AXES_KEY = "logical_axes"  #: the NNX metadata key holding a Variable's logical axis names
@@ -62,6 +63,8 @@ class Linear(nnx.Module):
     ``axes`` = (in, out) logical axis names, e.g. ``("embed", "mlp")``; every Variable of the layer
     takes its dimensions' names from them. ``with_kernel=False`` builds a layer whose weight is
     composed from other factors (SLTrain); it must then override ``merged_kernel`` and ``__call__``.
+    Fine-tuning adapters other than LoRA are subclasses in ``adapters/`` that override ``low_rank()`` (the update's
+    factors: RandLoRA), or rescale ``product()`` and ``merged_kernel()`` (DoRA).
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None] = (None, None),
@@ -86,6 +89,7 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.weight_mask = nnx.data(None)
         self.impl = "xla"
+        self.kernel_mesh = None  # ops.sharded.KernelMesh: the kernels run under shard_map on it (set_linear_impl)
         self.block_layout = None  # static kernels.BlockLayout when ``kernel`` holds only the live blocks
 
     # ---- LoRA ---------------------------------------------------------------
@@ -107,6 +111,12 @@ class Linear(nnx.Module):
     @property
     def has_lora(self) -> bool:
         return self.lora_a is not None
+
+    def low_rank(self) -> tuple[jax.Array, jax.Array, float] | None:
+        """The low-rank update ``s·A@B`` as ``(A [in, r], B [r, out], s)``, or None: LoRA's factors here; an
+        adapter that composes A and B from other Variables (RandLoRA, ``adapters/``) overrides it, and every form
+        of the product below (one matmul, int8, the masked kernel) and ``merged_kernel`` then use its factors."""
+        return (self.lora_a[...], self.lora_b[...], self.lora_scale) if self.has_lora else None
 
     # ---- stored forms of W ----------------------------------------------------
     def set_int8_kernel(self, q: jax.Array, scale: jax.Array) -> None:
@@ -148,42 +158,53 @@ class Linear(nnx.Module):
         return dequantize(self.kernel[...], self.kernel_scale[...])
 
     def merged_kernel(self) -> jax.Array:
-        """``(W + s·A@B) ⊙ M``: [in, out]."""
+        """The layer's whole weight [in, out], what merging and export write: ``adapted_kernel()`` (an adapter that
+        rescales it, DoRA, overrides this)."""
+        return self.adapted_kernel()
+
+    def adapted_kernel(self) -> jax.Array:
+        """``(W + s·A@B) ⊙ M``: [in, out], the kernel ``product`` multiplies by."""
         w = self.base_kernel()
-        if self.has_lora:
-            w = w + self.lora_scale * (self.lora_a[...] @ self.lora_b[...]).astype(w.dtype)
+        if (lr := self.low_rank()) is not None:
+            w = w + lr[2] * (lr[0] @ lr[1]).astype(w.dtype)
         if self.weight_mask is not None:
             w = jnp.where(self.weight_mask[...], w, jnp.zeros((), w.dtype))
         return w
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]."""
+        y = self.product(x)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """``x @ ((W + s·A@B) ⊙ M)`` without the bias, by whichever path the layer's form takes: x [..., in] ->
+        [..., out]. Adapters that rescale the output (``adapters/dora.py``) build on it."""
+        lr = self.low_rank() if self.block_layout is None else None
         if self.block_layout is not None:
-            y = kernels.block_sparse_matmul(x, kernels.BlockSparseMatrix(self.kernel[...], self.block_layout),
-                                            impl="pallas")
+            y = sharded.block_sparse_matmul(x, kernels.BlockSparseMatrix(self.kernel[...], self.block_layout),
+                                            self.kernel_mesh)
         elif self.weight_mask is not None:
             if self.impl == "pallas":
                 w = self.base_kernel()
-                if self.has_lora:
-                    a, b, s = self.lora_a[...].astype(w.dtype), self.lora_b[...].astype(w.dtype), self.lora_scale
+                if lr is not None:
+                    a, b, s = lr[0].astype(w.dtype), lr[1].astype(w.dtype), lr[2]
                 else:  # a rank-1 zero adapter: the kernel then computes x @ (W ⊙ M)
                     a, b, s = jnp.zeros((w.shape[0], 1), w.dtype), jnp.zeros((1, w.shape[1]), w.dtype), 0.0
-                y = kernels.masked_lowrank_matmul(x, w, a, b, self.weight_mask[...], s, impl="pallas")
+                y = sharded.masked_lowrank_matmul(x, w, a, b, self.weight_mask[...], s, self.kernel_mesh, self.axes)
             else:
-                y = x @ self.merged_kernel()
-        elif self.kernel_scale is None and self.has_lora and x.dtype == self.kernel.dtype == jnp.float32:
-            y = lora_matmul(x, self.kernel[...], self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype),
-                            self.lora_scale)  # one matmul (ops/lora.py)
+                y = x @ self.adapted_kernel()
+        elif self.kernel_scale is None and lr is not None and x.dtype == self.kernel.dtype == jnp.float32:
+            y = lora_matmul(x, self.kernel[...], lr[0].astype(x.dtype), lr[1].astype(x.dtype), lr[2])  # ops/lora.py
         else:
             if self.kernel_scale is None:
                 y = x @ self.kernel[...]
             else:  # the scale is per output column, so it applies after the matmul: (x @ q) · s
                 y = int8_matmul(x, self.kernel[...], self.kernel_scale[...])
-            if self.has_lora:
-                a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-                y = y + self.lora_scale * ((x @ a) @ b)
-        if self.bias is not None:
-            y = y + self.bias[...]
+            if lr is not None:
+                a, b = lr[0].astype(x.dtype), lr[1].astype(x.dtype)
+                y = y + lr[2] * ((x @ a) @ b)
         return y
 
 

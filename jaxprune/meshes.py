@@ -70,6 +70,38 @@ class ShardingRules:
         return cls(rules, tuple(parsed))
 
 
+def logical_dims(mesh_shape, axis_rules, shape: tuple[int, ...], axes: tuple | None = None,
+                 head_dim: int | None = None):
+    """The mesh axes each dimension of an array of ``shape`` with logical ``axes`` splits over, by ``axis_rules``
+    (see ``DEFAULT_AXIS_RULES``; ``mesh_shape``: axis name -> size), and the fallbacks met.
+
+    Returns ``(dims, fallbacks)``: ``dims`` one tuple of mesh axes per dimension (``()``: not split);
+    ``fallbacks`` ``[(dim, logical name, units, first candidate axis)]`` for the dimensions none of whose
+    candidates divided (they stay unsplit). ``heads`` / ``kv_heads`` dimensions split only on whole heads of
+    ``head_dim``. The one place the rules are applied: ``sharding.Placement.spec`` (where arrays go) and
+    ``ops.sharded`` (how a Pallas kernel is partitioned under shard_map) both call it.
+    """
+    names = tuple(axes) if axes is not None and len(axes) == len(shape) else (None,) * len(shape)
+    keys = list(axis_rules)
+    order = sorted(range(len(shape)), key=lambda d: keys.index(names[d]) if names[d] in keys else len(keys))
+    used: set[str] = set()
+    dims: list[tuple[str, ...]] = [()] * len(shape)
+    fallbacks = []
+    for d in order:
+        name, size = names[d], shape[d]
+        if not name:
+            continue
+        cands = tuple(a for a in axis_rules.get(name, ()) if a not in used and mesh_shape[a] > 1)
+        units = size // head_dim if name in ("heads", "kv_heads") and head_dim else size
+        chosen = next((cands[:k] for k in range(len(cands), 0, -1)
+                       if units % math.prod(mesh_shape[a] for a in cands[:k]) == 0), ())
+        if cands and not chosen:
+            fallbacks.append((d, name, units, cands[0]))
+        used.update(chosen)
+        dims[d] = chosen
+    return tuple(dims), fallbacks
+
+
 def spec_entry(axes: tuple[str, ...]):
     """One PartitionSpec entry for a dimension split over ``axes``: None, ``"fsdp"`` or ``("tensor", "fsdp")``."""
     return axes[0] if len(axes) == 1 else (axes or None)

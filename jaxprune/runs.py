@@ -155,7 +155,8 @@ def release_run_dirs() -> None:
 #: Flags added after runs were recorded, and the value a run.json without them had in effect: such a run
 #: still resumes when the new flag is left at that value.
 IMPLIED_BEFORE_RECORDED = {"impl": "auto", "sltrain_b_init": "zero", "attn_score": "ema", "distill": False,
-                           "distill_alpha": 0.5, "distill_temp": 1.0, "teacher": None, "plugin": None}
+                           "distill_alpha": 0.5, "distill_temp": 1.0, "teacher": None, "plugin": None,
+                           "adapter": "lora"}
 
 
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:

@@ -22,6 +22,9 @@ Uneven dimensions (3 KV heads on tensor=2; MLP widths that differ per layer afte
 shard silently across a head or leave a remainder: such a dimension falls back to *replicated*
 along that mesh axis, and the fallback is reported (``Placement.fallbacks``; the CLI prints one
 line). Batches must divide by data×fsdp; a training batch that does not is refused.
+
+The Pallas kernels are not partitioned by XLA: they run under ``shard_map`` on the run's mesh with the same
+rules (``ops/sharded.py``); ``placement_for`` registers the run's mesh for them (``weights.set_linear_impl``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .errors import UserError, field_ref
 from .layers import logical_axes_of
-from .meshes import ShardingRules, default_mesh_spec, make_mesh, mesh_size, spec_entry
+from .meshes import ShardingRules, default_mesh_spec, logical_dims, make_mesh, mesh_size, spec_entry
+from .ops.sharded import KernelMesh, register_run_mesh
 
 # ---- placing pytrees ----------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -65,29 +69,13 @@ class Placement:
             if re.search(pattern, path):
                 self._check_override(path, shape, spec)
                 return spec
-        names = tuple(axes) if axes is not None and len(axes) == len(shape) else (None,) * len(shape)
-        order = sorted(range(len(shape)), key=lambda d: self._priority(names[d]))
-        used: set[str] = set()
-        dims: list = [None] * len(shape)
-        for d in order:
-            name, size = names[d], shape[d]
-            if not name:
-                continue
-            cands = tuple(a for a in self.rules.axis_rules.get(name, ()) if a not in used and self.mesh.shape[a] > 1)
-            units = size // self.head_dim if name in ("heads", "kv_heads") and self.head_dim else size
-            axes = next((cands[:k] for k in range(len(cands), 0, -1) if units % mesh_size(self.mesh, cands[:k]) == 0),
-                        ())
-            if cands and not axes:
-                self.fallbacks.append(f"{path}: {units} {name} on {cands[0]}={self.mesh.shape[cands[0]]}")
-            used.update(axes)
-            dims[d] = spec_entry(axes)
-        while dims and dims[-1] is None:
-            dims.pop()
-        return P(*dims)
-
-    def _priority(self, name) -> int:
-        keys = list(self.rules.axis_rules)
-        return keys.index(name) if name in keys else len(keys)
+        dims, fallbacks = logical_dims(self.mesh.shape, self.rules.axis_rules, shape, axes, self.head_dim)
+        for _, name, units, axis in fallbacks:
+            self.fallbacks.append(f"{path}: {units} {name} on {axis}={self.mesh.shape[axis]}")
+        entries = [spec_entry(a) for a in dims]
+        while entries and entries[-1] is None:
+            entries.pop()
+        return P(*entries)
 
     def _check_override(self, path, shape, spec):
         if len(spec) > len(shape):
@@ -136,6 +124,11 @@ class Placement:
         """A global batch, identical on every process, as a global array (each process feeds only
         the rows that live on its own devices)."""
         return put_global(batch, self.batch_sharding(batch.shape, batch_dim, strict=strict))
+
+    def kernel_mesh(self) -> KernelMesh:
+        """This mesh and its rules for the Pallas kernels under ``shard_map`` (``ops.sharded``,
+        ``weights.set_linear_impl(mesh=...)``)."""
+        return KernelMesh.of(self.mesh, self.rules.axis_rules, self.head_dim)
 
     def report(self) -> str | None:
         """One line about replicated fallbacks, or None."""
@@ -245,6 +238,7 @@ def placement_for(mc: MeshConfig, batch_shape: tuple[int, int, int], head_dim: i
     spec = mc.mesh or os.environ.get("JAXPRUNE_MESH") or default_mesh_spec(batch_shape[1])
     placement = Placement(make_mesh(spec), rules, head_dim)
     placement.batch_sharding(tuple(batch_shape), 1)
+    register_run_mesh(placement.kernel_mesh())  # the run's Pallas kernels run under shard_map on it
     return placement
 
 

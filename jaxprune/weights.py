@@ -15,10 +15,12 @@ from flax import nnx
 
 from . import kernels
 from .config import ModelConfig
-from .errors import UserError, field_ref
+from .errors import UserError
 from .layers import Linear, Mask
 from .model import LlamaForCausalLM
+from .ops import sharded
 from .ops.blocks import block_grid, block_shape_of
+from .ops.sharded import KernelMesh
 
 KeyPath = tuple  #: an NNX key path, e.g. ('layers', 3, 'self_attn', 'q_proj', 'kernel')
 
@@ -34,36 +36,45 @@ IMPL_CHOICES = ("auto", "xla", "pallas")
 
 
 def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool = False, mesh_devices: int = 1,
-                    backend: str | None = None) -> str:
+                    mesh: KernelMesh | None = None, backend: str | None = None) -> str:
     """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
-    (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU) and XLA
-    elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns the path
-    chosen, ``"xla"`` or ``"pallas"``.
+    (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU: one device or
+    a mesh) and XLA elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns
+    the path chosen, ``"xla"`` or ``"pallas"`` (:func:`choose_impl`).
 
     ``block_sparse`` (inference: eval, generate): with the Pallas path, a layer whose mask is whole square
     blocks (``prune --pattern block:BxB``, found by ``ops.blocks.block_shape_of``) is converted to its live
     blocks and runs ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block.
 
-    ``mesh_devices``: the devices of the run's mesh. A compiled Pallas call is not partitioned by XLA's SPMD
-    partitioner (Mosaic: "cannot be automatically partitioned") and the kernels are not wrapped in ``shard_map``
-    yet, so on a multi-device GPU/TPU mesh ``auto`` keeps XLA and ``pallas`` is refused (interpret mode, plain
-    jax ops, partitions like any other).  ``backend``: default ``jax.default_backend()``."""
-    variant, interpret = kernels.resolve_impl(impl, backend=backend)
-    if variant != "xla" and not interpret and mesh_devices > 1:
-        if impl != "auto":
-            raise UserError(f"{field_ref('impl')} {impl} on a {mesh_devices}-device mesh: the Pallas kernels are not "
-                            f"wrapped in shard_map yet; use {field_ref('impl')} xla (or auto), or a one-device mesh",
-                            field="impl", value=impl)
-        variant = "xla"
-    chosen = "xla" if variant == "xla" else "pallas"
+    On a mesh of several devices the kernels run under ``shard_map`` (``ops/sharded.py``: which operand is split
+    on which mesh axis, where partial sums are psum'd): XLA's SPMD partitioner cannot split a compiled Pallas
+    call. ``mesh``: the ``KernelMesh`` to run on (``sharding.Placement.kernel_mesh()``); else ``mesh_devices``
+    (the run's mesh size) picks the run's registered mesh (``ops.sharded.run_mesh``). The head size for the
+    rules comes from ``model.config``. ``backend``: default ``jax.default_backend()``."""
+    chosen = choose_impl(impl, backend)
+    if mesh is None:
+        mesh = sharded.run_mesh(mesh_devices)
+    if mesh is not None and (mesh.size == 1 or chosen == "xla"):
+        mesh = None
+    if mesh is not None:
+        mesh = mesh.with_head_dim(getattr(getattr(model, "config", None), "head_dim", None))
     for _, lin in linears(model):
         lin.impl = chosen
+        lin.kernel_mesh = mesh
         if block_sparse and chosen == "pallas" and lin.weight_mask is not None:
             mask = np.asarray(lin.weight_mask[...])
             if (b := block_shape_of(mask)) is not None:
                 bsm = kernels.BlockSparseMatrix.from_dense(lin.merged_kernel(), block_grid(mask, b), b)
                 lin.set_block_sparse(bsm)
     return chosen
+
+
+def choose_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """``"xla"`` or ``"pallas"`` for ``--impl`` on ``backend`` (default ``jax.default_backend()``), whatever the
+    mesh: ``auto`` -> ``"pallas"`` on GPU / TPU (one device or a mesh: the kernels run under ``shard_map``),
+    ``"xla"`` elsewhere; ``pallas`` -> ``"pallas"`` everywhere (interpret mode on CPU)."""
+    variant, _ = kernels.resolve_impl(impl, backend=backend)
+    return "xla" if variant == "xla" else "pallas"
 
 
 def block_sparse_linears(model: nnx.Module) -> dict[str, str]:

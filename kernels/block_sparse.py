@@ -448,6 +448,20 @@ def block_sparse_matmul(x: jax.Array, bsm: BlockSparseMatrix, *, impl: str = "au
     return y.reshape(*x.shape[:-1], bsm.shape[1])
 
 
+def block_sparse_matmul_vjp(x: jax.Array, bsm: BlockSparseMatrix, dy: jax.Array, *, impl: str = "auto",
+                            interpret: bool | None = None, block_m: int | None = None):
+    """The cotangents ``(dx [..., K], dvalues [n_live, bs_k, bs_n])`` of :func:`block_sparse_matmul` at
+    ``dy [..., N]``, by the backward kernels alone; for callers that reduce ``dvalues`` themselves (under
+    ``shard_map`` it is a partial sum over the rows this device holds: ``jaxprune.ops.sharded``)."""
+    cfg = _config(x, bsm, impl, interpret, block_m)
+    if cfg.variant == "xla":
+        dense = lambda v: BlockSparseMatrix(v, bsm.layout).to_dense()  # noqa: E731
+        _, vjp = jax.vjp(lambda x, v: reference.block_sparse_matmul_ref(x, dense(v)), x, bsm.values)
+        return vjp(dy.astype(x.dtype))
+    dx, dv = _backward(cfg, x.reshape(-1, x.shape[-1]), bsm.values, dy.reshape(-1, bsm.shape[1]))
+    return dx.reshape(x.shape), dv
+
+
 def block_sparse_matmul_with_counts(x: jax.Array, bsm: BlockSparseMatrix, *, impl: str = "pallas",
                                     interpret: bool | None = None, block_m: int | None = None):
     """Forward only, also returning ``counts [m_blocks, nb_n]``: how many block products each output

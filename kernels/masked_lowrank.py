@@ -349,6 +349,35 @@ def _as_tiles(block_sizes, backend=None) -> TileSizes:
     return TileSizes(*block_sizes)
 
 
+def _prepare(x, w, a, b, mask, scale, mask_rows, mask_cols, impl, interpret, block_sizes):
+    """Checks, then ``(cfg | None, masks)``: ``cfg`` None for the XLA path; ``masks`` as the kernels take them."""
+    (k, n), r = w.shape, a.shape[1]
+    if x.shape[-1] != k or a.shape[0] != k or b.shape != (r, n):
+        raise ValueError(f"shape mismatch: x {x.shape}, W {w.shape}, A {a.shape}, B {b.shape}")
+    if mask is not None and (mask_rows is not None or mask_cols is not None):
+        raise ValueError("pass either an element mask or mask_rows/mask_cols, not both")
+    variant, interpret = resolve_impl(impl, interpret)
+    if variant == "xla":
+        return None, None
+    if mask is not None:
+        kind, masks = "dense", (jnp.asarray(mask, bool),)
+    else:
+        kind = "rowcol"
+        masks = (jnp.ones((k,), bool) if mask_rows is None else jnp.asarray(mask_rows, bool),
+                 jnp.ones((n,), bool) if mask_cols is None else jnp.asarray(mask_cols, bool))
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    t = _as_tiles(block_sizes)
+    t = TileSizes(fit_tile(t.bm, m, variant), fit_tile(t.bk, k, variant), fit_tile(t.bn, n, variant))
+    # r is padded as the kernel flavour needs it, also in interpret mode (exercises the padding).
+    return _Cfg(variant, interpret, t, pad_rank(r, variant), float(scale), kind, k, r), masks
+
+
+def _xla(x, w, a, b, mask, scale, mask_rows, mask_cols):
+    if mask is None:
+        return reference.masked_lowrank_rowcol_ref(x, w, a, b, mask_rows, mask_cols, scale)
+    return reference.masked_lowrank_matmul_ref(x, w, a, b, mask, scale)
+
+
 def masked_lowrank_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, mask=None,
                           scale: float = 1.0, *, mask_rows=None, mask_cols=None, impl: str = "auto",
                           interpret: bool | None = None, block_sizes=None) -> jax.Array:
@@ -368,27 +397,28 @@ def masked_lowrank_matmul(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
 
     Returns ``[..., N]`` in ``x.dtype`` (float32 accumulation).
     """
-    (k, n), r = w.shape, a.shape[1]
-    if x.shape[-1] != k or a.shape[0] != k or b.shape != (r, n):
-        raise ValueError(f"shape mismatch: x {x.shape}, W {w.shape}, A {a.shape}, B {b.shape}")
-    if mask is not None and (mask_rows is not None or mask_cols is not None):
-        raise ValueError("pass either an element mask or mask_rows/mask_cols, not both")
     w = jax.lax.stop_gradient(w)
-    variant, interpret = resolve_impl(impl, interpret)
-    if variant == "xla":
-        if mask is None:
-            return reference.masked_lowrank_rowcol_ref(x, w, a, b, mask_rows, mask_cols, scale)
-        return reference.masked_lowrank_matmul_ref(x, w, a, b, mask, scale)
-    if mask is not None:
-        kind, masks = "dense", (jnp.asarray(mask, bool),)
-    else:
-        kind = "rowcol"
-        masks = (jnp.ones((k,), bool) if mask_rows is None else jnp.asarray(mask_rows, bool),
-                 jnp.ones((n,), bool) if mask_cols is None else jnp.asarray(mask_cols, bool))
-    m = int(np.prod(x.shape[:-1], dtype=np.int64))
-    t = _as_tiles(block_sizes)
-    t = TileSizes(fit_tile(t.bm, m, variant), fit_tile(t.bk, k, variant), fit_tile(t.bn, n, variant))
-    # r is padded as the kernel flavour needs it, also in interpret mode (exercises the padding).
-    cfg = _Cfg(variant, interpret, t, pad_rank(r, variant), float(scale), kind, k, r)
+    cfg, masks = _prepare(x, w, a, b, mask, scale, mask_rows, mask_cols, impl, interpret, block_sizes)
+    if cfg is None:
+        return _xla(x, w, a, b, mask, scale, mask_rows, mask_cols)
+    (k, n) = w.shape
     y = _mlr(cfg, x.reshape(-1, k), w, a, b, masks)
     return y.reshape(*x.shape[:-1], n)
+
+
+def masked_lowrank_matmul_vjp(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, mask, scale: float,
+                              dy: jax.Array, *, mask_rows=None, mask_cols=None, impl: str = "auto",
+                              interpret: bool | None = None, block_sizes=None):
+    """The cotangents ``(dx [..., K], dA [K, r], dB [r, N])`` of :func:`masked_lowrank_matmul` at ``dy [..., N]``,
+    computed by the backward kernels alone (``W``, ``M`` frozen: no cotangent); same arguments as
+    :func:`masked_lowrank_matmul`. For callers that reduce the pieces themselves: under ``shard_map``
+    (``jaxprune.ops.sharded``) ``dA`` and ``dB`` are partial sums over the rows this device holds."""
+    w = jax.lax.stop_gradient(w)
+    cfg, masks = _prepare(x, w, a, b, mask, scale, mask_rows, mask_cols, impl, interpret, block_sizes)
+    if cfg is None:
+        _, vjp = jax.vjp(lambda x, a, b: _xla(x, w, a, b, mask, scale, mask_rows, mask_cols), x, a, b)
+        return vjp(dy.astype(x.dtype))
+    (k, n) = w.shape
+    res = _pad_operands(cfg, x.reshape(-1, k), w, a, b, masks)
+    dx, _, da, db, _ = _mlr_bwd(cfg, res, dy.reshape(-1, n))
+    return dx.reshape(x.shape), da, db

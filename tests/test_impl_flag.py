@@ -77,20 +77,3 @@ def test_keep_sparsity_finetune_through_the_kernel_equals_xla(sparse_ckpt, small
     assert len(factors) == 28 and max(np.abs(xla[k]).max() for k in factors if k[-1] == "lora_b") > 1e-3
     for k in factors:
         np.testing.assert_allclose(pallas[k], xla[k], rtol=1e-4, atol=1e-6, err_msg=str(k))
-
-
-def test_multi_device_mesh_keeps_xla_until_the_kernels_are_shard_mapped():
-    """A compiled Pallas call is not partitioned by SPMD: on a multi-device GPU/TPU mesh `auto` resolves to XLA
-    and `pallas` is refused; one device, or interpret mode (CPU), keeps the kernel."""
-    from conftest import random_llama
-    from jaxprune.config import tiny_config
-    from jaxprune.errors import UserError
-    from jaxprune.weights import set_linear_impl
-
-    model = random_llama(tiny_config(), seed=0)
-    assert [set_linear_impl(model, "auto", mesh_devices=n, backend=b) for n, b in
-            ((1, "gpu"), (8, "gpu"), (8, "tpu"), (1, "cpu"), (8, "cpu"))] == ["pallas", "xla", "xla", "xla", "xla"]
-    assert set_linear_impl(model, "pallas", mesh_devices=8, backend="cpu") == "pallas"  # interpret: plain jax ops
-    assert set_linear_impl(model, "pallas", mesh_devices=1, backend="tpu") == "pallas"
-    with pytest.raises(UserError, match="^impl pallas on a 8-device mesh"):
-        set_linear_impl(model, "pallas", mesh_devices=8, backend="gpu")

@@ -14,7 +14,9 @@ Read off the official code (Mohammad-Mozaffari/slope: ``slope/slope.py`` ``prune
   (:func:`double_pruned_matmul`). With ``pretrain --impl pallas`` (``auto`` on GPU/TPU) both masked
   products run through the Pallas masked low-rank kernel (``kernels/masked_lowrank.py``, a zero rank-1
   adapter), which applies the mask per tile instead of forming ``W ⊙ M``; the backward calls it on the
-  transposed weight and mask (XLA copies ``Wᵀ`` and ``M₂ᵀ`` for it); ``∂L/∂W`` stays an XLA matmul.
+  transposed weight and mask (XLA copies ``Wᵀ`` and ``M₂ᵀ`` for it); ``∂L/∂W`` stays an XLA matmul. On a
+  mesh of several devices both products run under ``shard_map`` (``ops/sharded.py``: rows over data/fsdp,
+  tensor-parallel layers split on tensor, the backward product with the layer's axes swapped).
 * Masks: ``M`` from ``|W|`` at initialisation; both ``M`` and ``M₂`` are recomputed from the current
   magnitudes every ``mask_change_freq`` steps during the first ``refresh_frac`` of training, and
   ``M₂`` alone every ``mask_change_freq`` steps afterwards (the official sparse AdamW re-prunes the
@@ -41,10 +43,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .. import kernels
 from ..errors import UserError
 from ..layers import Linear, Mask
+from ..ops import sharded
 from ..ops.nm import nm_keep_mask
+from ..ops.sharded import KernelMesh
 from ..partition import combine
 from ..train import LoopCallbacks
 from .registry import PRETRAIN, PretrainMethod, RunHooks
@@ -72,31 +75,34 @@ def double_pruned_mask(w: jax.Array, fwd_mask: jax.Array) -> jax.Array:
     return fwd_mask & nm_mask(jnp.where(fwd_mask, w, 0), axis=1)
 
 
-def masked_matmul(x: jax.Array, w: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+def masked_matmul(x: jax.Array, w: jax.Array, mask: jax.Array, impl: str = "xla",
+                  kernel_mesh: KernelMesh | None = None, axes=(None, None)) -> jax.Array:
     """``x [..., in] @ (w ⊙ mask) [in, out]``: XLA (``"xla"``), or the Pallas masked low-rank kernel with a
     zero rank-1 adapter (``"pallas"``: compiled on GPU/TPU, interpret mode on CPU), which merges the mask
-    tile by tile and never forms ``w ⊙ mask``."""
+    tile by tile and never forms ``w ⊙ mask``; on a ``kernel_mesh`` of several devices under ``shard_map``
+    (``ops.sharded``; ``axes``: w's logical axes ``(in, out)``)."""
     if impl == "pallas":
         a, b = jnp.zeros((w.shape[0], 1), w.dtype), jnp.zeros((1, w.shape[1]), w.dtype)
-        return kernels.masked_lowrank_matmul(x, w, a, b, mask, 0.0, impl="pallas").astype(x.dtype)
+        return sharded.masked_lowrank_matmul(x, w, a, b, mask, 0.0, kernel_mesh, axes).astype(x.dtype)
     return x @ jnp.where(mask, w, 0).astype(x.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def double_pruned_matmul(x: jax.Array, w: jax.Array, fwd_mask: jax.Array, bwd_mask: jax.Array,
-                         impl: str = "xla") -> jax.Array:
+                         impl: str = "xla", kernel_mesh: KernelMesh | None = None, axes=(None, None)) -> jax.Array:
     """``x [..., in] @ (w ⊙ fwd_mask) [in, out]``; the x-gradient uses ``w ⊙ bwd_mask`` (see module doc).
-    ``impl``: both masked products through XLA or the Pallas kernel (:func:`masked_matmul`)."""
-    return masked_matmul(x, w, fwd_mask, impl)
+    ``impl``: both masked products through XLA or the Pallas kernel (:func:`masked_matmul`; ``kernel_mesh``,
+    ``axes``: its ``shard_map`` partition, the backward product's with the axes swapped)."""
+    return masked_matmul(x, w, fwd_mask, impl, kernel_mesh, axes)
 
 
-def _dpm_fwd(x, w, fwd_mask, bwd_mask, impl):
-    return double_pruned_matmul(x, w, fwd_mask, bwd_mask, impl), (x, w, fwd_mask, bwd_mask)
+def _dpm_fwd(x, w, fwd_mask, bwd_mask, impl, kernel_mesh, axes):
+    return double_pruned_matmul(x, w, fwd_mask, bwd_mask, impl, kernel_mesh, axes), (x, w, fwd_mask, bwd_mask)
 
 
-def _dpm_bwd(impl, res, g):
+def _dpm_bwd(impl, kernel_mesh, axes, res, g):
     x, w, fwd_mask, bwd_mask = res
-    dx = masked_matmul(g, w.T, bwd_mask.T, impl)  # ∂L/∂y @ (W ⊙ M ⊙ M₂)ᵀ
+    dx = masked_matmul(g, w.T, bwd_mask.T, impl, kernel_mesh, tuple(axes)[::-1])  # ∂L/∂y @ (W ⊙ M ⊙ M₂)ᵀ
     dw = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
     dw = jnp.where(fwd_mask, dw, 0).astype(w.dtype)
     return dx.astype(x.dtype), dw, None, None
@@ -146,7 +152,8 @@ class SLoPeLinear(Linear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]."""
-        y = double_pruned_matmul(x, self.kernel[...], self.nm_mask[...], self.backward_mask[...], self.impl)
+        y = double_pruned_matmul(x, self.kernel[...], self.nm_mask[...], self.backward_mask[...], self.impl,
+                                 self.kernel_mesh, self.axes)
         if self.has_lora:
             a, b, s = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype), self.lora_scale
             y = y + jax.lax.cond(self.adapter_on[...], lambda: s * ((x @ a) @ b),
