@@ -277,11 +277,12 @@ def gemma3_real(fixtures):
     from transformers import AutoModelForCausalLM
 
     from conftest import REPO
-    from jaxprune.hf import load_gguf, load_tokenizer
+    from jaxprune.gguf_io import load_gguf_file
+    from jaxprune.hf import load_tokenizer
 
     if not (fixtures.gemma3_hf_dir / "model.safetensors").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "fixtures.py")], check=True)
-    model, cfg = load_gguf(fixtures.gemma3_gguf)
+    model, cfg = load_gguf_file(fixtures.gemma3_gguf)  # our reader (what `load` uses), not transformers'
     assert (cfg.model_type, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == ("gemma3_text", 4, 1, 262144)
     torch_model = AutoModelForCausalLM.from_pretrained(fixtures.gemma3_hf_dir, dtype=torch.float32).eval()
     return model, torch_model, load_tokenizer(fixtures.gemma3_hf_dir)
