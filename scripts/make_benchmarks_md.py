@@ -191,7 +191,8 @@ def render_pruning_seeded(data: dict) -> str:
         "`+distill`: recovery on (1-a)·CE + a·KL to the unpruned model (`--distill`; a = 0.5 unless "
         "`+distill-alpha=a`). Perplexity on "
         f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
-        f"{', '.join(map(str, b.get('seeds', [])))} (seed: calibration draw, batch order, LoRA init). Memory: compiled "
+        f"{', '.join(map(str, sorted({r['seed'] for r in data.get('results', [])} or set(b.get('seeds', [])))))} "
+        "(those that ran; seed: calibration draw, batch order, LoRA init). Memory: compiled "
         "bytes of one importance pass at these shapes (`memory_analysis()`, no remat).", "",
         "Paired: perplexity over the plain method's at the same seeds (same units; only the recovery differs), and "
         "on how many seeds it is lower by more than 0.1%.", "",
