@@ -106,10 +106,23 @@ def test_gguf_f16_and_q8_0(tmp_path):
     k = ("layers", 2, "mlp", "up_proj", "kernel")
     want = np.asarray(dense_arrays(model)[k])
     np.testing.assert_array_equal(np.asarray(dense_arrays(back)[k]), want.astype(np.float16).astype(np.float32))
-    sizes = {t: gguf_io.export_gguf(model, tmp_path / f"{t}.gguf", outtype=t)["bytes"] for t in ("f32", "q8_0")}
-    assert sizes["q8_0"] < (tmp_path / "h.gguf").stat().st_size < sizes["f32"]
-    q8 = jax_logits(load.load_model(tmp_path / "q8_0.gguf"), TOKENS)
-    ref = jax_logits(model, TOKENS)
+    # q8_0 on a model whose linears' inputs split into 32-blocks (the tiny per-layer one's 48 do not: kept f16)
+    model = _uniform()
+    sizes = {t: gguf_io.export_gguf(model, tmp_path / f"{t}.gguf", outtype=t)["bytes"] for t in ("f32", "f16", "q8_0")}
+    assert sizes["q8_0"] < sizes["f16"] < sizes["f32"]
+    q8_model = load.load_model(tmp_path / "q8_0.gguf")
+    # q8_0 is exactly llama.cpp's rounding (quantize_row_q8_0, written out in numpy here): each run of 32 inputs of
+    # an output row shares d = absmax / 127 (stored f16) and q = round-half-away(x / d)
+    k = ("layers", 1, "mlp", "up_proj", "kernel")
+    want = np.asarray(dense_arrays(model)[k], np.float32)  # [in, out]
+    w = want.T.reshape(want.shape[1], -1, 32)  # ggml rows: one per output, blocks along the inputs
+    d = np.abs(w).max(-1, keepdims=True) / 127
+    x = w * np.where(d == 0, 0, 1 / np.where(d == 0, 1, d))
+    q = np.sign(x) * np.floor(np.abs(x) + 0.5)
+    rounded = (d.astype(np.float16).astype(np.float32) * q).reshape(want.shape[1], -1).T
+    np.testing.assert_allclose(np.asarray(dense_arrays(q8_model)[k]), rounded, rtol=0, atol=1e-7)
+    assert np.abs(rounded - want).max() > 1e-4  # not vacuous: q8_0 did change the weights
+    q8, ref = jax_logits(q8_model, TOKENS), jax_logits(model, TOKENS)
     assert np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()
 
 
