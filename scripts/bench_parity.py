@@ -91,7 +91,7 @@ def main() -> None:
     text = paths.play_text.read_text()
     rows = [parity(m, *sources[m], text, a.seq_len, a.windows, a.greedy) for m in a.models.split(",")]
     write_json_atomic(a.out, {
-        "benchmark": "parity", "rows": rows, "text": paths.play_text.name,
+        "benchmark": "parity", "results": rows, "text": paths.play_text.name,
         "command": "python scripts/bench_parity.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,

@@ -520,6 +520,7 @@ RENDERERS = {
                                  render_budget),
     "budget_slimgpt_recovered.json": ("The best pruned model for a budget: SlimGPT after equal LoRA recovery",
                                       render_budget),
+    "parity.json": ("jaxprune vs transformers on the real models (same fp32 weights)", render_generic),
     "budget_gemma3_free.json": ("The best pruned model for a budget: Gemma 3 270M, retraining-free", render_budget),
     "budget_gemma3_recovered.json": ("The best pruned model for a budget: Gemma 3 270M after equal LoRA recovery",
                                      render_budget),
