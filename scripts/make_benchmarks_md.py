@@ -98,14 +98,14 @@ def render_mfu(data: dict) -> str:
     return "\n".join([
         f"{data.get('model_shape')}: one jitted LoRAPrune step (forward, backward w.r.t. LoRA, importance EMA, "
         "AdamW). Model FLOPs: 2 x the forward's (matmuls incl. lm_head, causal attention); the frozen base needs "
-        f"no weight gradient. Peak: best square fp32 `jnp.dot` here (GFLOP/s by size: {peaks}).", "",
+        f"no weight gradient. Peak: best square {data.get('dtype', 'float32')} `jnp.dot` here (GFLOP/s by size: {peaks}).", "",
         table(["step", "tokens", "remat", "s / step", "tokens/s", "model GFLOP", "GFLOP/s", "MFU",
                "XLA-counted GFLOP", "XLA FLOPs / peak"], rows), "",
         f"Machine: {m.get('platform', '?')}, {m.get('cpus', '?')} CPUs, jax {m.get('jax', '?')} ({m.get('backend')}), "
         f"load average {m.get('loadavg', 0):.1f}; {data.get('date', '')}. Command: `{data.get('command', '')}`.",
         *([] if m.get("backend") in ("gpu", "tpu") else [
-            "", "**No GPU row**: no GPU was lent to any session so far; on one, `python scripts/bench_mfu.py --dtype "
-            "bfloat16 --out benchmarks/mfu_gpu.json` measures the bf16 row."]),
+            "", "The bf16 GPU row is the next table (`python scripts/bench_mfu.py --dtype bfloat16 --out "
+            "benchmarks/mfu_gpu.json` on a GPU)."]),
         *([f"Note: {data['note']}"] if data.get("note") else []),
     ])
 
@@ -359,10 +359,9 @@ def render_kernels(data: dict) -> str:
                 for c in data.get("checks", [])]
         return "\n".join([
             f"{data.get('note', '')}", "",
-            "**No timings**: no GPU/TPU was lent to the sessions so far; on one, `python scripts/bench_kernels.py "
-            "--tiles` times both kernels against dense `jnp.dot` and the XLA masked merge (aims: block-sparse at 90% "
-            ">= 4x over dense, masked low-rank >= 1.3x over the XLA merge) and every candidate tile size "
-            "(`kernels/block_sizes.py` holds hand-picked defaults until then).", "",
+            "Timings need a GPU/TPU: `python scripts/bench_kernels.py --tiles` there times both kernels against "
+            "dense `jnp.dot` and the XLA masked merge and every candidate tile size (one H200 run: the next table).",
+            "",
             table(["K x N", "sparsity", "block-sparse max rel err", "masked low-rank max rel err", "ok"], rows), "",
             f"Backend {data.get('backend')}, jax {data.get('jax')}.",
         ])
@@ -382,6 +381,7 @@ def render_kernels(data: dict) -> str:
         *(["Tile sizes tried (90% block sparsity, forward):", "", table(["kernel", "K x N", "tile", "ms"], tiles), ""]
           if tiles else []),
         f"Backend {data.get('backend')} ({', '.join(data.get('devices', [])[:1])}), jax {data.get('jax')}.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
     ])
 
 
@@ -478,6 +478,7 @@ RENDERERS = {
     "deploy.json": ("Pruned models in llama.cpp: perplexity, 4-bit cost, tokens/s", render_deploy),
     "export.json": ("Pruned models outside jaxprune: layouts, file sizes, transformers speed", render_export),
     "kernels.json": ("Pallas kernels", render_kernels),
+    "kernels_gpu.json": ("Pallas kernels on a GPU (H200)", render_kernels),
     "pruning_steps200.json": ("Structured pruning of SmolLM2-135M, 200-step budget", render_pruning),
     "pruning_speed.json": ("Forward speed of the pruned shapes (20-step runs: their perplexities mean nothing)",
                            render_pruning),
