@@ -149,6 +149,16 @@ class Linear(nnx.Module):
         self.weight_mask = nnx.data(None)
         self.block_layout = bsm.layout
 
+    def bake_weight_mask(self) -> None:
+        """Inference form of an element-masked float layer: ``kernel`` becomes ``merged_kernel()``, i.e.
+        ``(W + s·A@B) ⊙ M`` computed once (LoRA and mask dropped), so the forward is one dense matmul."""
+        w = self.merged_kernel()
+        self.kernel = with_axes(nnx.Param, w, self.axes)
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
+        self.weight_mask = nnx.data(None)
+
     def base_kernel(self) -> jax.Array:
         """W [in, out], dequantised (``q · s``, in the scale's dtype) when stored int8."""
         if self.block_layout is not None:

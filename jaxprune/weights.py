@@ -35,16 +35,22 @@ def linears(model: nnx.Module):
 IMPL_CHOICES = ("auto", "xla", "pallas")
 
 
-def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool = False, mesh_devices: int = 1,
+def set_linear_impl(model: nnx.Module, impl: str = "auto", *, inference: bool = False, mesh_devices: int = 1,
                     mesh: KernelMesh | None = None, backend: str | None = None) -> str:
     """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
     (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU: one device or
     a mesh) and XLA elsewhere; ``"pallas"`` on CPU runs the kernel in interpret mode (slow: for checks). Returns
     the path chosen, ``"xla"`` or ``"pallas"`` (:func:`choose_impl`).
 
-    ``block_sparse`` (inference: eval, generate): with the Pallas path, a layer whose mask is whole square
-    blocks (``prune --pattern block:BxB``, found by ``ops.blocks.block_shape_of``) is converted to its live
-    blocks and runs ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block.
+    ``inference`` (eval, generate, lm-eval: nothing trains): each element-masked layer takes its fastest
+    inference form. With the Pallas path, a layer whose mask is whole square blocks (``prune --pattern
+    block:BxB``, found by ``ops.blocks.block_shape_of``) is converted to its live blocks and runs
+    ``kernels.block_sparse_matmul``, which never loads or multiplies a pruned block: with ``"pallas"`` always,
+    with ``"auto"`` where :func:`block_sparse_pays`. Every other masked layer with a float kernel is baked:
+    ``(W + s·A@B) ⊙ M`` computed once and stored as a plain kernel (LoRA and mask dropped), so the forward is a
+    dense matmul — the same numbers as the masked path — except under an explicit ``"pallas"``, which keeps the
+    masked low-rank kernel (for checks). Measured on an H200 (benchmarks/kernels_gpu.json, 4096x11008, bf16):
+    dense 0.51 ms, the masked kernel 1.94 ms, XLA's per-call masked merge 4.7 ms.
 
     On a mesh of several devices the kernels run under ``shard_map`` (``ops/sharded.py``: which operand is split
     on which mesh axis, where partial sums are psum'd): XLA's SPMD partitioner cannot split a compiled Pallas
@@ -61,12 +67,27 @@ def set_linear_impl(model: nnx.Module, impl: str = "auto", *, block_sparse: bool
     for _, lin in linears(model):
         lin.impl = chosen
         lin.kernel_mesh = mesh
-        if block_sparse and chosen == "pallas" and lin.weight_mask is not None:
-            mask = np.asarray(lin.weight_mask[...])
-            if (b := block_shape_of(mask)) is not None:
-                bsm = kernels.BlockSparseMatrix.from_dense(lin.merged_kernel(), block_grid(mask, b), b)
-                lin.set_block_sparse(bsm)
+        if not inference or lin.weight_mask is None:
+            continue
+        mask = np.asarray(lin.weight_mask[...])
+        if chosen == "pallas" and (b := block_shape_of(mask)) is not None:
+            grid = block_grid(mask, b)
+            if impl == "pallas" or block_sparse_pays(1.0 - grid.mean(), mask.shape):
+                lin.set_block_sparse(kernels.BlockSparseMatrix.from_dense(lin.merged_kernel(), grid, b))
+                continue
+        if impl != "pallas" and lin.kernel_scale is None:
+            lin.bake_weight_mask()
     return chosen
+
+
+def block_sparse_pays(sparsity: float, shape: tuple[int, int]) -> bool:
+    """Whether ``--impl auto`` runs a block-masked layer of ``shape`` [in, out] at block ``sparsity`` through the
+    block-sparse kernel rather than a dense matmul of the baked weight. From one H200 run (bench_kernels.py,
+    benchmarks/kernels_gpu.json, bf16, 2048 tokens, 128x128 blocks; kernel over dense, forward / fwd+bwd):
+    4096x11008 at 50%: 1.13 / 1.02, 75%: 1.39 / 1.56, 90%: 1.99 / 2.30; 4096x4096 at 75%: 1.26 / 1.37; the
+    SmolLM2 shapes (576-wide) at 50-75%: 0.62-1.03, at 90%: 1.02-1.70. So: 90% and more, or 75% and more on
+    layers of at least 16M weights."""
+    return sparsity >= 0.9 or (sparsity >= 0.75 and shape[0] * shape[1] >= 16 * 2**20)
 
 
 def choose_impl(impl: str = "auto", backend: str | None = None) -> str:

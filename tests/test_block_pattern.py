@@ -143,7 +143,7 @@ def test_converted_layers_skip_pruned_blocks(block_ckpt):
     model = load.load_model(block_ckpt)
     tokens = np.random.default_rng(0).integers(0, 49152, (2, 16))
     want = jax_logits(model, tokens)
-    set_linear_impl(model, "pallas", block_sparse=True)
+    set_linear_impl(model, "pallas", inference=True)
     assert len(block_sparse_linears(model)) == 14
     np.testing.assert_allclose(jax_logits(model, tokens), want, rtol=1e-5, atol=1e-5)
     lin = model.layers[0].mlp.gate_proj  # [32, 48]: 2 x 3 blocks, one of the two k-blocks kept per column
@@ -155,6 +155,27 @@ def test_converted_layers_skip_pruned_blocks(block_ckpt):
     assert np.asarray(counts).tolist() == [[1, 1, 1], [1, 1, 1]]  # 2 row tiles x 3 block-columns, 1 live each
     np.testing.assert_allclose(y, x @ bsm.to_dense(), rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(bsm.to_dense()).sum()) > 0
+
+
+def test_inference_forms_bake_masks_unless_the_block_kernel_pays(block_ckpt):
+    """Inference (eval / generate / lm-eval) bakes (W ⊙ M) into a dense kernel on the XLA path and under auto where
+    the block-sparse kernel does not pay (weights.block_sparse_pays, from the H200 table): same logits, no mask
+    left; the tiny model's 50% block layers stay dense under auto even on a GPU."""
+    from jaxprune.weights import block_sparse_pays
+
+    tokens = np.random.default_rng(1).integers(0, 49152, (2, 16))
+    want = jax_logits(load.load_model(block_ckpt), tokens)
+    for impl, backend in (("xla", None), ("auto", "cpu"), ("auto", "gpu")):
+        model = load.load_model(block_ckpt)
+        set_linear_impl(model, impl, inference=True, backend=backend)
+        lins = [lin for _, lin in linears(model)]
+        assert all(lin.weight_mask is None and lin.block_layout is None and not lin.has_lora for lin in lins)
+        np.testing.assert_allclose(jax_logits(model, tokens), want, rtol=1e-6, atol=1e-6)
+        gate = model.layers[0].mlp.gate_proj.kernel[...]
+        assert int((np.asarray(gate) == 0).sum()) >= gate.size // 2  # the pruned blocks are zeros in the kernel
+    assert [block_sparse_pays(sp, shape) for sp, shape in (
+        (0.9, (576, 1536)), (0.75, (4096, 11008)), (0.75, (576, 1536)), (0.5, (4096, 11008)))] == [
+        True, True, False, False]
 
 
 def test_sparsegpt_refuses_block_patterns(tiny_hf_with_tokenizer, small_text, tmp_path, capsys):

@@ -41,10 +41,12 @@ def test_eval_and_generate_through_the_kernel_equal_xla(sparse_ckpt, small_text,
     (xla, n_xla), (pallas, n_pallas), (auto, n_auto) = xla, pallas, auto
     import jax
 
-    accel = jax.default_backend() in ("gpu", "tpu")  # auto: the kernel on GPU/TPU, XLA on CPU
-    assert n_xla == 0 and n_pallas >= 14 and n_auto == (n_pallas if accel else 0)  # 7 masked linears x 2 layers
+    accel = jax.default_backend() in ("gpu", "tpu")  # auto: the kernel path on GPU/TPU, XLA on CPU
+    # For inference, auto (and xla) bake (W ⊙ M) once into a dense kernel (weights.set_linear_impl: a dense matmul
+    # beat the masked kernel 3.8x on an H200): only an explicit --impl pallas reaches the masked kernel.
+    assert n_xla == 0 and n_pallas >= 14 and n_auto == 0  # 7 masked linears x 2 layers
     assert (xla["impl"], pallas["impl"], auto["impl"]) == ("xla", "pallas", "pallas" if accel else "xla")
-    assert pallas["ppl"] == pytest.approx(xla["ppl"], rel=1e-5) and auto["ppl"] == (pallas if accel else xla)["ppl"]
+    assert pallas["ppl"] == pytest.approx(xla["ppl"], rel=1e-5) and auto["ppl"] == xla["ppl"]
     gen = ["generate", sparse_ckpt, "--prompt", "To be, or", "--max-new-tokens", "4"]
     assert run_json(capsys, *gen, "--impl", "pallas")["token_ids"] == run_json(capsys, *gen, "--impl", "xla")["token_ids"]
 

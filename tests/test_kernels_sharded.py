@@ -277,7 +277,7 @@ def test_eval_of_a_block_pattern_model_on_meshes_equals_one_device_xla():
     for spec, rows in zip(MESHES, (1, 2)):
         placement = Placement(make_mesh(spec), head_dim=16)
         model = block_model()
-        assert set_linear_impl(model, "pallas", block_sparse=True, mesh=placement.kernel_mesh()) == "pallas"
+        assert set_linear_impl(model, "pallas", inference=True, mesh=placement.kernel_mesh()) == "pallas"
         assert len(block_sparse_linears(model)) == 7
         g, frozen, trainable, masks = partition(model)
         args = (*placement.put((trainable, frozen, masks)), placement.put_batch(tokens, 0))

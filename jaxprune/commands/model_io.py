@@ -65,7 +65,7 @@ def cmd_export(a) -> dict:
 def cmd_eval(a) -> dict:
     text = evaluate.read_text(a.text) if a.text else evaluate.read_dataset_text(a.dataset)
     model = load.load_model(a.model, a.dtype)
-    impl = set_linear_impl(model, a.impl, block_sparse=True)
+    impl = set_linear_impl(model, a.impl, inference=True)
     tokens = evaluate.tokenize_text(load.load_tokenizer(a.model), text)
     res = evaluate.perplexity(model, tokens, seq_len=a.seq_len, batch_size=a.batch_size, max_tokens=a.max_tokens,
                               progress=not a.json)
@@ -80,7 +80,7 @@ def cmd_eval(a) -> dict:
 
 def cmd_generate(a) -> dict:
     model = load.load_model(a.model, a.dtype)
-    impl = set_linear_impl(model, a.impl, block_sparse=True)
+    impl = set_linear_impl(model, a.impl, inference=True)
     tok = load.load_tokenizer(a.model)
     ids = tok(a.prompt)["input_ids"]
     out = generate(model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
