@@ -199,6 +199,31 @@ class LlamaCpp:
                 "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "threads": self.n_threads}
 
 
+def speed_rounds(paths: dict, *, rounds: int, n_prompt: int = 128, n_gen: int = 32, threads=(2,),
+                 on_round=None) -> list[dict]:
+    """Time several GGUFs fairly: every file at every thread count in each of ``rounds`` rounds, round-robin, so
+    ratios between files come from the same machine load (take them round by round, then the median).
+
+    ``paths``: {key: GGUF path}. Each model is opened once (context ``n_prompt + n_gen``, f16 KV cache) and warmed
+    once. Returns one dict per round, ``{(key, threads): LlamaCpp.speed(...)}``; ``on_round(r, that dict)`` is
+    called after each round (progress)."""
+    threads = list(threads)
+    models = {k: LlamaCpp(p, n_ctx=n_prompt + n_gen, n_threads=threads[0], kv_f32=False) for k, p in paths.items()}
+    try:
+        for m in models.values():
+            m.speed(n_prompt=n_prompt, n_gen=n_gen, reps=1)
+        out = []
+        for r in range(rounds):
+            out.append({(k, t): m.speed(n_prompt=n_prompt, n_gen=n_gen, reps=1, warmup=False, seed=r, threads=t)
+                        for k, m in models.items() for t in threads})
+            if on_round is not None:
+                on_round(r, out[-1])
+        return out
+    finally:
+        for m in models.values():
+            m.close()
+
+
 def nll_sum(logits: np.ndarray, ids) -> float:
     """Σ −log p(ids[t+1] | ids[:t+1]) from [T, V] logits (float64 log-softmax)."""
     x = np.asarray(logits, np.float64)[:-1]

@@ -117,21 +117,11 @@ def main() -> None:
     # speed: every file at --threads (wall clock, as users see it) and at 1 thread (also per CPU second: the
     # compute itself, which other jobs on a shared machine do not change), round-robin
     threads = sorted({a.threads, 1}, reverse=True)
-    open_models = {k: llamacpp.LlamaCpp(f["path"], n_ctx=a.n_prompt + a.n_gen, n_threads=a.threads, kv_f32=False)
-                   for k, f in files.items()}
-    try:
-        for m in open_models.values():  # warm every model once
-            m.speed(n_prompt=a.n_prompt, n_gen=a.n_gen, reps=1)
-        rounds = []
-        for r in range(a.rounds):
-            rounds.append({(k, t): m.speed(n_prompt=a.n_prompt, n_gen=a.n_gen, reps=1, warmup=False, seed=r, threads=t)
-                           for k, m in open_models.items() for t in threads})
-            print(f"[deploy] round {r + 1}/{a.rounds}: " + ", ".join(
-                f"{k[0]}-{k[1]}@{t} pp {v['pp_tokens_per_s']:.0f} tg {v['tg_tokens_per_s']:.1f}"
-                for (k, t), v in rounds[-1].items()), flush=True)
-    finally:
-        for m in open_models.values():
-            m.close()
+    rounds = llamacpp.speed_rounds(
+        {k: f["path"] for k, f in files.items()}, rounds=a.rounds, n_prompt=a.n_prompt, n_gen=a.n_gen,
+        threads=threads, on_round=lambda r, rd: print(f"[deploy] round {r + 1}/{a.rounds}: " + ", ".join(
+            f"{k[0]}-{k[1]}@{t} pp {v['pp_tokens_per_s']:.0f} tg {v['tg_tokens_per_s']:.1f}"
+            for (k, t), v in rd.items()), flush=True))
 
     results = []
     for (name, outtype), f in files.items():

@@ -137,18 +137,9 @@ def llamacpp_speed(dense: Path, pruned: Path, rounds: int) -> dict | None:
         print(f"[demo] llama.cpp speed skipped: {e}", flush=True)
         return None
     print("[demo] timing llama.cpp on the dense and the pruned GGUF", flush=True)
-    tps = {"dense": [], "pruned": []}
-    models = {k: llamacpp.LlamaCpp(p, n_ctx=160, n_threads=2, kv_f32=False) for k, p in (("dense", dense),
-                                                                                         ("pruned", pruned))}
-    try:
-        for m in models.values():
-            m.speed(n_prompt=128, n_gen=32, reps=1)  # warm-up
-        for r in range(rounds):
-            for k, m in models.items():
-                tps[k].append(m.speed(n_prompt=128, n_gen=32, reps=1, warmup=False, seed=r)["tg_tokens_per_s"])
-    finally:
-        for m in models.values():
-            m.close()
+    rounds_ = llamacpp.speed_rounds({"dense": dense, "pruned": pruned}, rounds=rounds, n_prompt=128, n_gen=32,
+                                    threads=(2,))
+    tps = {k: [rd[(k, 2)]["tg_tokens_per_s"] for rd in rounds_] for k in ("dense", "pruned")}
     ratios = np.asarray(tps["pruned"]) / np.asarray(tps["dense"])
     return {"dense": float(np.median(tps["dense"])), "pruned": float(np.median(tps["pruned"])),
             "speedup": float(np.median(ratios)), "rounds": rounds, "threads": 2}
