@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .commands.finetune import add_finetune_parser
 from .commands.flags import Parser, error_line
@@ -21,10 +22,11 @@ from .commands.prune import add_prune_parser
 from .errors import UserError
 from .plugins import load_entry_point_plugins, load_plugin, plugin_args
 from .runs import release_run_dirs
-from .train import PREEMPTED_EXIT, Preempted
+from .train import PREEMPTED_EXIT, CommandSignals, Preempted, StoppedEarly
 
 #: exit codes: 0 done; 2 bad input (one line on stderr); 74 an output could not be written (disk full,
-#: read-only); 75 stopped by SIGTERM / SIGINT after saving a checkpoint (rerun with --resume); 130 interrupted
+#: read-only); 75 stopped by SIGTERM / SIGINT (in training after saving a checkpoint, elsewhere at once with
+#: nothing half-written: rerun with --resume); 130 a second SIGINT during training's checkpoint
 IO_ERROR_EXIT = 74
 
 
@@ -58,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     args.argv = argv  # recipes (--config) must know which flags were given explicitly
     try:
-        result = args.fn(args)
+        with CommandSignals():
+            result = args.fn(args)
+    except StoppedEarly as e:
+        out = getattr(args, "out", None)
+        again = ("rerun the same command with --resume to finish" if out and (Path(out) / "run.json").exists()
+                 else "rerun the same command")
+        print(f"jaxprune {args.command}: {e}; {again}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except UserError as e:
         print(f"jaxprune {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2

@@ -138,7 +138,7 @@ def recovery_job(s, frozen, masks, train: TrainConfig, describe) -> TrainJob:
 
 def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, layers: Sequence[int],
                    placement: Placement, *, calib_samples: int, calib_len: int, calib_batch: int | None, seed: int,
-                   options=None, frozen=None, widths: str = "layerwise"):
+                   options=None, frozen=None, widths: str = "layerwise", progress: bool = True):
     """(host masks, the ``ScoreInputs`` scored) of ``s`` (``runs.LoraSetup``-like: graphdef, frozen, trainable,
     masks, blocks, model), scored once by ``criterion``: the lowest-scored ``ratio`` of units of each layer in
     ``layers`` masked, or with ``widths='global'`` one threshold over all of them
@@ -151,7 +151,7 @@ def one_shot_masks(criterion: StructuredCriterion, s, ratio: float, unit: str, l
         calib = calibration_batch(s, placement, calib_samples, calib_len, seed)
     frozen = placement.put(s.frozen) if frozen is None else frozen
     inputs = ScoreInputs(cfg, unit, s.graphdef, frozen, placement.put(s.trainable),
-                         placement.put(s.masks), calib, seed, calib_batch, options)
+                         placement.put(s.masks), calib, seed, calib_batch, options, progress=progress)
     ratios = layer_ratios(widths, ratio, layers)
     if criterion.select is not None:
         return criterion.select(inputs, ratios), inputs
@@ -214,7 +214,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
         masks, inputs = one_shot_masks(criterion, s, prune.ratio, unit, layers, placement,
                                        calib_samples=prune.calib_samples, calib_len=prune.calib_len,
                                        calib_batch=prune.calib_batch, seed=train.seed, options=opts, frozen=frozen,
-                                       widths=widths)
+                                       widths=widths, progress=train.progress)
         if criterion.compensate is not None:  # a new base (new output biases: a new shape), so LoRA goes on anew
             updated = with_weight_updates(s.model, criterion.compensate(inputs, masks))
             del inputs, frozen

@@ -100,6 +100,7 @@ class ScoreInputs:
     calib_batch: int | None = None
     options: Any = None
     cache: dict = field(default_factory=dict)  # a criterion's statistics, shared by its score and compensate
+    progress: bool = True  # a criterion's own progress bar (SlimGPT's per layer), off with --no-progress
 
     def frozen_arrays(self) -> dict:
         """The frozen base as a nested dict: ``d["layers"][i]["self_attn"]["q_proj"]["kernel"]`` [in, out]."""

@@ -143,12 +143,13 @@ def _attention_units(cfg, i: int, unit: str, ratio: float):
     return D, per * KV, np.repeat(np.arange(KV), G), per
 
 
-def slimgpt_select(x: ScoreInputs, ratios: dict[int, float], progress: bool = True):
+def slimgpt_select(x: ScoreInputs, ratios: dict[int, float], progress: bool | None = None):
     """Masks of every layer in ``ratios`` ({layer: fraction of units removed}) chosen by sequential structured OBS;
     the compensated ``o_proj`` / ``down_proj`` kernels are left in ``x.cache['slimgpt']`` for
     :func:`slimgpt_updates`. Returns the host masks (``nnx.State`` like ``x.masks``)."""
     if x.calib is None:
         raise UserError("slimgpt needs calibration samples")
+    progress = x.progress if progress is None else progress
     opts = x.options or SlimGPTOptions()
     cfg = x.cfg
     host = jax.tree.map(jnp.asarray, to_host((x.frozen, x.trainable, x.masks)))

@@ -1,5 +1,13 @@
-"""Stopping a run cleanly on SIGTERM / SIGINT: the loop finishes its step, saves a checkpoint on every
-process and raises ``Preempted``; the CLI exits with ``PREEMPTED_EXIT`` (rerun with --resume)."""
+"""Stopping a run cleanly on SIGTERM / SIGINT, whatever it is doing.
+
+* In the training loop (``StopSignals``): the loop finishes its step, saves a checkpoint on every process and
+  raises ``Preempted``.
+* Anywhere else in a command (loading, calibrating, selecting, saving: ``CommandSignals``, installed by the CLI
+  around the whole command): the signal raises ``StoppedEarly`` at once. Nothing is half-written, since every
+  output is written atomically (a temp file or directory, then ``os.replace``; an interrupted save removes its
+  temp), and the work done so far is deterministic, so ``--resume`` redoes it and finishes with the same result.
+
+Either way the CLI exits with ``PREEMPTED_EXIT`` (75, EX_TEMPFAIL: rerun)."""
 
 from __future__ import annotations
 
@@ -22,6 +30,41 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signame} after step {step}; checkpoint saved in {directory} "
                          "(continue with --resume)")
         self.step = step
+
+
+class StoppedEarly(Exception):
+    """A SIGTERM / SIGINT outside the training loop (``CommandSignals``)."""
+
+    def __init__(self, signame: str):
+        super().__init__(f"stopped by {signame}; nothing is half-written (outputs are written atomically)")
+        self.signame = signame
+
+
+class CommandSignals:
+    """While active (the CLI, around a whole command), SIGTERM and SIGINT raise ``StoppedEarly`` in the main
+    thread at the next Python instruction; the training loop's ``StopSignals`` takes over inside it (and
+    hands the handlers back after). A second signal while the first unwinds is ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self._old: dict = {}
+        self.received: int | None = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            raise StoppedEarly(signal.Signals(signum).name)
 
 
 class StopSignals:
