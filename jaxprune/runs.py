@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from . import load
-from .data import Blocks, token_stream
+from .data import Blocks, training_blocks
 from .errors import UserError, field_ref
 from .fileio import write_json_atomic
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
@@ -156,7 +156,8 @@ def release_run_dirs() -> None:
 #: still resumes when the new flag is left at that value.
 IMPLIED_BEFORE_RECORDED = {"impl": "auto", "sltrain_b_init": "zero", "attn_score": "ema", "distill": False,
                            "distill_alpha": 0.5, "distill_temp": 1.0, "teacher": None, "plugin": None,
-                           "adapter": "lora"}
+                           "adapter": "lora", "rank_allocation": "fixed", "rank_target": None, "rank_init": 1,
+                           "rank_tinit": 0, "rank_tfinal": 0, "rank_every": 1, "rank_grow": 1}
 
 
 def check_run_dir(out: str | None, record: dict, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
@@ -229,7 +230,7 @@ def setup_lora(model_path: str, cfg: TrainConfig, model=None, *, mesh_devices: i
     tok = load.load_tokenizer(model_path)
     paths = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, seed=cfg.seed)
     graphdef, frozen, trainable, masks = partition(model)
-    blocks = Blocks.from_stream(token_stream(cfg.text, tok), cfg.seq_len, seed=cfg.seed)
+    blocks = training_blocks(cfg.text, tok, cfg.seq_len, seed=cfg.seed)  # several processes: each reads its share
     return LoraSetup(model, tok, graphdef, frozen, trainable, masks, blocks, paths, impl)
 
 
@@ -262,6 +263,7 @@ class TrainJob:
     hook_state: Any = ()
     callbacks: Callable[[Any, Placement], LoopCallbacks | None] | None = None
     on_start: Callable[[TrainState, Any, int], TrainState] | None = None
+    mask_fn: Callable | None = None  # (masks, step_index) -> the masks one step trains through (DyLoRA)
 
 
 @dataclass
@@ -289,7 +291,7 @@ def run_training(job: TrainJob, cfg: TrainConfig, placement: Placement, run_dir:
     callbacks = job.callbacks(frozen, placement) if job.callbacks is not None else None
     step_fn = make_train_step(job.graphdef, job.optimizer, grad_hook=job.grad_hook,
                               compute_dtype=cfg.jnp_compute_dtype(), state_shardings=state_shardings_of(state),
-                              distill=cfg.distill_config())
+                              distill=cfg.distill_config(), mask_fn=job.mask_fn)
     eval_fn = make_eval_step(job.graphdef, cfg.jnp_compute_dtype())
     state = train_loop(state, frozen, step_fn, eval_fn, job.blocks, run_dir, cfg.loop(), start_step=start,
                        callbacks=callbacks, placement=placement)

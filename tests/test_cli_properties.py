@@ -77,6 +77,9 @@ SPEC: dict[str, Range] = {
     "--cooldown-frac": BELOW_1, "--beta": BELOW_1, "--select-steps": INT_GE1, "--select-lora-rank": INT_GE1,
     "--blocksize": INT_GE1, "--percdamp": NONNEG, "--ridge": NONNEG, "--prune-steps": INT_GE1,
     "--align-steps": INT_GE0, "--align-lr": POSITIVE,
+    # finetune --rank-allocation
+    "--rank-target": INT_GE1, "--rank-init": INT_GE1, "--rank-tinit": INT_GE0, "--rank-tfinal": INT_GE0,
+    "--rank-every": INT_GE1, "--rank-grow": INT_GE1,
     # pretrain: the model and the methods
     "--hidden-size": INT_GE1, "--intermediate-size": INT_GE1, "--num-layers": INT_GE1, "--num-heads": INT_GE1,
     "--num-kv-heads": INT_GE1, "--head-dim": INT_GE1, "--sparse-ratio": OPEN_UNIT, "--adapter-rank": INT_GE0,

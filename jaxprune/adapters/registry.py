@@ -41,9 +41,9 @@ FEATURES = tuple(_FEATURE_TEXT)
 class Adapter:
     """A registered adapter. ``convert(lin, rngs, shared) -> Linear``: the adapter's layer built from a LoRA-carrying
     ``lin`` (None: LoRA, the layer as it is); ``shared(lins, rngs)``: what the layers share (None: nothing);
-    ``lora_guided``: the layer keeps LoRA's A, B and LoRAPrune's
-    importance ``|∇(s·A@B) ⊙ W'|`` reads them; ``saves_unmerged``: a model with this adapter can be saved as
-    a checkpoint without merging (the checkpoint format records LoRA factors only)."""
+    ``lora_guided``: the layer keeps LoRA's A, B and LoRAPrune's importance ``|∇(s·A@B) ⊙ W'|`` could read them
+    (``prune`` selects with LoRA whatever ``--recover-adapter`` is); ``saves_unmerged``: a model with this adapter
+    can be saved as a checkpoint without merging (the checkpoint format records LoRA factors only)."""
     name: str
     summary: str
     convert: Callable[[Linear, nnx.Rngs, Any], Linear] | None = None

@@ -12,15 +12,18 @@ from pathlib import Path
 
 from .. import checkpoint, load
 from ..adapters import ADAPTERS, attach_adapter
+from ..adapters.rank_allocation import (RANK_ALLOCATIONS, RankAllocationConfig, attach_rank_masks,
+                                        finalize_rank_masks, training_hooks)
 from ..errors import UserError
 from ..partition import partition, tree_size
 from ..prune.element_teacher import restore_pruned_weights, rezero_pruned_weights
 from ..prune.posttraining import attach_sparsity_masks
 from ..runs import TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora
 from ..sharding import init_distributed, is_main_process, log, placement_for
-from ..train import make_optimizer
+from ..train import LoopCallbacks, make_optimizer
 from ..weights import merge_lora
 from .common import add_distill_args, add_run_args, mesh_config, run_record, train_config, with_config
+from .flags import NONNEG_INT, POSITIVE_INT
 
 
 
@@ -39,6 +42,10 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     adapter = ADAPTERS.get(args.adapter)
     adapter.check(distill=args.distill, int8=args.quantize_base == "int8", keep_sparsity=args.keep_sparsity,
                   pallas=args.impl == "pallas")
+    alloc = rank_allocation_config(args, cfg)
+    if alloc.kind != "fixed" and adapter.name != "lora":
+        raise UserError(f"--rank-allocation {alloc.kind} masks LoRA's rank components (A[:, j], B[j, :]): not with "
+                        f"--adapter {adapter.name}; use --adapter lora")
     model = None
     if args.keep_sparsity:  # element masks: kept from a checkpoint, else W != 0
         model = load.load_model(args.model, cfg.dtype)
@@ -52,11 +59,19 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     if adapter.convert is not None:  # LoRA is attached (same draws at one seed); the adapter's layers replace it
         attach_adapter(s.model, adapter.name, seed=cfg.seed)
         s.graphdef, s.frozen, s.trainable, s.masks = partition(s.model)
+    extra = {}
+    if alloc.kind != "fixed":  # a rank mask per LoRA layer (the masks pytree) and the schedule's hooks
+        layers = attach_rank_masks(s.model, alloc)
+        s.graphdef, s.frozen, s.trainable, s.masks = partition(s.model)
+        allocator, extra = training_hooks(alloc, s.trainable, layers)
+        extra["callbacks"] = lambda frozen, placement: LoopCallbacks(after_step=allocator.after_step,
+                                                                     describe=allocator.describe)
     run_dir, prev = prepare_run_dir(cfg.out, run_record(args, "finetune"), resume=cfg.resume,
                                     overwrite=cfg.overwrite)  # after the checks above: bad input leaves no run dir
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(cfg.optim()),
-                   head_dim=s.model.config.head_dim)
+                   head_dim=s.model.config.head_dim, **extra)
     result = run_training(job, cfg, placement, run_dir, resume=prev is not None)
+    ranks = finalize_rank_masks(result.model) if alloc.kind != "fixed" else None  # masked components dropped
     merge = args.merge or not adapter.saves_unmerged
     if merge and not args.merge and not cfg.quiet:
         log(f"{run_dir / 'model'}: the {adapter.name} adapter is merged into the weights (a checkpoint records "
@@ -67,7 +82,8 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
     if is_main_process():
         checkpoint.save_model(model, run_dir / "model", tokenizer=s.tokenizer, overwrite=True)
     return {"run_dir": str(run_dir), "impl": s.impl, "adapter": adapter.name, "merged": merge,
-            "trainable_params": tree_size(result.state.trainable), **last_metrics(run_dir)}
+            "trainable_params": tree_size(result.state.trainable), "rank_allocation": alloc.kind,
+            **({"ranks_kept": sum(ranks.values())} if ranks is not None else {}), **last_metrics(run_dir)}
 
 
 def add_finetune_parser(sub) -> None:
@@ -78,6 +94,23 @@ def add_finetune_parser(sub) -> None:
                    help="what trains on the frozen base (names as PEFT's): "
                         + "; ".join(f"{a.name}: {a.summary}" for a in ADAPTERS)
                         + ". --lora-rank / --lora-alpha / --targets set every adapter's A, B")
+    p.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS, default="fixed",
+                   help="how many of LoRA's --lora-rank components each layer keeps (adapters/rank_allocation.py): "
+                        "fixed: all; adalora: sensitivity-scored components masked globally down a cubic budget "
+                        "schedule to --rank-target per layer on average; increlora: layers start at --rank-init and "
+                        "the highest-scoring grow by one every --rank-every steps up to --rank-target on average; "
+                        "dylora: each step trains a random rank b <= r (scale α/b), any rank works afterwards")
+    p.add_argument("--rank-target", type=POSITIVE_INT, default=None,
+                   help="adalora / increlora: the average rank per layer at the end (default: --lora-rank / 2)")
+    p.add_argument("--rank-init", type=POSITIVE_INT, default=1, help="increlora: each layer's starting rank")
+    p.add_argument("--rank-tinit", type=NONNEG_INT, default=0,
+                   help="adalora / increlora: steps before the first allocation (AdaLoRA's t_init)")
+    p.add_argument("--rank-tfinal", type=NONNEG_INT, default=0,
+                   help="adalora / increlora: final steps with the ranks fixed (AdaLoRA's t_final)")
+    p.add_argument("--rank-every", type=POSITIVE_INT, default=1,
+                   help="adalora / increlora: steps between allocations (AdaLoRA's ΔT, IncreLoRA's interval)")
+    p.add_argument("--rank-grow", type=POSITIVE_INT, default=1,
+                   help="increlora: layers that grow by one rank per increment")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights in RUN_DIR/model")
     p.add_argument("--keep-sparsity", action="store_true",
                    help="train through (W + s·A@B) ⊙ M: masks from the checkpoint, else M = (W != 0)")
@@ -87,6 +120,16 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--teacher", default=None,
                    help="--distill: the unpruned model (default: the checkpoint's 'pruned_from')")
     p.set_defaults(fn=with_config(cmd_finetune, p))
+
+
+def rank_allocation_config(args: argparse.Namespace, cfg) -> RankAllocationConfig:
+    """--rank-* flags -> a checked ``RankAllocationConfig`` (one UserError for a schedule that cannot run)."""
+    target = args.rank_target if args.rank_target is not None else max(1, cfg.lora_rank // 2)
+    c = RankAllocationConfig(kind=args.rank_allocation, rank=cfg.lora_rank, target=target, init=args.rank_init,
+                             tinit=args.rank_tinit, tfinal=args.rank_tfinal, every=args.rank_every,
+                             grow=args.rank_grow, total=cfg.steps, seed=cfg.seed)
+    c.check()
+    return c
 
 
 def teacher_path(args: argparse.Namespace) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..adapters import ADAPTERS
 from ..errors import UserError
 from ..prune.depth_pipeline import DepthPruneConfig, prune_depth
 from ..prune.elementwise_pipeline import ElementwisePruneConfig, prune_elementwise
@@ -67,6 +68,12 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--recover-steps", type=NONNEG_INT, default=None,
                    help="one-shot criteria, depth methods (and loraprune with --select-steps): LoRA recovery steps "
                         "(default: --steps; 0: no recovery, the pruned base as it is)")
+    g.add_argument("--recover-adapter", choices=ADAPTERS.names(), default="lora",
+                   help="what the recovery run trains on the pruned, frozen base (structured and depth methods; "
+                        "--lora-rank / --lora-alpha / --targets as in `finetune --adapter`): "
+                        + ", ".join(ADAPTERS.names()) + ". The recovery stage only: LoRAPrune's importance stays "
+                        "LoRA-guided (its --select-steps run trains LoRA; without --select-steps it prunes and "
+                        "recovers in one LoRA run, and only lora is accepted)")
     g = p.add_argument_group("calibration (criteria and methods that read activations or gradients)")
     g.add_argument("--calib", default=None, help="element-wise: calibration text (.txt or dir; default: --text)")
     g.add_argument("--calib-samples", type=POSITIVE_INT, default=80,
@@ -96,6 +103,10 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     if foreign:
         raise UserError(f"{foreign}, not of --method {args.method}")
     if args.method in ELEMENTWISE:
+        if args.recover_adapter != "lora":
+            raise UserError(f"--recover-adapter {args.recover_adapter}: element-wise pruning writes a checkpoint "
+                            "without recovery; recover it with `jaxprune finetune CKPT --keep-sparsity --adapter "
+                            f"{args.recover_adapter}`")
         return cmd_prune_elementwise(args)
     if args.sparsity is not None or args.pattern is not None:
         raise UserError(f"--sparsity / --pattern apply to the element-wise methods ({', '.join(ELEMENTWISE.names())})"
@@ -109,7 +120,7 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     prune = StructuredPruneConfig(method=args.method, ratio=args.ratio, attn_unit=args.attn_unit, widths=args.widths,
                                   exclude_layers=args.exclude_layers, calib_samples=args.calib_samples,
                                   calib_len=args.calib_len, calib_batch=args.calib_batch,
-                                  recover_steps=args.recover_steps,
+                                  recover_steps=args.recover_steps, recover_adapter=args.recover_adapter,
                                   options=options_from_args(criterion.options, args))
     summary = prune_structured(args.model, prune, train_config(args), mesh_config(args),
                                record=run_record(args, "prune"))
@@ -126,6 +137,7 @@ def cmd_prune_depth(args, given: set[str]) -> dict:
         raise UserError(f"--{flag.replace('_', '-')} is for structured criteria; --method {args.method} removes layers")
     prune = DepthPruneConfig(method=args.method, ratio=args.ratio, calib_samples=args.calib_samples,
                              calib_len=args.calib_len, calib_batch=args.calib_batch, recover_steps=args.recover_steps,
+                             recover_adapter=args.recover_adapter,
                              options=options_from_args(DEPTH.get(args.method).options, args))
     s = prune_depth(args.model, prune, train_config(args), mesh_config(args), record=run_record(args, "prune"))
     if not args.json:

@@ -36,7 +36,7 @@ from ..sharding import MeshConfig, init_distributed, is_main_process, placement_
 from ..train import make_optimizer
 from ..weights import merged_arrays, model_from_arrays
 from . import depth
-from .pipeline import calibration_batch
+from .pipeline import calibration_batch, check_recovery_adapter, with_recovery_adapter
 from .registry import DEPTH, DepthCriterion, ScoreInputs, method_options, options_record
 from .shrink import shrink
 
@@ -48,7 +48,8 @@ PER_LAYER_FIELDS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate
 class DepthPruneConfig:
     """What a depth prune run does: ``ratio`` = the fraction of decoder layers removed (n = round(ratio·L), at
     least 1, at most L − 1); ``recover_steps``: LoRA recovery steps (None: ``TrainConfig.steps``; 0: none);
-    ``options``: the method's options dataclass (None: its defaults)."""
+    ``options``: the method's options dataclass (None: its defaults); ``recover_adapter``: the adapter recovery
+    trains (``jaxprune.adapters``, default LoRA)."""
     method: str = depth.SHORTGPT
     ratio: float = 0.25
     calib_samples: int = 80
@@ -56,6 +57,7 @@ class DepthPruneConfig:
     calib_batch: int | None = 8
     recover_steps: int | None = None
     options: Any = None
+    recover_adapter: str = "lora"
 
     def criterion(self) -> DepthCriterion:
         return DEPTH.get(self.method)
@@ -112,6 +114,7 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
     shallower model, ``prune.json`` the summary, returned); LoRA recovery for ``recover_steps``."""
     cfg.check()
     criterion, opts = cfg.criterion(), cfg.method_options()
+    check_recovery_adapter(cfg.recover_adapter, train)
     if train.distill:
         raise UserError("the frozen base of a depth-pruned model is the pruned model itself (no teacher); recover "
                         "without it, or `jaxprune finetune RUN_DIR/model --distill` later", field="distill")
@@ -140,7 +143,8 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
                                     overwrite=train.overwrite)  # after the checks: bad input leaves no run dir
     trainable = 0
     if train.steps > 0:
-        r = setup_lora(model_path, train, model=small, mesh_devices=placement.mesh.size)
+        r = with_recovery_adapter(setup_lora(model_path, train, model=small, mesh_devices=placement.mesh.size),
+                                  cfg.recover_adapter, train.seed)
         job = TrainJob(r.graphdef, r.frozen, r.trainable, r.masks, r.blocks, make_optimizer(train.optim()),
                        head_dim=mcfg.head_dim)
         result = run_training(job, train, placement, run_dir, resume=prev is not None)
@@ -153,6 +157,7 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
     summary = {
         "method": cfg.method, "ratio": cfg.ratio, "layers_before": mcfg.num_layers,
         "layers_after": small.config.num_layers, "layers_removed": removed, "recover_steps": train.steps,
+        "recover_adapter": cfg.recover_adapter if train.steps > 0 else None,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
         "trainable_params": trainable, "calib_samples": cfg.calib_samples,
         "calib_len": min(cfg.calib_len, train.seq_len), **method_summary,

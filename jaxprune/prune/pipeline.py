@@ -14,6 +14,12 @@ units once on the base (+ calibration samples when it ``needs`` them); the lowes
 prunable layer are masked, LoRA recovers for ``recover_steps`` on the final shape. The iterative one
 (LoRAPrune) prunes during its LoRA run on a cubic schedule, or picks the units in a selection run of its
 own (``select_steps``) and then recovers exactly as the one-shot criteria do (the fair protocol).
+
+Recovery trains ``recover_adapter`` (any registered adapter, ``jaxprune.adapters``; default LoRA) on the pruned,
+frozen base: LoRA is attached as always (the same draws at one seed) and turned into the adapter's layers just
+before the recovery run. LoRAPrune's importance stays LoRA-guided: its selection run (``select_steps``) trains LoRA
+whatever ``recover_adapter`` is, and without ``select_steps`` (one run that prunes on a schedule while it trains,
+so no separate recovery stage) only LoRA is accepted.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import numpy as np
 from flax import nnx
 
 from .. import checkpoint
-from ..errors import UserError
+from ..adapters import ADAPTERS, attach_adapter
+from ..errors import UserError, field_ref
 from ..fileio import write_json_atomic
 from ..model import DECODER_LINEARS
-from ..partition import combine, tree_size
+from ..partition import combine, partition, tree_size
 from ..quantize import dequantize_base
 from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
 from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
@@ -58,7 +65,8 @@ class StructuredPruneConfig:
     ``widths``: 'layerwise', 'uniform' or 'global' (None: the criterion's published allocation, else
     layerwise); ``recover_steps``: LoRA recovery steps for one-shot criteria and LoRAPrune with
     ``select_steps`` (None: ``TrainConfig.steps``; 0: none, the pruned base as it is); ``calib_*``:
-    calibration samples for criteria that need them."""
+    calibration samples for criteria that need them; ``recover_adapter``: the adapter the recovery run trains
+    (``jaxprune.adapters``; LoRAPrune's selection run always trains LoRA)."""
     method: str = DEFAULT_METHOD
     ratio: float = 0.5
     attn_unit: str = "auto"
@@ -69,6 +77,7 @@ class StructuredPruneConfig:
     calib_batch: int | None = 8
     recover_steps: int | None = None
     options: Any = None
+    recover_adapter: str = "lora"
 
     def criterion(self) -> StructuredCriterion:
         return STRUCTURED.get(self.method)
@@ -94,7 +103,14 @@ class StructuredPruneConfig:
                             "layer (use uniform, layerwise or incremental)")
         if self.recover_steps is not None and self.recover_steps < 0:
             raise UserError(f"StructuredPruneConfig.recover_steps = {self.recover_steps}: must be >= 0")
-        self.method_options()
+        opts = self.method_options()
+        ADAPTERS.get(self.recover_adapter)
+        if (self.recover_adapter != "lora" and self.criterion().iterative
+                and getattr(opts, "select_steps", None) is None):
+            raise UserError(f"{self.method} without {field_ref('select_steps')} prunes while it trains, in one LoRA "
+                            "run whose importance reads LoRA's A, B gradients: there is no separate recovery stage; "
+                            f"give {field_ref('select_steps')} N to recover with another adapter",
+                            field="recover_adapter", value=self.recover_adapter)
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,22 @@ def calibration_batch(s, placement: Placement, samples: int, length: int, seed: 
     at the training window (a short --seq-len shortens the samples too), on the mesh's batch axes."""
     length = min(length, s.blocks.train.shape[1])
     return placement.put_batch(s.blocks.calibration(samples, length, seed=seed), 0, strict=False)
+
+
+def with_recovery_adapter(s, name: str, seed: int, placement: Placement | None = None):
+    """``s`` (``runs.LoraSetup``) with its LoRA layers turned into adapter ``name``'s (``adapters.attach_adapter``,
+    drawing from ``seed``) and split anew; LoRA itself returns ``s`` as it is. With ``placement``: also the new
+    frozen pytree placed on the mesh, as ``(s, frozen)``."""
+    if name != "lora":
+        attach_adapter(s.model, name, seed=seed)
+        graphdef, frozen, trainable, masks = partition(s.model)
+        s = dataclasses.replace(s, graphdef=graphdef, frozen=frozen, trainable=trainable, masks=masks)
+    return s if placement is None else (s, placement.put(s.frozen))
+
+
+def check_recovery_adapter(name: str, train: TrainConfig) -> None:
+    """One UserError when adapter ``name`` refuses a feature of the run (``Adapter.check``)."""
+    ADAPTERS.get(name).check(distill=train.distill, int8=train.quantize_base == "int8", pallas=train.impl == "pallas")
 
 
 def recovery_job(s, frozen, masks, train: TrainConfig, describe) -> TrainJob:
@@ -176,6 +208,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     returned). ``record``: what run.json stores and ``train.resume`` compares (default: both configs)."""
     prune.check()
     criterion, opts = prune.criterion(), prune.method_options()
+    check_recovery_adapter(prune.recover_adapter, train)
     if train.quantize_base != "none" and "base_gradients" in criterion.needs:
         raise UserError(f"TrainConfig.quantize_base = {train.quantize_base!r}: {prune.method} reads base-weight "
                         "gradients, which an int8 base does not have")
@@ -206,6 +239,9 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
     if split:  # LoRAPrune picks the units in its own run; recovery below is the baselines' (fresh LoRA)
         masks = select_with_loraprune(model_path, prune, opts, train, s, layers, unit, placement, run_dir, record,
                                       prev is not None)
+        if train.steps > 0 and prune.recover_adapter != "lora":  # s's LoRA is fresh (selection trained copies)
+            del frozen
+            s, frozen = with_recovery_adapter(s, prune.recover_adapter, train.seed, placement)
         job = recovery_job(s, frozen, masks, train, describe)
     elif criterion.iterative:
         hooks = loraprune_hooks(cfg, unit, layers, train.steps, prune.ratio, opts, train.lora_scale, placement.put)
@@ -220,6 +256,9 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
             del inputs, frozen
             s = setup_lora(model_path, train, model=updated, mesh_devices=placement.mesh.size)
             frozen = placement.put(s.frozen)
+        if train.steps > 0 and prune.recover_adapter != "lora":  # scored on the base (B = 0); recovery's adapter
+            del frozen
+            s, frozen = with_recovery_adapter(s, prune.recover_adapter, train.seed, placement)
         job = recovery_job(s, frozen, masks, train, describe)
     if train.steps == 0:  # no recovery: the pruned base as it is (LoRA's B = 0 adds nothing)
         model = combine(job.graphdef, *jax.tree.map(jnp.asarray, to_host((job.frozen, job.trainable, job.masks))))
@@ -237,6 +276,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
         "method": prune.method, "ratio": prune.ratio, "attn_unit": unit, "impl": s.impl,
         "widths_mode": widths, "prunable_layers": layers,
         "recover_steps": train.steps if not criterion.iterative or split else None,
+        "recover_adapter": prune.recover_adapter if train.steps > 0 else None,
         "params_before": before, "params_after": after, "params_removed_fraction": 1 - after / before,
         **structured_sparsity(to_host(final_masks), cfg, layers),
         "trainable_params": trained,

@@ -27,8 +27,11 @@ class GradHook(Protocol):
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_hook: GradHook | None = None,
                     compute_dtype=None, donate: bool = True, state_shardings=None,
-                    distill: DistillConfig | None = None):
+                    distill: DistillConfig | None = None, mask_fn=None):
     """The jitted pure train step (see module docstring).
+
+    ``mask_fn(masks, step_index) -> masks``, when given, sets the masks this step trains through (DyLoRA's sampled
+    rank, ``adapters/rank_allocation.py``); the state keeps its own masks.
 
     ``state_shardings``: (trainable, opt_state, hook_state) shardings the step returns its state with
     (``state_shardings_of``); inputs carry their own shardings, so one compile serves every step.
@@ -37,6 +40,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
+        if mask_fn is not None:
+            masks = mask_fn(masks, step_index)
+
         def micro(tokens):
             (loss, _), g = grad_fn(trainable, frozen, masks, tokens)
             return loss, g
