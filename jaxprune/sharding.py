@@ -122,8 +122,12 @@ class Placement:
 
     def put_batch(self, batch: np.ndarray, batch_dim: int, *, strict: bool = True) -> jax.Array:
         """A global batch, identical on every process, as a global array (each process feeds only
-        the rows that live on its own devices)."""
-        return put_global(batch, self.batch_sharding(batch.shape, batch_dim, strict=strict))
+        the rows that live on its own devices). A batch whose rows are spread over the hosts
+        (``data.HostRows``) lays itself out (``to_global``)."""
+        sharding = self.batch_sharding(tuple(batch.shape), batch_dim, strict=strict)
+        if hasattr(batch, "to_global"):
+            return batch.to_global(sharding)
+        return put_global(batch, sharding)
 
     def kernel_mesh(self) -> KernelMesh:
         """This mesh and its rules for the Pallas kernels under ``shard_map`` (``ops.sharded``,
