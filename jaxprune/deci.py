@@ -11,6 +11,12 @@ So a pruned model maps onto it with padding where the form cannot say what it ha
 with fewer query heads than the global count gets zero heads (``padding.pad_to_layout``), a
 KV-head count that does not divide the global head count grows to one that does, and MLP
 widths round up to a multiple of 256. Tensor names are LLaMA's.
+
+``nemotron-nas`` is a model type neither transformers nor vLLM's config registry knows: vLLM reads the
+config with ``AutoConfig.from_pretrained(dir, trust_remote_code=...)``, which needs ``auto_map`` and the
+config class's file in the dir (NVIDIA ships ``configuration_decilm.py``). The export writes a small
+self-contained ``configuration_decilm.py`` (``CONFIG_CODE``) and points ``auto_map.AutoConfig`` at it;
+serve with ``vllm serve DIR --trust-remote-code``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,98 @@ from .families import supporting
 
 MODEL_TYPE = "nemotron-nas"
 FFN_MULTIPLE = 256  # vLLM's _find_multiple(., 256)
+CONFIG_FILE = "configuration_decilm.py"
+AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+
+#: The config class vLLM instantiates through ``auto_map`` (``--trust-remote-code``): block_configs become
+#: objects with NVIDIA's ``block_config.py`` fields and rules, which is what vLLM's nemotron_nas.py reads
+#: (``block_config.attention.no_op``, ``.n_heads_in_group``, ``hasattr(block_config.ffn, "ffn_mult")``).
+CONFIG_CODE = '''"""DeciLM / Nemotron-NAS config (model_type "nemotron-nas"), written by jaxprune's vLLM export.
+
+Self-contained: block_configs entries follow NVIDIA's block_config.py (unknown fields dropped; no_op /
+replace_with_linear null the width fields; a live FFN keeps round(ffn_mult, 6)).
+"""
+
+import dataclasses
+import warnings
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    no_op: bool = False
+    replace_with_linear: bool = False
+    sparsify: Optional[list] = None
+    n_heads_in_group: Optional[int] = None
+    window_length: Optional[int] = None
+    num_sink_tokens: Optional[int] = None
+    use_prefill_window_in_sink_attention: bool = False
+    unshifted_sink: bool = False
+
+    def __post_init__(self):
+        assert not (self.no_op and self.replace_with_linear)
+        if self.no_op or self.replace_with_linear:
+            for name in ("n_heads_in_group", "window_length", "num_sink_tokens"):
+                object.__setattr__(self, name, None)
+        else:
+            assert self.n_heads_in_group is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FFNConfig:
+    no_op: bool = False
+    replace_with_linear: bool = False
+    sparsify: Optional[list] = None
+    ffn_mult: Optional[float] = None
+
+    def __post_init__(self):
+        assert not (self.no_op and self.replace_with_linear)
+        if self.no_op or self.replace_with_linear:
+            object.__setattr__(self, "ffn_mult", None)
+        else:
+            assert self.ffn_mult is not None
+            object.__setattr__(self, "ffn_mult", round(self.ffn_mult, 6))
+
+
+def _sub(cls, d):
+    if isinstance(d, cls):
+        return d
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        warnings.warn(f"Removed unsupported fields {unknown} from {cls.__name__}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    attention: AttentionConfig
+    ffn: FFNConfig
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention", _sub(AttentionConfig, self.attention))
+        object.__setattr__(self, "ffn", _sub(FFNConfig, self.ffn))
+
+
+class DeciLMConfig(PretrainedConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        if block_configs is not None:
+            block_configs = [b if isinstance(b, BlockConfig) else BlockConfig(**b) for b in block_configs]
+        self.block_configs = block_configs
+        super().__init__(**kwargs)
+        if block_configs is not None:
+            assert len(block_configs) == self.num_hidden_layers
+
+    def to_dict(self):
+        d = super().to_dict()
+        if self.block_configs is not None:
+            d["block_configs"] = [dataclasses.asdict(b) for b in self.block_configs]
+        return d
+'''
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden: int) -> int:
@@ -70,6 +168,7 @@ def to_deci_dict(layout: ModelConfig) -> dict:
     H = layout.num_heads
     d.update({
         "architectures": ["DeciLMForCausalLM"], "model_type": MODEL_TYPE, "num_key_value_heads": None,
+        "auto_map": dict(AUTO_MAP),
         "block_configs": [
             {"attention": {"n_heads_in_group": H // layout.kv_heads(i), "no_op": False, "replace_with_linear": False,
                            "sparsify": None, "window_length": None, "num_sink_tokens": None,

@@ -310,7 +310,7 @@ def export_vllm(model: LlamaForCausalLM, out_dir: Path, *, tokenizer=None, overw
     form cannot express a width."""
     layout = deci.deci_layout(model.config)
     return write_hf_dir(model, out_dir, layout, hf_config=deci.to_deci_dict(layout), tokenizer=tokenizer,
-                        overwrite=overwrite, dtype=dtype)
+                        overwrite=overwrite, dtype=dtype, extra_files={deci.CONFIG_FILE: deci.CONFIG_CODE})
 
 
 def describe_layout(cfg: ModelConfig) -> str:
@@ -322,9 +322,10 @@ def describe_layout(cfg: ModelConfig) -> str:
 
 
 def write_hf_dir(model: LlamaForCausalLM, out_dir: Path, layout: ModelConfig, *, hf_config: dict | None = None,
-                 tokenizer=None, overwrite: bool = False, dtype=None, shard_bytes: int = SHARD_BYTES) -> Path:
+                 tokenizer=None, overwrite: bool = False, dtype=None, shard_bytes: int = SHARD_BYTES,
+                 extra_files: dict[str, str] | None = None) -> Path:
     """The model's tensors padded to ``layout`` under HF names + ``hf_config`` (default: the stock LLaMA
-    config of ``layout``), written atomically to ``out_dir``."""
+    config of ``layout``) + ``extra_files`` ({name: text}), written atomically to ``out_dir``."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     tensors, _ = hf_tensors(model, layout)
@@ -336,6 +337,8 @@ def write_hf_dir(model: LlamaForCausalLM, out_dir: Path, layout: ModelConfig, *,
         cfg_dict["dtype"] = str(next(iter(tensors.values())).dtype)
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2))
         _write_shards(tensors, tmp, shard_bytes, save_file)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out_dir)

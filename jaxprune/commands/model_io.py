@@ -45,6 +45,8 @@ def cmd_export(a) -> dict:
     else:
         if a.format == "vllm":
             hf.export_vllm(model, out, tokenizer=tok, overwrite=a.overwrite)
+            res.setdefault("notes", []).append(f"serve it with: vllm serve {out} --trust-remote-code (the DeciLM "
+                                               "config class ships in the directory)")
         else:
             hf.export_hf(model, out, tokenizer=tok, overwrite=a.overwrite, pad=a.pad)
         res["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
