@@ -155,7 +155,41 @@ def render_pruning_memory(data: dict) -> str:
         table(["shape", "step", "base", "remat", "arguments", "temporaries", "outputs", "total", "vs reference"],
               rows),
         "", f"Backend {m.get('backend')}, jax {m.get('jax')}, {m.get('cpus')} CPUs.",
+        *_render_pruning_memory_mesh(data),
     ])
+
+
+# usable memory per device for the fit column: a TPU v5e chip has 16 GiB HBM, a "24 GB" GPU 24e9 B = 22.35 GiB; less a
+# reserve for the runtime
+_FIT_GIB = {"fsdp=8": ("v5e-8 chip", 15.0), "none": ("24 GB GPU", 22.0)}
+
+
+def _render_pruning_memory_mesh(data: dict) -> list[str]:
+    """``bench_pruning_memory.py --mesh``: per-device bytes of the 8B steps on fsdp=8 and on one device."""
+    rows_in = data.get("mesh_results", [])
+    if not rows_in:
+        return []
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    steps = {"loraprune": "LoRAPrune step", "llm_pruner_fused": "LLM-Pruner, scores only",
+             "llm_pruner_materialised": "LLM-Pruner, every ∂L/∂W held"}
+    rows = []
+    for r in sorted(rows_in, key=lambda r: (r["model"], r["step"] != "loraprune", r["mesh"] != "fsdp=8",
+                                            r["batch"] * r["seq_len"], r["seq_len"])):
+        where, limit = _FIT_GIB.get(r["mesh"], (r["mesh"], None))
+        fits = "–" if limit is None else (f"yes ({where})" if r["per_device_bytes"] / 2**30 <= limit else f"no ({where})")
+        per_dev = r["per_device_batch"]
+        rows.append([r["model"], steps.get(r["step"], r["step"]), r["base"], r["mesh"], r.get("devices", 1),
+                     f"{r['batch']} x {r['seq_len']}", f"{per_dev:g}", gib(r["argument_bytes"]), gib(r["temp_bytes"]),
+                     gib(r["output_bytes"] - r["alias_bytes"]), f"**{gib(r['per_device_bytes'])}**", fits])
+    return ["", "**8B shapes on a mesh** (`--mesh fsdp=8` / `--mesh none`, GiB per device; bf16 base, LoRAPrune "
+            "with an int8 base and bf16 compute, both with remat; LoRA rank "
+            f"{rows_in[0].get('lora_rank')}). Every input has the sharding a run on that mesh gives it (weights, LoRA "
+            "and optimizer state split along their logical axes, the batch over the devices). Fits: at most "
+            + ", ".join(f"{v} GiB on a {k}" for k, v in ((w, g) for w, g in _FIT_GIB.values()))
+            + " (16 GiB HBM per v5e chip, 24 GB = 22.35 GiB on the GPU, less a reserve).", "",
+            table(["model", "step", "base", "mesh", "devices", "batch x seq", "seqs / device", "arguments",
+                   "temporaries", "outputs", "per device", "fits"], rows), "",
+            data.get("mesh_note", "")]
 
 
 def render_pruning_seeded(data: dict) -> str:
@@ -474,6 +508,48 @@ def render_loram(data: dict) -> str:
     ])
 
 
+def render_adapters(data: dict) -> str:
+    """bench_adapters.py: every adapter at LoRA's trainable-parameter count, mean ± std over seeds."""
+    b, m = data.get("budget", {}), data.get("machine", {})
+    rows = []
+    for s in data.get("summary", []):
+        ppl = "" if s.get("ppl_mean") is None else (
+            f"{s['ppl_mean']:.3f}" + (f" ± {s['ppl_std']:.3f}" if s.get("ppl_std") is not None else "")
+            + f" (n={s.get('n')})")
+        params = f"{s.get('params', 0):,} ({s.get('vs_lora_params', 0):+.1%})"
+        if s.get("live_trainable_params") != s.get("trainable_params"):
+            params += f"; stored {s.get('trainable_params', 0):,}"
+        ratio = lambda v: "" if v is None else f"{v:.2f}x"  # noqa: E731
+        below = "(reference)" if s.get("adapter") == "lora" else s.get("lower_than_lora_on") or ""
+        rows.append([s.get("adapter"), s.get("size_flag"), params, ppl, below,
+                     ratio(s.get("step_time_vs_lora")), ratio(s.get("step_memory_vs_lora"))])
+    loads = [r["loadavg"] for r in data.get("results", []) if r.get("loadavg") is not None]
+    seeds = sorted({r["seed"] for r in data.get("results", [])})
+    load = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} over the runs" if loads else ""
+    timing = data.get("timing")
+    source = (f"median of {timing.get('rounds')} rounds of every adapter's compiled step in turn after training "
+              "(the same load for all)" if timing else "median timed training step (after the first) over seeds")
+    return "\n".join([
+        f"{data.get('model')}: `finetune --adapter NAME` at LoRA r={b.get('lora_rank')}'s trainable-parameter count "
+        f"(targets {b.get('targets')}; each adapter's `--lora-rank` picked so that its trainable pytree is the "
+        f"closest to LoRA's; SparseAdapter: on its live entries, 'stored' being its dense A, B, which size its "
+        f"optimizer state), "
+        f"{b.get('steps')} steps of {b.get('batch_size')} x {b.get('seq_len')} tokens ({b.get('tokens', 0):,} tokens, "
+        f"the same batches per seed), lr {b.get('lr')} (warm-up {b.get('warmup_steps')}, cosine), "
+        f"--lora-alpha {b.get('lora_alpha')} for all; seeds run {_cell(seeds)}. Held-out perplexity on "
+        f"{b.get('eval_tokens')} tokens of the held-out plays (windows of {b.get('eval_seq_len')}) after merging; "
+        f"base model {_cell(data.get('base_ppl'))}. Step time: {source}; memory: the compiled step's temp + "
+        "argument bytes (`memory_analysis()`, AdamW, donated state); both over LoRA's in the same process. "
+        "'below LoRA': seeds on which the adapter's perplexity is lower than LoRA's at the same seed (same init "
+        "draws and batches).", "",
+        table(["adapter", "size", "trainable params (vs LoRA)", "held-out ppl mean ± std", "below LoRA (same seed)",
+               "step time vs LoRA", "step memory vs LoRA"], rows), "",
+        f"Machine: {m.get('cpus')} CPUs ({m.get('backend')}), {m.get('platform')}; {load}, shared with other "
+        f"jobs (step-time ratios are noisy). Command: `{data.get('command')}`.",
+        *(["", f"Note: {data['note']}"] if data.get("note") else []),
+    ])
+
+
 RENDERERS = {
     "deploy.json": ("Pruned models in llama.cpp: perplexity, 4-bit cost, tokens/s", render_deploy),
     "export.json": ("Pruned models outside jaxprune: layouts, file sizes, transformers speed", render_export),
@@ -497,7 +573,8 @@ RENDERERS = {
     "mfu.json": ("Model FLOP utilisation of the LoRAPrune step", render_mfu),
     "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU", render_mfu),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
-    "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32)", render_pruning_memory),
+    "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32; 8B shapes on a mesh, bf16)",
+                            render_pruning_memory),
     "pruning.json": ("Structured pruning of SmolLM2-135M", render_pruning),
     "pruning_corrected.json": ("Structured pruning of a teacher-corrected SmolLM2-135M: LoRA vs distillation "
                                "recovery", render_pruning),
@@ -525,6 +602,8 @@ RENDERERS = {
     "budget_gemma3_free.json": ("The best pruned model for a budget: Gemma 3 270M, retraining-free", render_budget),
     "budget_gemma3_recovered.json": ("The best pruned model for a budget: Gemma 3 270M after equal LoRA recovery",
                                      render_budget),
+    "adapters.json": ("Adapters vs LoRA at equal trainable parameters: SmolLM2-135M", render_adapters),
+    "adapters_gemma3.json": ("Adapters vs LoRA at equal trainable parameters: Gemma 3 270M", render_adapters),
 }
 
 
