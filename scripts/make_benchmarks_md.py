@@ -571,7 +571,7 @@ RENDERERS = {
                                             "distillation recovery at equal tokens", render_posttraining),
     "forward.json": ("Forward throughput", render_forward),
     "mfu.json": ("Model FLOP utilisation of the LoRAPrune step", render_mfu),
-    "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU", render_mfu),
+    "mfu_gpu.json": ("Model FLOP utilisation of the LoRAPrune step on a GPU (H200)", render_mfu),
     "memory.json": ("Train-step memory: full fine-tuning vs LoRA", render_memory),
     "pruning_memory.json": ("Pruning-step memory: LoRAPrune vs LLM-Pruner (fp32; 8B shapes on a mesh, bf16)",
                             render_pruning_memory),
@@ -621,8 +621,8 @@ def render_file(path: Path) -> str:
 
 
 NOTES = """\
-Machine: the 2-core, 24 GiB CPU development box; no GPU was lent. Many runs shared the two cores with
-other jobs: wall-clock and tokens/s figures in those files are noisy (files with a note say so). The
+Machine: the 2-core, 24 GiB CPU development box, except the two tables marked H200 (one GPU lent on
+2026-12-04). Many runs shared the two cores with other jobs: wall-clock and tokens/s figures in those files are noisy (files with a note say so). The
 forward-speed ratios to trust are in "Forward speed of the pruned shapes": taken on an idle machine,
 timed back to back with the dense model. Perplexities and compiled-memory figures do not depend on
 load. Compiled memory comes from XLA:CPU, which upcasts bf16 dots to f32 (so the pruning-memory

@@ -40,16 +40,15 @@ class StoppedEarly(Exception):
         self.signame = signame
 
 
-class CommandSignals:
-    """While active (the CLI, around a whole command), SIGTERM and SIGINT raise ``StoppedEarly`` in the main
-    thread at the next Python instruction; the training loop's ``StopSignals`` takes over inside it (and
-    hands the handlers back after). A second signal while the first unwinds is ignored."""
+class _SignalGuard:
+    """Installs ``self._handle`` for SIGTERM and SIGINT while active (main thread only; the previous handlers
+    come back on exit). ``received``: the first signal's number."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self._old: dict = {}
         self.received: int | None = None
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -62,31 +61,24 @@ class CommandSignals:
         self._old = {}
 
     def _handle(self, signum, frame):
+        raise NotImplementedError
+
+
+class CommandSignals(_SignalGuard):
+    """While active (the CLI, around a whole command), SIGTERM and SIGINT raise ``StoppedEarly`` in the main
+    thread at the next Python instruction; the training loop's ``StopSignals`` takes over inside it (and
+    hands the handlers back after). A second signal while the first unwinds is ignored."""
+
+    def _handle(self, signum, frame):
         if self.received is None:
             self.received = signum
             raise StoppedEarly(signal.Signals(signum).name)
 
 
-class StopSignals:
+class StopSignals(_SignalGuard):
     """While active, SIGTERM and SIGINT only set a flag that the loop reads between steps (a second
     SIGINT interrupts at once). Under jax.distributed every process learns of a signal any of them got,
     at the same step (one tiny all-gather per step), so all save the same checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old = {}
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
