@@ -17,10 +17,11 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from adapter_reference import compiled_once, pure_leaf, sgd_step, torch_sgd_step
+from adapter_reference import logits as reference_logits
 from conftest import make_hf_llama, random_llama, rel_err, torch_logits
 from jaxprune import load
 from jaxprune.adapters import ADAPTERS, Adapter, adapter_of, attach_adapter
@@ -30,7 +31,7 @@ from jaxprune.errors import UserError
 from jaxprune.layers import Linear
 from jaxprune.partition import add_lora, combine, partition, tree_size
 from jaxprune.quantize import quantize_base
-from jaxprune.train import make_loss_fn, make_train_step
+from jaxprune.train import make_loss_fn
 from jaxprune.weights import linears, merge_lora, path_str
 
 TOL = 1e-5  # PEFT parity: max |ours - PEFT| / max |PEFT|, per array
@@ -133,43 +134,22 @@ def parity(request, hf_tiny):
 
     # one SGD step: ours through the train step (the loss and gradient of every run), PEFT through torch autograd
     # (the update -lr·g each applies is compared as such: new - old in float32 would lose ~1e-4 of it to rounding)
-    sgd = optax.chain(record_gradient(), optax.sgd(LR))
-    args = (trainable, sgd.init(trainable), (), frozen, masks, jnp.asarray(tokens[None], jnp.int32), 0)
-    step = make_train_step(graphdef, sgd, donate=False).lower(*args).compile({"xla_backend_optimization_level": 0})
-    new_trainable, opt_state, _, metrics = step(*args)
-    pm.train()
-    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    opt = torch.optim.SGD(list(params.values()), lr=LR)
-    loss = pm(input_ids=torch.as_tensor(tokens), labels=torch.as_tensor(tokens)).loss
-    loss.backward()
-    opt.step()
-    pm.eval()
+    new_trainable, grads, loss, graphdef, frozen, masks = sgd_step(ours, tokens, LR)
+    params, torch_loss = torch_sgd_step(pm, tokens, LR)
     updates, new = {}, {}
-    grads, tr1 = nnx.to_pure_dict(opt_state[0]), nnx.to_pure_dict(new_trainable)
+    tr1 = nnx.to_pure_dict(new_trainable)
     for lname in mods:
         for leaf, pname, transposed in spec["leaves"]:
             key = f"base_model.model.model.{lname}.{pname}"
             t = (lambda a: a.T) if transposed else (lambda a: a)  # noqa: E731
-            updates[f"{lname}.{leaf}"] = (-LR * _pure(grads, lname, leaf), t(-LR * params[key].grad.double().numpy()))
-            new[f"{lname}.{leaf}"] = (_pure(tr1, lname, leaf), t(params[key].detach().numpy()))
+            updates[f"{lname}.{leaf}"] = (-LR * pure_leaf(grads, lname, leaf), t(-LR * params[key].grad.double().numpy()))
+            new[f"{lname}.{leaf}"] = (pure_leaf(tr1, lname, leaf), t(params[key].detach().numpy()))
     assert len(updates) == len(params)  # PEFT trains nothing we do not
     combined = combine(graphdef, frozen, new_trainable, masks)
     after = dict(ours=forward(new_trainable), peft=torch_logits(pm, tokens))
     merged = dict(ours=merge_lora(combined), peft=pm.merge_and_unload())
     return dict(name=name, same_init=same_init, before=before, after=after, updates=updates, new=new,
-                tokens=tokens, merged=merged, loss=(float(metrics["loss"]), loss.item()))
-
-
-def record_gradient() -> optax.GradientTransformation:
-    """A pass-through transformation whose state is the gradient it last saw (the train step's own gradient)."""
-    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
-                                        lambda updates, state, params=None: (updates, updates))
-
-
-def _pure(tree, name: str, leaf: str) -> np.ndarray:
-    """``tree["layers"][i][block][linear][leaf]`` of a pure dict, for the dotted linear path ``name``."""
-    _, i, block, lin = name.split(".")
-    return np.asarray(tree["layers"][int(i)][block][lin][leaf], np.float64)
+                tokens=tokens, merged=merged, loss=(loss, torch_loss))
 
 
 def test_initial_values_equal_peft(parity):
@@ -230,33 +210,9 @@ def adapted_model(name: str, base=None, *, move: bool = True, seed: int = 0):
     return model
 
 
-_COMPILED: dict = {}
-
-
-def compiled_once(fn):
-    """``fn(graphdef, *arrays)`` jitted with ``graphdef`` static, compiled once per graphdef and argument
-    shapes / shardings for the whole file, at XLA's backend optimisation level 0 (compiles ~2x faster; the
-    tests compare numbers, all float32)."""
-    jitted = jax.jit(fn, static_argnums=0)
-
-    def call(graphdef, *args):
-        key = (fn, graphdef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args)),
-               jax.tree.structure(args))
-        if key not in _COMPILED:
-            _COMPILED[key] = jitted.lower(graphdef, *args).compile({"xla_backend_optimization_level": 0})
-        return _COMPILED[key](*args)
-    return call
-
-
-@compiled_once
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
 def logits(model, tokens=TOKENS) -> np.ndarray:
     """The model's logits (compiled once per model structure)."""
-    graphdef, state = nnx.split(model)
-    return np.asarray(_forward(graphdef, state, jnp.asarray(tokens, jnp.int32)))
+    return reference_logits(model, tokens)
 
 
 @compiled_once

@@ -26,6 +26,7 @@ import optax
 import pytest
 from flax import nnx
 
+from adapter_reference import logits, pure_leaf, sgd_step, torch_sgd_step
 from conftest import make_hf_llama, rel_err, torch_logits
 from jaxprune import load
 from jaxprune.adapters import ADAPTERS, adapter_of, attach_adapter
@@ -33,69 +34,11 @@ from jaxprune.adapters.bone import BoneLinear, shard_sum_matrix
 from jaxprune.adapters.sparse import DENSITY, SparseAdapterLinear, sparse_rank
 from jaxprune.layers import Linear
 from jaxprune.partition import add_lora, combine, partition, tree_size
-from jaxprune.train import make_train_step
 from jaxprune.weights import linears, merge_lora, path_str
 
 TOL = 1e-5
 ALPHA, LR = 8.0, 0.5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# ---- helpers (compiled once per model structure, as tests/test_adapters.py) ------------------------------
-_COMPILED: dict = {}
-
-
-def _compiled(fn, graphdef, *args):
-    key = (fn, graphdef, tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)), jax.tree.structure(args))
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(fn, static_argnums=0).lower(graphdef, *args).compile(
-            {"xla_backend_optimization_level": 0})
-    return _COMPILED[key](*args)
-
-
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
-
-
-def logits(model, tokens) -> np.ndarray:
-    graphdef, state = nnx.split(model)
-    return np.asarray(_compiled(_forward, graphdef, state, jnp.asarray(tokens, jnp.int32)))
-
-
-def record_gradient() -> optax.GradientTransformation:
-    """A pass-through transformation whose state is the gradient it last saw (the train step's own gradient)."""
-    return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
-                                        lambda updates, state, params=None: (updates, updates))
-
-
-def _pure(tree, name: str, leaf: str) -> np.ndarray:
-    _, i, block, lin = name.split(".")
-    return np.asarray(tree["layers"][int(i)][block][lin][leaf], np.float64)
-
-
-def sgd_step(model, tokens):
-    """One SGD(LR) step through the train step every run uses: (new trainable, gradient, loss, graphdef, frozen,
-    masks)."""
-    graphdef, frozen, trainable, masks = partition(model)
-    sgd = optax.chain(record_gradient(), optax.sgd(LR))
-    args = (trainable, sgd.init(trainable), (), frozen, masks, jnp.asarray(tokens[None], jnp.int32), 0)
-    step = make_train_step(graphdef, sgd, donate=False).lower(*args).compile({"xla_backend_optimization_level": 0})
-    new, opt_state, _, metrics = step(*args)
-    return new, nnx.to_pure_dict(opt_state[0]), float(metrics["loss"]), graphdef, frozen, masks
-
-
-def torch_sgd_step(pm, tokens):
-    """PEFT's model takes one SGD(LR) step on the same tokens: (its trainable parameters by name, loss)."""
-    import torch
-
-    pm.train()
-    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
-    opt = torch.optim.SGD(list(params.values()), lr=LR)
-    loss = pm(input_ids=torch.as_tensor(tokens), labels=torch.as_tensor(tokens)).loss
-    loss.backward()
-    opt.step()
-    pm.eval()
-    return params, loss.item()
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +74,9 @@ def bone_parity(request, hf_tiny):
             tp.copy_(torch.from_numpy(value))
     tokens = rng.integers(0, 96, (2, 12))
     before = (logits(ours, tokens), torch_logits(pm.eval(), tokens))
-    new, grads, loss, graphdef, frozen, masks = sgd_step(ours, tokens)
-    params, tloss = torch_sgd_step(pm, tokens)
-    updates = {n: (-LR * _pure(grads, n, "bone_block"),
+    new, grads, loss, graphdef, frozen, masks = sgd_step(ours, tokens, LR)
+    params, tloss = torch_sgd_step(pm, tokens, LR)
+    updates = {n: (-LR * pure_leaf(grads, n, "bone_block"),
                    -LR * params[f"base_model.model.model.{n}.miss_block.default"].grad.double().numpy())
                for n in names}
     combined = combine(graphdef, frozen, new, masks)
@@ -291,16 +234,16 @@ def sparse_vs_lora(hf_tiny):
             mod.get_parameter("lora_B.default.weight").copy_(torch.from_numpy(b.T.copy()))
     tokens = rng.integers(0, 96, (2, 12))
     before = (logits(ours, tokens), torch_logits(pm.eval(), tokens))
-    new, grads, loss, graphdef, frozen, masks = sgd_step(ours, tokens)
-    params, tloss = torch_sgd_step(pm, tokens)
+    new, grads, loss, graphdef, frozen, masks = sgd_step(ours, tokens, LR)
+    params, tloss = torch_sgd_step(pm, tokens, LR)
     tr1 = nnx.to_pure_dict(new)
     updates, new_values = {}, {}
     for n in names:
         for leaf, pname in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
             m = mask_of[n][leaf]
             tg = params[f"base_model.model.model.{n}.{pname}.default.weight"].grad.double().numpy().T
-            updates[f"{n}.{leaf}"] = (-LR * _pure(grads, n, leaf), -LR * tg * m)
-            new_values[f"{n}.{leaf}"] = (_pure(tr1, n, leaf), m)
+            updates[f"{n}.{leaf}"] = (-LR * pure_leaf(grads, n, leaf), -LR * tg * m)
+            new_values[f"{n}.{leaf}"] = (pure_leaf(tr1, n, leaf), m)
     combined = combine(graphdef, frozen, new, masks)
     return dict(before=before, loss=(loss, tloss), updates=updates, new=new_values, tokens=tokens,
                 merged=merge_lora(combined), unmerged=logits(combined, tokens))
