@@ -32,6 +32,14 @@ def linears(model: nnx.Module):
             yield tuple(path), node
 
 
+def replace_linear(model: nnx.Module, path: KeyPath, new: Linear) -> None:
+    """Put ``new`` where :func:`linears` found a ``Linear`` at ``path``, in place (adapters swap their layers in)."""
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    setattr(node, path[-1], new)
+
+
 IMPL_CHOICES = ("auto", "xla", "pallas")
 
 

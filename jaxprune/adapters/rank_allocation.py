@@ -70,7 +70,7 @@ from flax import nnx
 
 from ..errors import UserError, field_ref
 from ..layers import Linear, Mask, with_axes
-from ..weights import KeyPath, linears, path_str
+from ..weights import linears, path_str, replace_linear
 from .registry import take_over
 
 #: ``--rank-allocation`` choices (``fixed``: every layer keeps rank r, today's LoRA)
@@ -235,13 +235,6 @@ def dylora_rank(seed: int, step, rank: int):
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------
-def _parent(model: nnx.Module, path: KeyPath):
-    node = model
-    for key in path[:-1]:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    return node
-
-
 def attach_rank_masks(model: nnx.Module, c: RankAllocationConfig) -> list[str]:
     """Turn every plain-LoRA ``Linear`` of ``model`` into a :class:`RankMaskedLinear` (IncreLoRA: ``c.init`` live
     components, else all r; DyLoRA: rescaled), in place. Returns the paths. A layer carrying another adapter is a
@@ -255,7 +248,7 @@ def attach_rank_masks(model: nnx.Module, c: RankAllocationConfig) -> list[str]:
             raise UserError(f"{field_ref('rank_allocation')} {c.kind} masks LoRA's rank components: not with "
                             f"{field_ref('adapter')} {name}")
         live = c.init if c.kind == "increlora" else None
-        setattr(_parent(model, path), path[-1], RankMaskedLinear(lin, live=live, rescale=c.kind == "dylora"))
+        replace_linear(model, path, RankMaskedLinear(lin, live=live, rescale=c.kind == "dylora"))
         done.append(path_str(path))
     if not done:
         raise UserError(f"{field_ref('rank_allocation')} {c.kind}: no layer carries LoRA factors")
@@ -280,7 +273,7 @@ def finalize_rank_masks(model: nnx.Module) -> dict[str, int]:
             new.set_lora(jnp.asarray(a[:, keep] * mult[keep].astype(a.dtype)), jnp.asarray(b[keep, :]), s)
         else:
             new.lora_a, new.lora_b, new.lora_scale = nnx.data(None), nnx.data(None), 0.0
-        setattr(_parent(model, path), path[-1], new)
+        replace_linear(model, path, new)
         kept[path_str(path)] = int(keep.sum())
     return kept
 

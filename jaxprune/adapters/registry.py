@@ -29,7 +29,7 @@ from flax import nnx
 from ..errors import UserError, field_ref
 from ..layers import Linear
 from ..registry import Registry
-from ..weights import KeyPath, linears, path_str
+from ..weights import linears, path_str, replace_linear
 
 #: run features an adapter may refuse (``Adapter.unsupported``), as an error message names them
 _FEATURE_TEXT = {"distill": field_ref("distill"), "int8": f"{field_ref('quantize_base')} int8",
@@ -80,13 +80,6 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return ADAPTERS.register(adapter)
 
 
-def _parent(model: nnx.Module, path: KeyPath):
-    node = model
-    for key in path[:-1]:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    return node
-
-
 def attach_adapter(model: nnx.Module, name: str, *, seed: int = 0) -> list[str]:
     """Turn every LoRA-carrying ``Linear`` of ``model`` (plain LoRA, no other adapter yet) into adapter ``name``'s
     layer, in place. Returns the paths converted (LoRA itself converts nothing and returns them all). ``seed`` draws the
@@ -97,7 +90,7 @@ def attach_adapter(model: nnx.Module, name: str, *, seed: int = 0) -> list[str]:
         rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), 1))  # a stream apart from LoRA's A draws
         shared = adapter.shared([lin for _, lin in targets], rngs) if adapter.shared is not None and targets else None
         for path, lin in targets:
-            setattr(_parent(model, path), path[-1], adapter.convert(lin, rngs, shared))
+            replace_linear(model, path, adapter.convert(lin, rngs, shared))
     return [path_str(p) for p, _ in targets]
 
 
