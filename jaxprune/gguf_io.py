@@ -15,6 +15,7 @@ then the inverse permutation; weights come back bit-exact from f32, f16 within f
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -254,19 +255,34 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def gguf_architecture(path: Path) -> str:
-    """``general.architecture`` of a GGUF file (a one-line UserError for a file that is not GGUF)."""
+def open_gguf(path) -> gguf.GGUFReader:
+    """The file's ``GGUFReader`` (a one-line UserError for a file that is not GGUF), parsed once per file version:
+    the reader walks every metadata array element by element (Gemma 3's 262k-token vocabulary takes ~20 s), and
+    ``load`` asks for the architecture, the tokenizer and the tensors of the same file."""
     try:
-        reader = gguf.GGUFReader(path)
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read GGUF ({e.strerror})") from None
+    return _open_gguf(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError / struct errors / OSError on bad files
         raise UserError(f"{path}: cannot read GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
-    return str(_field(reader, "general.architecture", ""))
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (a one-line UserError for a file that is not GGUF)."""
+    return str(_field(open_gguf(path), "general.architecture", ""))
 
 
 def has_tokenizer(path: Path) -> bool:
     """True when the GGUF file carries tokenizer.ggml.* metadata."""
-    return "tokenizer.ggml.model" in gguf.GGUFReader(path).fields
+    return "tokenizer.ggml.model" in open_gguf(path).fields
 
 
 #: the model_type each readable arch comes back as (a Mistral written as llama reads back as LLaMA)
@@ -348,8 +364,7 @@ def load_gguf_file(path: Path, dtype=jnp.float32) -> tuple[LlamaForCausalLM, Mod
     (no torch): the inverse of ``gguf_tensors`` (q / k rows unpermuted for llama / deci, Gemma's 1 + w norms
     back to w, Phi-3's fused tensors split)."""
     path = Path(path)
-    gguf_architecture(path)  # a one-line error for a file that is not GGUF
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     names = {t.name for t in reader.tensors}
     cfg = config_from_gguf(reader, names)
     arch_name = str(_field(reader, "general.architecture"))

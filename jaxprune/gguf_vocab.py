@@ -200,5 +200,7 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, pre: str) -> None:
 
 def source_tokenizer_pre(path) -> str | None:
     """``tokenizer.ggml.pre`` of a GGUF source file (None when absent)."""
-    f = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    from .gguf_io import open_gguf  # gguf_io imports this module
+
+    f = open_gguf(path).fields.get("tokenizer.ggml.pre")
     return None if f is None else str(f.contents())

@@ -220,16 +220,18 @@ def render_pruning_seeded(data: dict) -> str:
         *([f"Teacher correction: the dense model first gets {b['teacher_correction']} LoRA steps of "
            f"{b.get('batch_size')} x {b.get('seq_len')} tokens on the training plays, merged (Minitron); every method "
            "prunes that model and `+distill` distils from it.", ""] if b.get("teacher_correction") else []),
-        f"{str(data.get('model', 'SmolLM2-135M')).split(' (')[0]}, every layer but the first 3 and the last "
-        f"(`--widths layerwise`). {protocol}. "
+        f"{str(data.get('model', 'SmolLM2-135M')).split(' (')[0]}; a row's `widths=` option names its allocation "
+        f"(`uniform`: every layer; without the option, `layerwise`: every layer but the first 3 and the last). "
+        f"{protocol}. "
         "`+distill`: recovery on (1-a)·CE + a·KL to the unpruned model (`--distill`; a = 0.5 unless "
         "`+distill-alpha=a`). Perplexity on "
         f"{b.get('eval_tokens')} held-out tokens at seq-len {b.get('eval_seq_len')}; mean ± std (ddof 1) over seeds "
         f"{', '.join(map(str, sorted({r['seed'] for r in data.get('results', [])} or set(b.get('seeds', [])))))} "
         "(those that ran; seed: calibration draw, batch order, LoRA init). Memory: compiled "
         "bytes of one importance pass at these shapes (`memory_analysis()`, no remat).", "",
-        "Paired: perplexity over the plain method's at the same seeds (same units; only the recovery differs), and "
-        "on how many seeds it is lower by more than 0.1%.", "",
+        "Paired: perplexity over the plain method's at the same seeds (a `+distill` row: same units, only the "
+        "recovery differs; a `widths=` / `ratio=` / `recover-steps=` row: a different allocation or no recovery), "
+        "and on how many seeds it is lower by more than 0.1%.", "",
         table(["method", "attention unit", "ratio", "perplexity", "paired vs plain", "seeds", "all params removed",
                "importance pass MiB", "wall s / run"], rows), "",
         "<details><summary>every run</summary>", "",
@@ -579,6 +581,8 @@ RENDERERS = {
     "pruning_corrected.json": ("Structured pruning of a teacher-corrected SmolLM2-135M: LoRA vs distillation "
                                "recovery", render_pruning),
     "pruning_steps120.json": ("Structured pruning of SmolLM2-135M, 120-step budget", render_pruning),
+    "pruning_steps40.json": ("Structured pruning of SmolLM2-135M, 40-step budget: kv_group vs q_head (the attention "
+                             "unit's default)", render_pruning),
     "pretrain.json": ("Pretraining from random init, 1M tokens: full rank, low rank, SLTrain, SLoPe, LOST, "
                       "SwitchLoRA, S-STE, and the SLTrain sweep", render_pretrain),
     "pretrain_tiny.json": ("Pretraining from random init, tiny recipe (102k tokens, 49k vocabulary): full rank, "

@@ -114,7 +114,7 @@ def structured_layers(num_layers: int, exclude: str, widths: str) -> list[int]:
         raise UserError(f"expected one of {', '.join(WIDTHS)}", field="widths", value=widths)
     if exclude not in ("default", "none", "") and len(layers) < num_layers:
         raise UserError(f"keeps layers at full width, which {field_ref('widths')} uniform does not allow: drop "
-                        f"{field_ref('widths')} uniform (layerwise is the default)", field="exclude_layers",
+                        f"{field_ref('widths')} uniform for {field_ref('widths')} layerwise", field="exclude_layers",
                         value=exclude)
     return list(range(num_layers))
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from scipy.linalg import lapack
+from scipy.linalg import lapack, solve_triangular
 from tqdm import tqdm
 
 from ..errors import UserError
@@ -116,11 +116,9 @@ def obs_prune(w: np.ndarray, h: np.ndarray, n_units: int, unit_size: int, *, gro
         lower = np.linalg.cholesky(hinv[np.ix_(idx, idx)])
         u_pp = lower.T
         u_pr = np.linalg.solve(lower, hinv[np.ix_(idx, rest)])
-        W1 = W[idx].copy()
-        E = np.zeros_like(W1)
-        for i in range(cnt):
-            E[i] = W1[i] / u_pp[i, i]
-            W1[i:] -= np.outer(u_pp[i, i:], E[i])  # local update
+        # the authors' row-by-row local update (E_i = W1_i / U_ii; W1_{i:} -= U_{i,i:}ᵀ E_i) is forward
+        # substitution: Uᵀ E = W1, one triangular solve
+        E = solve_triangular(lower, W[idx], lower=True, check_finite=False)
         W[idx] = 0.0
         W[rest] -= u_pr.T @ E  # global update
         hinv[np.ix_(rest, rest)] -= u_pr.T @ u_pr
