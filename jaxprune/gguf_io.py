@@ -15,7 +15,6 @@ then the inverse permutation; weights come back bit-exact from f32, f16 within f
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from . import gguf_families, gguf_vocab, llamacpp
 from .config import ModelConfig
 from .errors import UserError, field_ref
 from .families import supporting
+from .gguf_reader import open_gguf
 from .model import LlamaForCausalLM
 from .padding import pad_to_layout
 from .rope import attention_scaling, rotary_dim
@@ -253,26 +253,6 @@ def _write_gguf(model: LlamaForCausalLM, path: str, outtype: str, tokenizer, kin
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
-
-
-def open_gguf(path) -> gguf.GGUFReader:
-    """The file's ``GGUFReader`` (a one-line UserError for a file that is not GGUF), parsed once per file version:
-    the reader walks every metadata array element by element (Gemma 3's 262k-token vocabulary takes ~20 s), and
-    ``load`` asks for the architecture, the tokenizer and the tensors of the same file."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read GGUF ({e.strerror})") from None
-    return _open_gguf(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _open_gguf(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError / struct errors / OSError on bad files
-        raise UserError(f"{path}: cannot read GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
 
 
 def gguf_architecture(path: Path) -> str:

@@ -27,6 +27,7 @@ from hashlib import sha256
 import gguf
 
 from .errors import UserError, field_ref
+from .gguf_reader import open_gguf
 
 #: convert_hf_to_gguf.py's check text (``chktxt``), character for character.
 CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f "
@@ -200,7 +201,5 @@ def add_tokenizer(w: gguf.GGUFWriter, tokenizer, pre: str) -> None:
 
 def source_tokenizer_pre(path) -> str | None:
     """``tokenizer.ggml.pre`` of a GGUF source file (None when absent)."""
-    from .gguf_io import open_gguf  # gguf_io imports this module
-
     f = open_gguf(path).fields.get("tokenizer.ggml.pre")
     return None if f is None else str(f.contents())

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ("jaxprune.layers",)),
     ("model", ("jaxprune.model", "jaxprune.weights", "jaxprune.partition", "jaxprune.quantize")),
     ("adapters", ("jaxprune.adapters", "jaxprune.adapters.*")),
-    ("io", ("jaxprune.padding", "jaxprune.hf", "jaxprune.gguf_io", "jaxprune.gguf_families", "jaxprune.gguf_vocab", "jaxprune.llamacpp",
+    ("io", ("jaxprune.padding", "jaxprune.hf", "jaxprune.gguf_io", "jaxprune.gguf_reader", "jaxprune.gguf_families", "jaxprune.gguf_vocab", "jaxprune.llamacpp",
             "jaxprune.checkpoint", "jaxprune.load",
             "jaxprune.data", "jaxprune.evaluate", "jaxprune.generate", "jaxprune.sharding", "jaxprune.lm_eval_model",
             "jaxprune.lm_eval_tasks", "jaxprune.lm_tasks", "jaxprune.lm_tasks.*")),
