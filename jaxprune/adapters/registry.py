@@ -15,7 +15,9 @@ size of what trains), its fixed ones ``nnx.Param`` (the frozen pytree), with log
 ``convert`` is None for LoRA itself (the layer stays a ``Linear``). ``shared(lins, rngs)``, when given, builds
 once what every layer of the model shares (RandLoRA's random bases: one frozen copy, referenced by each layer)
 and ``convert`` receives it. ``unsupported`` lists the run features the adapter refuses, as (feature, reason)
-pairs; the features are :data:`FEATURES`.
+pairs; the features are :data:`FEATURES` (``loram``: LoRAM cannot recover the adapter trained on a pruned model
+to the full shape; ``prune/loram.py`` recovers every layer whose update it can evaluate on P(W0), so only an adapter
+whose update is not a function of its own layer's base and parameters needs to refuse it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ..weights import linears, path_str, replace_linear
 
 #: run features an adapter may refuse (``Adapter.unsupported``), as an error message names them
 _FEATURE_TEXT = {"distill": field_ref("distill"), "int8": f"{field_ref('quantize_base')} int8",
-                 "keep_sparsity": field_ref("keep_sparsity"), "pallas": f"{field_ref('impl')} pallas"}
+                 "keep_sparsity": field_ref("keep_sparsity"), "pallas": f"{field_ref('impl')} pallas",
+                 "loram": "jaxprune loram (its update cannot be recovered to the full shape)"}
 FEATURES = tuple(_FEATURE_TEXT)
 
 

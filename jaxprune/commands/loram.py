@@ -7,6 +7,7 @@ import argparse
 import sys
 import dataclasses
 
+from ..adapters import ADAPTERS
 from ..prune.groups import ATTN_UNITS
 from ..prune.loram_recipe import LoRAMConfig, run_loram
 from ..prune.registry import STRUCTURED
@@ -38,6 +39,11 @@ def add_loram_parser(sub) -> None:
     g.add_argument("--align-steps", type=NONNEG_INT, default=0, help="0: no alignment")
     g.add_argument("--align-text", default=None, help="general text for alignment (default: --text)")
     g.add_argument("--align-lr", type=POSITIVE_FLOAT, default=5e-5, help="alignment learning rate (the paper's)")
+    p.add_argument("--adapter", choices=ADAPTERS.names(), default="lora",
+                   help="what trains on the pruned model and is recovered into the full one (as `finetune "
+                        "--adapter`; --lora-rank / --lora-alpha / --targets set it): "
+                        + ", ".join(ADAPTERS.names()) + ". Each is recovered exactly: its update on the kept units, "
+                        "W0 on the pruned ones (prune/loram.py); every adapter but lora is saved merged")
     p.add_argument("--merge", action="store_true", help="fold the recovered LoRA into W0 in RUN_DIR/model")
     p.set_defaults(fn=with_config(cmd_loram, p))
 
@@ -47,7 +53,7 @@ def cmd_loram(args: argparse.Namespace) -> dict:
     c = LoRAMConfig(**{k: v for k, v in vars(args).items() if k in fields})
     summary = run_loram(args.model, c, train_config(args), mesh_config(args), record=run_record(args, "loram"))
     if not args.json:
-        print(f"loram {c.prune_method} ratio {c.ratio}: LoRA trained on {summary['params_pruned']:,} of "
-              f"{summary['params_full']:,} parameters; full model with recovered LoRA in {summary['model_dir']}",
-              file=sys.stderr)
+        print(f"loram {c.prune_method} ratio {c.ratio}: {c.adapter} trained on {summary['params_pruned']:,} of "
+              f"{summary['params_full']:,} parameters; full model with the recovered {c.adapter} in "
+              f"{summary['model_dir']}", file=sys.stderr)
     return {k: v for k, v in summary.items() if k not in ("kept_heads", "kept_channels")}

@@ -24,18 +24,50 @@ Which factor carries the pruned axis, in our ``[in, out]`` layout (A [in, r], B 
 (the official script, in PEFT's A [r, in] / B [out, r], fills ``down/o lora_A`` columns and
 ``q/k/v/gate/up lora_B`` rows: the same thing transposed). Hence ``(A^R B^R)[kept block] = A^P B^P`` and
 the update is zero on every row / column of a pruned unit: W* keeps W0 there.
+
+Adapters other than LoRA (``loram --adapter``, ``jaxprune.adapters``) are recovered by the same rule, stated on the
+update: with ΔW^P the trained layer's update evaluated on P(W0) (the base the full model infers with), ::
+
+    W*[kept block] = P(W0) + ΔW^P          W*[pruned rows / columns] = W0          (ΔW^R = scatter(ΔW^P), 0 elsewhere)
+
+* additive adapters (``Linear.low_rank()`` is the whole update s·A@B, whatever the base): SparseAdapter
+  (A⊙M_A, B⊙M_B: the fixed support is scattered with the factor, False at pruned units), Bone (E, D), RandLoRA
+  (U, V composed from the shared bases): their effective factors are scattered exactly as LoRA's;
+* DoRA (the update depends on the base through ‖V‖_c): on q/k/v/gate/up (pruned output columns) this is DoRA on
+  W0 itself with B scattered and the magnitude scattered, m^R[kept] = m^P and m^R[pruned] = ‖W0[:, pruned]‖_c
+  (the norm a fresh DoRA starts at, so a pruned column is W0). On o/down (pruned input rows) m is per output
+  feature of the whole column and would rescale the pruned rows too: no m^R gives both the pruned layer on the
+  kept rows and W0 on the pruned ones, so the recovered layer is the merged W* above, not a DoRA layer.
+
+Neither RandLoRA's nor Bone's own form survives pruning in general, so they are recovered as their update.
+RandLoRA (ΔW = s·Σ_j B_j Λ_j A Γ_j, A on the smaller side of the layer, B_j on the larger, one frozen copy of the
+bases for the model, sliced by prefix): even if the pruned model drew the dense bases restricted to its kept units
+(A[:, kept] or B_j[kept]), (1) where the pruned axis is B's side (gate/up/down at moderate ratios: the hidden size
+stays the smaller side) the full layer's B_j Λ_j A Γ_j is not zero on the pruned rows / columns, and B_j, shared by
+every layer, cannot be zeroed there; (2) where pruning flips the smaller side (q: in = out in the full layer, out
+smaller once pruned; any layer pruned below the hidden size) A acts on the other axis and n = ⌈min(in, out)/r⌉
+changes, so λ [r, n^P], γ [n^P, min^P] have no place in the full layer's λ, γ. Only o/k/v (pruned axis on A's side
+in both shapes: scatter γ, zero λ of the extra bases) would keep the form, with a per-layer gather of the bases.
+Bone: on o/down ΔW[i, o] = D[i mod r, o] runs over the kept rows renumbered 0..n_kept-1, which is no Bone update of
+the full rows (that one would also touch the pruned rows); on q/k/v/gate/up D's columns scatter and the form
+survives. The recovered model therefore carries no adapter layers: LoRA is recovered as factors (merged with
+``--merge``), every other adapter merged into W*, as ``finetune`` saves those adapters (a checkpoint records LoRA
+factors only). An adapter that declares ``Adapter.unsupported`` ``loram`` is refused before anything runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..adapters import adapter_of
 from ..config import ModelConfig
 from ..errors import UserError
-from ..model import DECODER_LINEARS, LlamaForCausalLM
+from ..layers import Linear
+from ..model import LlamaForCausalLM
 from ..weights import KeyPath, linears, lora_spec, model_arrays, model_from_arrays, weight_mask_paths
 from .groups import UNIT_AXIS
 from .shrink import kept_indices, shrink
@@ -126,23 +158,78 @@ def recover_factors(a: np.ndarray, b: np.ndarray, kept: np.ndarray, full: int, u
 def recovered_lora(small: LlamaForCausalLM, full_cfg: ModelConfig, units: dict) -> dict[KeyPath, np.ndarray]:
     """``{path + ('lora_a' | 'lora_b'): array}`` in the full model's shapes, for every LoRA of ``small``."""
     out = {}
-    lin = dict(linears(small))
-    for i in range(full_cfg.num_layers):
-        kept = kept_linear_indices(full_cfg, i, units["head_mask"][i], units["channel_mask"][i])
-        for block, name in DECODER_LINEARS:
-            path = ("layers", i, block, name)
-            layer = lin.get(path)
-            if layer is None or not layer.has_lora:
-                continue
-            axis = UNIT_AXIS[name]
-            full = full_width(full_cfg, i, name)
-            a, b = recover_factors(layer.lora_a[...], layer.lora_b[...], kept[name], full, axis)
-            out[path + ("lora_a",)], out[path + ("lora_b",)] = a, b
-    for path, layer in lin.items():  # LoRA outside the decoder linears (none by default) has no pruned axis
-        if layer.has_lora and path[0] != "layers":
-            out[path + ("lora_a",)], out[path + ("lora_b",)] = np.asarray(layer.lora_a[...]), np.asarray(
-                layer.lora_b[...])
+    for path, layer in linears(small):
+        if not layer.has_lora:
+            continue
+        a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+        where = unit_axis_of(full_cfg, units, path)
+        if where is not None:  # LoRA outside the decoder linears (none by default) has no pruned axis
+            a, b = recover_factors(a, b, *where)
+        out[path + ("lora_a",)], out[path + ("lora_b",)] = a, b
     return out
+
+
+def unit_axis_of(cfg: ModelConfig, units: dict, path: KeyPath) -> tuple[np.ndarray, int, int] | None:
+    """(kept indices, full width, unit axis) of the decoder linear at ``path`` of the full model; None for a
+    linear without a pruned axis (``lm_head``)."""
+    if path[0] != "layers" or len(path) != 4 or path[3] not in UNIT_AXIS:
+        return None
+    i, name = int(path[1]), path[3]
+    kept = kept_linear_indices(cfg, i, units["head_mask"][i], units["channel_mask"][i])[name]
+    return kept, full_width(cfg, i, name), UNIT_AXIS[name]
+
+
+def is_additive(layer: Linear) -> bool:
+    """The layer's whole update is ``s·A@B`` of ``low_rank()``, whatever its base (LoRA, SparseAdapter, Bone,
+    RandLoRA): it keeps ``Linear``'s ``merged_kernel`` and ``adapted_kernel`` (DoRA overrides the first)."""
+    cls = type(layer)
+    return cls.merged_kernel is Linear.merged_kernel and cls.adapted_kernel is Linear.adapted_kernel
+
+
+def restrict(w: np.ndarray, kept: np.ndarray, unit_axis: int) -> np.ndarray:
+    """P(W) of one linear: the kept columns (``unit_axis`` 1) or rows (0) of W [in, out]."""
+    return w[:, kept] if unit_axis == 1 else w[kept]
+
+
+def scatter_update(delta: np.ndarray, kept: np.ndarray, full: int, unit_axis: int) -> np.ndarray:
+    """ΔW^R: the pruned layer's update ΔW^P [in_p, out_p] put at the kept columns / rows, zeros elsewhere."""
+    if delta.shape[unit_axis] != len(kept):
+        raise UserError(f"loram: {delta.shape[unit_axis]} pruned units but {len(kept)} kept indices")
+    shape = list(delta.shape)
+    shape[unit_axis] = full
+    out = np.zeros(shape, delta.dtype)
+    if unit_axis == 1:
+        out[:, kept] = delta
+    else:
+        out[kept] = delta
+    return out
+
+
+def update_on_base(layer: Linear, base: np.ndarray) -> np.ndarray:
+    """ΔW^P [in, out] (float32) of a trained adapter layer evaluated on the float ``base`` [in, out] instead of
+    the one it trained on (W^P, aligned or int8): ``merged_kernel()`` of a copy holding ``base``, minus ``base``.
+    Additive layers give ``s·A@B`` exactly (no base added and taken away)."""
+    if is_additive(layer):
+        a, b, s = layer.low_rank()
+        return s * (np.asarray(a, np.float32) @ np.asarray(b, np.float32))
+    probe = nnx.clone(layer)
+    probe.set_float_kernel(jnp.asarray(base, jnp.float32))
+    return np.asarray(probe.merged_kernel(), np.float32) - np.asarray(base, np.float32)
+
+
+def recovered_update(layer: Linear, w0_kernel: np.ndarray, where) -> np.ndarray:
+    """ΔW^R [in, out] of one trained layer of the pruned model in the full model's shape (float32): additive
+    adapters scatter their effective factors (``recover_factors``: the factor carrying the pruned axis, with a
+    SparseAdapter's support, Bone's E, RandLoRA's composed bases), others scatter their update on P(W0)."""
+    if where is None:  # no pruned axis: the layer has its full shape
+        return update_on_base(layer, w0_kernel)
+    kept, full, axis = where
+    if is_additive(layer):
+        a, b, s = layer.low_rank()
+        a, b = recover_factors(np.asarray(a, np.float32), np.asarray(b, np.float32), kept, full, axis)
+        return s * (a @ b)
+    return scatter_update(update_on_base(layer, restrict(np.asarray(w0_kernel, np.float32), kept, axis)), kept,
+                          full, axis)
 
 
 def full_width(cfg: ModelConfig, layer: int, name: str) -> int:
@@ -156,14 +243,21 @@ def full_width(cfg: ModelConfig, layer: int, name: str) -> int:
 
 def recover_full_model(cfg: ModelConfig, w0: Mapping[KeyPath, np.ndarray], small: LlamaForCausalLM, units: dict,
                        dtype) -> LlamaForCausalLM:
-    """W* = W0 + s·A^R B^R: the original model carrying the recovered factors (same rank and α as ``small``'s;
-    ``weights.merge_lora`` or any export folds them in)."""
-    spec = lora_spec(small)
-    if not spec:
+    """The original model with the adapter ``small`` trained, recovered (module docstring). LoRA: W* = W0 +
+    s·A^R B^R carried as factors (same rank and α as ``small``'s; ``weights.merge_lora`` or any export folds
+    them in). Any other adapter: the merged W* = W0 + ΔW^R, no adapter layers."""
+    trained = [(p, l) for p, l in linears(small) if adapter_of(l) is not None]
+    if not trained:
         raise UserError("loram: the trained pruned model has no LoRA factors")
     arrays = {p: v for p, v in w0.items() if p[-1] not in ("lora_a", "lora_b")}
-    arrays.update(recovered_lora(small, cfg, units))
-    return model_from_arrays(cfg, arrays, dtype=dtype, lora=spec, source="loram")
+    if all(adapter_of(l) == "lora" for _, l in trained):
+        arrays.update(recovered_lora(small, cfg, units))
+        return model_from_arrays(cfg, arrays, dtype=dtype, lora=lora_spec(small), source="loram")
+    for path, layer in trained:
+        k = path + ("kernel",)
+        w = np.asarray(arrays[k], np.float32)
+        arrays[k] = w + recovered_update(layer, w, unit_axis_of(cfg, units, path))
+    return model_from_arrays(cfg, arrays, dtype=dtype, source="loram")
 
 
 def describe_units(cfg: ModelConfig, units: dict, layers=None) -> dict:

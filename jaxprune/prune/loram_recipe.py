@@ -6,8 +6,10 @@ the factors to the full shape, the original model with the recovered LoRA.
              prune/         an iterative criterion (loraprune): the run that picks the units (run dir)
              units.json     the kept query heads / MLP channels per layer (the pruning's result)
              align/         ``align_steps``: full-rank training of the pruned model (run dir); align/model
-             train/         LoRA on the (aligned, optionally int8) pruned model (run dir); train/model: pruned + LoRA
-             model/         the ORIGINAL model with the recovered LoRA (merged with ``merge``)
+             train/         the adapter (``adapter``, LoRA by default) on the (aligned, optionally int8) pruned model
+                            (run dir); train/model: pruned + LoRA (merged for another adapter, as ``finetune``)
+             model/         the ORIGINAL model with the recovered LoRA (merged with ``merge``, and always for another
+                            adapter: ``loram.recover_full_model``)
              loram.json     parameter counts, trainable parameters, units, final metrics of each stage
 
 Each stage is one ``runs.run_training``; ``resume`` skips finished stages and resumes the running one from its
@@ -23,12 +25,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .. import checkpoint, load
-from ..data import Blocks, token_stream
+from ..adapters import ADAPTERS
+from ..data import Blocks, HostBlocks, training_blocks
 from ..errors import UserError
 from ..fileio import write_json_atomic
 from ..partition import partition, tree_size
 from ..runs import TrainConfig, TrainJob, last_metrics, prepare_run_dir, run_training, setup_lora, stage_dir
-from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, placement_for, to_host
+from ..sharding import MeshConfig, Placement, init_distributed, is_main_process, log, placement_for, to_host
 from ..train import make_optimizer
 from ..weights import merge_lora
 from . import llm_pruner
@@ -36,14 +39,15 @@ from .groups import prunable_layers, resolve_attn_unit
 from .loram import (check_dense, describe_units, host_arrays, partition_align, pruned_model, recover_full_model,
                     units_from_masks)
 from .loraprune import LoRAPruneOptions
-from .pipeline import loraprune_hooks, loraprune_job, one_shot_masks
+from .pipeline import loraprune_hooks, loraprune_job, one_shot_masks, with_recovery_adapter
 from .registry import STRUCTURED
 
 
 @dataclass(frozen=True)
 class LoRAMConfig:
     """``prune_method``: a structured criterion (registry); ``prune_steps``: an iterative criterion's run (None:
-    ``TrainConfig.steps``); ``align_steps`` 0: no alignment; ``align_text`` None: ``TrainConfig.text``."""
+    ``TrainConfig.steps``); ``align_steps`` 0: no alignment; ``align_text`` None: ``TrainConfig.text``; ``adapter``:
+    what trains on the pruned model (``jaxprune.adapters``; an iterative criterion's unit selection trains LoRA)."""
     prune_method: str = llm_pruner.NAME  # the paper's LoRAM-Stru
     ratio: float = 0.5
     attn_unit: str = "auto"
@@ -57,6 +61,7 @@ class LoRAMConfig:
     align_text: str | None = None
     align_lr: float = 5e-5
     merge: bool = False
+    adapter: str = "lora"
 
 
 def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshConfig = MeshConfig(), *,
@@ -67,6 +72,8 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
     if not 0.0 <= c.ratio < 1.0:
         raise UserError(f"LoRAMConfig.ratio = {c.ratio}: must be in [0, 1)")
     STRUCTURED.get(c.prune_method)
+    adapter = ADAPTERS.get(c.adapter)
+    adapter.check(int8=run_cfg.quantize_base == "int8", pallas=run_cfg.impl == "pallas", loram=True)
     init_distributed(mc)
     placement = placement_for(mc, run_cfg.batch_shape)  # a bad --mesh fails before anything is written
     dense = load.load_model(model_path, run_cfg.dtype)
@@ -75,11 +82,10 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
     tok = load.load_tokenizer(model_path)
     layers = prunable_layers(cfg.num_layers, c.exclude_layers)
     c = dataclasses.replace(c, attn_unit=resolve_attn_unit(c.attn_unit, [cfg.kv_heads(i) for i in layers]))
-    blocks = Blocks.from_stream(token_stream(run_cfg.text, tok), run_cfg.seq_len, seed=run_cfg.seed)
+    blocks = training_blocks(run_cfg.text, tok, run_cfg.seq_len, seed=run_cfg.seed)  # N hosts: each its share
     align_blocks = None
     if c.align_steps:
-        align_blocks = Blocks.from_stream(token_stream(c.align_text or run_cfg.text, tok), run_cfg.seq_len,
-                                          seed=run_cfg.seed)
+        align_blocks = training_blocks(c.align_text or run_cfg.text, tok, run_cfg.seq_len, seed=run_cfg.seed)
     w0 = host_arrays(dense)  # W0 stays on the host while the small model trains
     if record is None:
         record = {"kind": "loram", "model": str(model_path), **dataclasses.asdict(c), **dataclasses.asdict(run_cfg)}
@@ -95,21 +101,27 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
     d, again = stage_dir(run_dir, "train", record, resume)
     lora_cfg = dataclasses.replace(run_cfg, out=str(d))
     s = setup_lora(model_path, lora_cfg, model=small, mesh_devices=placement.mesh.size)
+    s = with_recovery_adapter(s, adapter.name, lora_cfg.seed)  # LoRA's draws at one seed, then the adapter's layers
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(lora_cfg.optim()),
                    head_dim=cfg.head_dim)
     result = run_training(job, lora_cfg, placement, d, resume=again)
-    full = recover_full_model(cfg, w0, result.model, units, dtype)
+    full = recover_full_model(cfg, w0, result.model, units, dtype)  # another adapter than LoRA: merged already
+    merged = c.merge or not adapter.saves_unmerged
     if c.merge:
         full = merge_lora(full)
-    meta = {"loram_from": str(model_path), "prune_method": c.prune_method, "ratio": c.ratio}
+    if merged and not c.merge and not run_cfg.quiet:
+        log(f"{run_dir / 'model'} and {d / 'model'}: the {adapter.name} adapter is merged into the weights (a "
+            "checkpoint records LoRA factors only)")
+    meta = {"loram_from": str(model_path), "prune_method": c.prune_method, "ratio": c.ratio, "adapter": adapter.name}
+    trained = result.model if adapter.saves_unmerged else merge_lora(result.model)
     if is_main_process():
-        checkpoint.save_model(result.model, d / "model", tokenizer=tok, overwrite=True, extra_meta=meta)
+        checkpoint.save_model(trained, d / "model", tokenizer=tok, overwrite=True, extra_meta=meta)
         checkpoint.save_model(full, run_dir / "model", tokenizer=tok, overwrite=True, extra_meta=meta)
     summary = {
         "prune_method": c.prune_method, "ratio": c.ratio, "attn_unit": c.attn_unit, "prunable_layers": layers,
         "params_full": cfg.num_params(), "params_pruned": small.config.num_params(),
         "trainable_params": tree_size(result.state.trainable), "quantize_base": run_cfg.quantize_base,
-        "impl": s.impl, "merged": bool(c.merge), **describe_units(cfg, units, layers),
+        "impl": s.impl, "adapter": adapter.name, "merged": merged, **describe_units(cfg, units, layers),
         "train": last_metrics(d), "align": last_metrics(run_dir / "align") if c.align_steps else None,
         "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "pruned_model_dir": str(d / "model"),
     }
@@ -118,7 +130,7 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
     return summary
 
 
-def choose_units(c: LoRAMConfig, model_path: str, run_cfg: TrainConfig, dense, blocks: Blocks, layers,
+def choose_units(c: LoRAMConfig, model_path: str, run_cfg: TrainConfig, dense, blocks: Blocks | HostBlocks, layers,
                  placement: Placement, run_dir: Path, record: dict, resume: bool) -> dict:
     """The kept heads / channels (RUN_DIR/units.json; read back on --resume)."""
     path = run_dir / "units.json"
@@ -148,7 +160,7 @@ def choose_units(c: LoRAMConfig, model_path: str, run_cfg: TrainConfig, dense, b
     return units
 
 
-def align(c: LoRAMConfig, run_cfg: TrainConfig, small, blocks: Blocks, tok, placement: Placement, run_dir: Path, record: dict,
+def align(c: LoRAMConfig, run_cfg: TrainConfig, small, blocks: Blocks | HostBlocks, tok, placement: Placement, run_dir: Path, record: dict,
           resume: bool):
     """W^P* = W^P + ΔW: full-rank training of the pruned model (float; RUN_DIR/align/model on --resume)."""
     d, again = stage_dir(run_dir, "align", record, resume)
