@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -180,3 +181,34 @@ def default_mesh_spec(batch_size: int) -> str:
 
 def mesh_size(mesh, axes: tuple[str, ...]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
+
+
+# ---- activations --------------------------------------------------------------------------------
+def activation_mesh(mesh: jax.sharding.Mesh | None):
+    """A context in which the model splits its activations' batch dimension over ``mesh`` (``constrain_batch``):
+    JAX's abstract-mesh context, usable inside a jitted function while it is traced. ``None``: no change."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
+    """``x`` with its ``batch_dim`` split over the active mesh's batch axes (``DEFAULT_AXIS_RULES["batch"]``,
+    data and fsdp, those of size > 1), the other dimensions left to XLA (unconstrained: a tensor-split vocabulary
+    stays split). The active mesh is JAX's abstract-mesh context (``activation_mesh``, ``jax.set_mesh``).
+
+    Without an active mesh, on a mesh with no batch axis, or for a batch that does not divide: ``x`` unchanged.
+    Why: XLA's sharding propagation gives an fsdp mesh's activations the weights' layout, not the batch's, so
+    without this every chip held the whole batch's activations and logits [B, S, vocab]."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim == 0:
+        return x
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    axes = tuple(a for a in DEFAULT_AXIS_RULES["batch"] if shape.get(a, 1) > 1)
+    if not axes or x.shape[batch_dim] % math.prod(shape[a] for a in axes):
+        return x
+    if any(t != jax.sharding.AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types) if a in axes):
+        return x  # inside shard_map (manual axes) or on explicit axes: the caller placed x already
+    spec = [P.UNCONSTRAINED] * x.ndim
+    spec[batch_dim] = spec_entry(axes)
+    return jax.lax.with_sharding_constraint(x, P(*spec))

@@ -6,6 +6,10 @@ Module paths follow HF names (``layers.3.self_attn.q_proj``) so regexes over
 paths (LoRA targets, sharding rules) read the same as over HF checkpoints.
 Each layer may have its own head count and MLP width (pruned models).
 
+On a device mesh (an active abstract mesh: ``meshes.activation_mesh``, which the train step enters when it is
+given the run's shardings) the activations between layers and the logits are split over the batch axes
+(``meshes.constrain_batch``); without one nothing changes.
+
 Structured masks act on activations:
 
 * ``self_attn.head_mask`` [num_heads]: each query head's output before ``o_proj``
@@ -24,6 +28,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import Linear, Mask, RMSNorm, with_axes
+from .meshes import constrain_batch
 from .ops.order import after
 from .rope import apply_rope, layer_rope_tables, rope_kind
 
@@ -183,7 +188,7 @@ class LlamaForCausalLM(nnx.Module):
                 positions = positions + cache_index
         seq_len = S if caches is None else caches[0].k.shape[1]
         tables = layer_rope_tables(self.config, positions, seq_len)
-        x = self.embed(tokens)
+        x = constrain_batch(self.embed(tokens))
         new_caches = []
         for i, layer in enumerate(self.layers):
             cos, sin = tables[rope_kind(self.config, i)]
@@ -191,17 +196,18 @@ class LlamaForCausalLM(nnx.Module):
                 x, c = _remat_layer(layer, x, cos, sin), None
             else:
                 x, c = layer(x, cos, sin, None if caches is None else caches[i], cache_index)
+            x = constrain_batch(x)
             new_caches.append(c)
         return self.norm(x), (new_caches if caches is not None else None)
 
     def logits(self, h):
         """h [B, S, hidden] -> fp32 logits [B, S, vocab]; ``final_logit_softcapping`` c: c·tanh(logits / c)."""
         if self.lm_head is None:
-            out = (h @ self.embed_tokens[...].T).astype(jnp.float32)
+            out = constrain_batch(h @ self.embed_tokens[...].T).astype(jnp.float32)
         else:
-            out = self.lm_head(h).astype(jnp.float32)
+            out = constrain_batch(self.lm_head(h)).astype(jnp.float32)
         c = self.config.final_logit_softcapping
-        return out if c is None else jnp.tanh(out / c) * c
+        return constrain_batch(out if c is None else jnp.tanh(out / c) * c)
 
     def __call__(self, tokens, positions=None, caches=None, cache_index=None):
         h, new_caches = self.hidden_states(tokens, positions, caches, cache_index)

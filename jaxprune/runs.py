@@ -292,7 +292,7 @@ def run_training(job: TrainJob, cfg: TrainConfig, placement: Placement, run_dir:
     step_fn = make_train_step(job.graphdef, job.optimizer, grad_hook=job.grad_hook,
                               compute_dtype=cfg.jnp_compute_dtype(), state_shardings=state_shardings_of(state),
                               distill=cfg.distill_config(), mask_fn=job.mask_fn)
-    eval_fn = make_eval_step(job.graphdef, cfg.jnp_compute_dtype())
+    eval_fn = make_eval_step(job.graphdef, cfg.jnp_compute_dtype(), mesh=placement.mesh)
     state = train_loop(state, frozen, step_fn, eval_fn, job.blocks, run_dir, cfg.loop(), start_step=start,
                        callbacks=callbacks, placement=placement)
     if is_main_process():

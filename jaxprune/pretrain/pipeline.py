@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .. import checkpoint
 from ..config import ModelConfig
-from ..data import Blocks, token_stream
+from ..data import training_blocks
 from ..errors import UserError
 from ..fileio import write_json_atomic
 from ..fixtures import fixture_paths, named_tokenizer_dir
@@ -119,7 +119,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         raise UserError("TrainConfig.text: the training text is required")
     tok = load_tokenizer(cfg.tokenizer)
     model_cfg = cfg.model.model_config(tok, run.seq_len)
-    blocks = Blocks.from_stream(token_stream(run.text, tok), run.seq_len, seed=run.seed)
+    blocks = training_blocks(run.text, tok, run.seq_len, seed=run.seed)  # on N hosts each tokenizes its share
     model = build_model(model_cfg, mc, seed=run.seed, dtype=DTYPES[run.dtype] if run.dtype else jnp.float32)
     summary = param_summary(model, model_cfg, mc)
     # a static attribute of the graphdef: set before the split

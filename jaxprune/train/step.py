@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import optax
 
+from ..meshes import activation_mesh
 from .loss import DistillConfig, make_loss_fn, mean_over_microbatches
 
 
@@ -34,12 +35,21 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
     rank, ``adapters/rank_allocation.py``); the state keeps its own masks.
 
     ``state_shardings``: (trainable, opt_state, hook_state) shardings the step returns its state with
-    (``state_shardings_of``); inputs carry their own shardings, so one compile serves every step.
+    (``state_shardings_of``); inputs carry their own shardings, so one compile serves every step. Their mesh is
+    also the one the model splits its activations' batch dimension over (``meshes.activation_mesh``).
     """
     loss_fn = make_loss_fn(graphdef, compute_dtype, distill)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    mesh = None
+    if state_shardings is not None:
+        mesh = jax.tree.leaves(state_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0].mesh
+
     def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
+        with activation_mesh(mesh):
+            return _step(trainable, opt_state, hook_state, frozen, masks, batch, step_index)
+
+    def _step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
         if mask_fn is not None:
             masks = mask_fn(masks, step_index)
 
@@ -57,18 +67,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
 
     out_shardings = None
     if state_shardings is not None:
-        replicated = jax.tree.leaves(state_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
-        out_shardings = (*state_shardings, jax.sharding.NamedSharding(replicated.mesh, jax.sharding.PartitionSpec()))
+        out_shardings = (*state_shardings, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return jax.jit(step, donate_argnums=(0, 1, 2) if donate else (), out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef, compute_dtype=None):
-    """(trainable, frozen, masks, tokens [B, S]) -> summed NLL, jitted."""
+def make_eval_step(graphdef, compute_dtype=None, mesh=None):
+    """(trainable, frozen, masks, tokens [B, S]) -> summed NLL, jitted; ``mesh``: the model's activations split
+    over its batch axes (``meshes.activation_mesh``)."""
     loss_fn = make_loss_fn(graphdef, compute_dtype)
 
     @jax.jit
     def eval_step(trainable, frozen, masks, tokens):
-        loss, n = loss_fn(trainable, frozen, masks, tokens)
+        with activation_mesh(mesh):
+            loss, n = loss_fn(trainable, frozen, masks, tokens)
         return loss * n
     return eval_step
 
