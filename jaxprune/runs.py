@@ -31,6 +31,7 @@ from . import load
 from .data import Blocks, training_blocks
 from .errors import UserError, field_ref
 from .fileio import write_json_atomic
+from .ops.sharded import KernelMesh
 from .partition import DEFAULT_LORA_TARGETS, add_lora, combine, partition
 from .quantize import dequantize_base, quantize_base
 from .sharding import Placement, barrier, is_main_process, log, to_host
@@ -217,15 +218,15 @@ def stage_dir(run_dir: Path, name: str, record: dict, resume: bool) -> tuple[Pat
     return d, prev is not None
 
 
-def setup_lora(model_path: str, cfg: TrainConfig, model=None, *, mesh_devices: int = 1) -> LoraSetup:
+def setup_lora(model_path: str, cfg: TrainConfig, model=None, *, kernel_mesh: KernelMesh | None = None) -> LoraSetup:
     """Load ``model_path`` (or take ``model``), int8 its base if asked, attach LoRA, read ``cfg.text``;
-    ``mesh_devices``: the run's mesh size (``weights.set_linear_impl``)."""
+    ``kernel_mesh``: the run's mesh for the Pallas kernels (``Placement.kernel_mesh()``, ``weights.set_linear_impl``)."""
     if not cfg.text:
         raise UserError("a text file is required", field="text")
     model = model if model is not None else load.load_model(model_path, cfg.dtype)
     if cfg.quantize_base == "int8":
         quantize_base(model)
-    impl = set_linear_impl(model, cfg.impl, mesh_devices=mesh_devices)
+    impl = set_linear_impl(model, cfg.impl, mesh=kernel_mesh)
     model.remat = cfg.remat  # static: part of the graphdef
     tok = load.load_tokenizer(model_path)
     paths = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.targets, seed=cfg.seed)

@@ -24,7 +24,7 @@ along that mesh axis, and the fallback is reported (``Placement.fallbacks``; the
 line). Batches must divide by data×fsdp; a training batch that does not is refused.
 
 The Pallas kernels are not partitioned by XLA: they run under ``shard_map`` on the run's mesh with the same
-rules (``ops/sharded.py``); ``placement_for`` registers the run's mesh for them (``weights.set_linear_impl``).
+rules (``ops/sharded.py``); commands pass ``Placement.kernel_mesh()`` to ``weights.set_linear_impl``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .errors import UserError, field_ref
 from .layers import logical_axes_of
 from .meshes import ShardingRules, default_mesh_spec, logical_dims, make_mesh, mesh_size, spec_entry
-from .ops.sharded import KernelMesh, register_run_mesh
+from .ops.sharded import KernelMesh
 
 # ---- placing pytrees ----------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -242,7 +242,6 @@ def placement_for(mc: MeshConfig, batch_shape: tuple[int, int, int], head_dim: i
     spec = mc.mesh or os.environ.get("JAXPRUNE_MESH") or default_mesh_spec(batch_shape[1])
     placement = Placement(make_mesh(spec), rules, head_dim)
     placement.batch_sharding(tuple(batch_shape), 1)
-    register_run_mesh(placement.kernel_mesh())  # the run's Pallas kernels run under shard_map on it
     return placement
 
 

@@ -18,7 +18,6 @@ from .config import ModelConfig
 from .errors import UserError
 from .layers import Linear, Mask
 from .model import LlamaForCausalLM
-from .ops import sharded
 from .ops.blocks import block_grid, block_shape_of
 from .ops.sharded import KernelMesh
 
@@ -43,7 +42,7 @@ def replace_linear(model: nnx.Module, path: KeyPath, new: Linear) -> None:
 IMPL_CHOICES = ("auto", "xla", "pallas")
 
 
-def set_linear_impl(model: nnx.Module, impl: str = "auto", *, inference: bool = False, mesh_devices: int = 1,
+def set_linear_impl(model: nnx.Module, impl: str = "auto", *, inference: bool = False,
                     mesh: KernelMesh | None = None, backend: str | None = None) -> str:
     """Route every element-masked ``Linear`` (``(W + s·A@B) ⊙ M``) through the Pallas masked low-rank kernel
     (``"pallas"``) or XLA (``"xla"``). ``"auto"`` takes the kernel where it is compiled (GPU, TPU: one device or
@@ -62,12 +61,9 @@ def set_linear_impl(model: nnx.Module, impl: str = "auto", *, inference: bool = 
 
     On a mesh of several devices the kernels run under ``shard_map`` (``ops/sharded.py``: which operand is split
     on which mesh axis, where partial sums are psum'd): XLA's SPMD partitioner cannot split a compiled Pallas
-    call. ``mesh``: the ``KernelMesh`` to run on (``sharding.Placement.kernel_mesh()``); else ``mesh_devices``
-    (the run's mesh size) picks the run's registered mesh (``ops.sharded.run_mesh``). The head size for the
-    rules comes from ``model.config``. ``backend``: default ``jax.default_backend()``."""
+    call. ``mesh``: the run's ``KernelMesh`` (``sharding.Placement.kernel_mesh()``); None or one device: no
+    ``shard_map``. The head size for the rules comes from ``model.config``. ``backend``: default ``jax.default_backend()``."""
     chosen = choose_impl(impl, backend)
-    if mesh is None:
-        mesh = sharded.run_mesh(mesh_devices)
     if mesh is not None and (mesh.size == 1 or chosen == "xla"):
         mesh = None
     if mesh is not None:

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         """finetune's model at ``seed``: a fresh copy of the base, LoRA attached, the adapter's layers, split."""
         c = cfg(seed, result["adapters"][name]["rank"])
         model = merge_lora(base)  # a LoRA-free copy
-        set_linear_impl(model, c.impl, mesh_devices=1)
+        set_linear_impl(model, c.impl)
         model.remat = c.remat
         add_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, targets=c.targets, seed=c.seed)
         if ADAPTERS.get(name).convert is not None:

@@ -33,14 +33,6 @@ if jax.device_count() < 8:
     pytest.skip("needs the 8 host devices conftest asks for", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def _keep_the_registered_mesh():
-    """CLI runs register their mesh (sharding.placement_for); leave the registry as this module found it."""
-    saved = list(sharded._RUN_MESH)
-    yield
-    sharded._RUN_MESH[:] = saved
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _compile_fast():
     """XLA at optimisation level 0 in this module (as ``conftest.compile_fast``): the interpret-mode kernels compile
@@ -132,14 +124,15 @@ def test_partition_rules_and_auto_picks_the_kernel_on_gpu_tpu_meshes():
     assert masked_lowrank_plan(tensor.with_head_dim(16), x, (64, 48), ("embed", "kv_heads")).n_axes == ()  # 3 heads
 
     model = random_llama(tiny_config(), seed=0)
-    sharded.register_run_mesh(tensor)
-    for backend, n, want in (("gpu", 8, "pallas"), ("tpu", 8, "pallas"), ("gpu", 1, "pallas"), ("cpu", 8, "xla")):
-        assert set_linear_impl(model, "auto", mesh_devices=n, backend=backend) == want, (backend, n)
+    one = KernelMesh.of(make_mesh("data=1"))
+    for backend, mesh, want in (("gpu", tensor, "pallas"), ("tpu", tensor, "pallas"), ("gpu", one, "pallas"),
+                                ("gpu", None, "pallas"), ("cpu", tensor, "xla")):
+        assert set_linear_impl(model, "auto", mesh=mesh, backend=backend) == want, (backend, mesh)
         meshes = {lin.kernel_mesh for _, lin in linears(model)}
-        assert meshes == ({tensor.with_head_dim(16)} if (want, n) == ("pallas", 8) else {None}), (backend, n)
-    assert set_linear_impl(model, "pallas", mesh_devices=8, backend="cpu") == "pallas"  # interpret mode
+        assert meshes == ({tensor.with_head_dim(16)} if (want, mesh) == ("pallas", tensor) else {None}), backend
+    assert set_linear_impl(model, "pallas", mesh=tensor, backend="cpu") == "pallas"  # interpret mode
     assert {lin.kernel_mesh for _, lin in linears(model)} == {tensor.with_head_dim(16)}
-    assert set_linear_impl(model, "pallas", mesh=fsdp, backend="gpu") == "pallas"  # an explicit mesh wins
+    assert set_linear_impl(model, "pallas", mesh=fsdp, backend="gpu") == "pallas"
     assert {lin.kernel_mesh.mesh for _, lin in linears(model)} == {fsdp.mesh}
 
 

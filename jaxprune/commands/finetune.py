@@ -55,7 +55,7 @@ def cmd_finetune(args: argparse.Namespace) -> dict:
             restored = restore_pruned_weights(model, load.load_model(args.teacher, cfg.dtype), args.teacher)
             if not cfg.quiet:
                 log(f"distilling from {args.teacher}: its {restored:,} pruned weights restored under the masks")
-    s = setup_lora(args.model, cfg, model, mesh_devices=placement.mesh.size)
+    s = setup_lora(args.model, cfg, model, kernel_mesh=placement.kernel_mesh())
     if adapter.convert is not None:  # LoRA is attached (same draws at one seed); the adapter's layers replace it
         attach_adapter(s.model, adapter.name, seed=cfg.seed)
         s.graphdef, s.frozen, s.trainable, s.masks = partition(s.model)

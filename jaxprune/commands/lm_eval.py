@@ -31,7 +31,7 @@ def cmd_lm_eval(a) -> dict:
     tasks = load_tasks(tm, names, offline)  # bad tasks fail before the model loads
     model = load.load_model(a.model, a.dtype)
     placement = placement_for(mc, (1, a.batch_size, 2), model.config.head_dim)
-    impl = set_linear_impl(model, a.impl, inference=True, mesh_devices=placement.mesh.size)
+    impl = set_linear_impl(model, a.impl, inference=True, mesh=placement.kernel_mesh())
     lm = make_lm(model, load.load_tokenizer(a.model), batch_size=a.batch_size, max_length=a.max_length,
                  max_gen_toks=a.max_gen_toks, placement=placement, progress=not a.json, seed=a.seed)
     t = time.perf_counter()

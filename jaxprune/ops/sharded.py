@@ -8,9 +8,8 @@ kernels' backward pieces, ``kernels.*_vjp``), so every collective is written her
 On CPU the kernels run in interpret mode inside the same ``shard_map`` (8 host devices in the tests).
 
 Where the mesh comes from: a ``Linear`` holds a :class:`KernelMesh` (static, in the graphdef), given by
-``weights.set_linear_impl``: the one passed to it, or the one ``sharding.placement_for`` registered for the run
-(:func:`register_run_mesh`), or a ``data=N`` mesh of the first N devices. One device (or none): no ``shard_map``,
-the kernel is called as it is.
+``weights.set_linear_impl``: the run's (``sharding.Placement.kernel_mesh()``, passed by every command that
+places a model). One device (or none): no ``shard_map``, the kernel is called as it is.
 
 Partition rules
 ---------------
@@ -76,7 +75,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from .. import kernels
-from ..meshes import DEFAULT_AXIS_RULES, logical_dims, make_mesh, spec_entry
+from ..meshes import DEFAULT_AXIS_RULES, logical_dims, spec_entry
 
 try:  # jax >= 0.7
     _shard_map = jax.shard_map
@@ -127,26 +126,6 @@ class KernelMesh:
 
     def with_head_dim(self, head_dim: int | None) -> "KernelMesh":
         return KernelMesh(self.mesh, self.axis_rules, head_dim)
-
-
-_RUN_MESH: list[KernelMesh] = []  # the run's mesh, registered by sharding.placement_for
-
-
-def register_run_mesh(kernel_mesh: KernelMesh | None) -> None:
-    """Make ``kernel_mesh`` the run's: ``weights.set_linear_impl(..., mesh_devices=n)`` takes it when its size is
-    n (``sharding.placement_for`` calls this for every run's placement). None clears it."""
-    _RUN_MESH[:] = [] if kernel_mesh is None else [kernel_mesh]
-
-
-def run_mesh(devices: int) -> KernelMesh | None:
-    """The kernel mesh for a run on ``devices`` devices: None for one device; the registered run mesh when it
-    has that size; else ``data=devices`` over the first devices with the default rules (what a run without
-    ``--mesh`` uses)."""
-    if devices <= 1:
-        return None
-    if _RUN_MESH and _RUN_MESH[0].size == devices:
-        return _RUN_MESH[0]
-    return KernelMesh.of(make_mesh({"data": devices, "fsdp": 1, "tensor": 1}))
 
 
 def _psum(x, axes: Axes):

@@ -123,7 +123,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
     model = build_model(model_cfg, mc, seed=run.seed, dtype=DTYPES[run.dtype] if run.dtype else jnp.float32)
     summary = param_summary(model, model_cfg, mc)
     # a static attribute of the graphdef: set before the split
-    impl = set_linear_impl(model, run.impl, mesh_devices=placement.mesh.size)
+    impl = set_linear_impl(model, run.impl, mesh=placement.kernel_mesh())
     graphdef, frozen, trainable, masks = partition_pretrain(model)
     record = cfg.record if cfg.record is not None else default_record(cfg)
     run_dir, prev = prepare_run_dir(run.out, record, resume=run.resume,

@@ -122,7 +122,7 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
         train = dataclasses.replace(train, steps=cfg.recover_steps)
     init_distributed(mesh)
     placement = placement_for(mesh, train.batch_shape)
-    s = setup_lora(model_path, dataclasses.replace(train, quantize_base="none"), mesh_devices=placement.mesh.size)
+    s = setup_lora(model_path, dataclasses.replace(train, quantize_base="none"), kernel_mesh=placement.kernel_mesh())
     mcfg = s.model.config
     n = cfg.n_remove(mcfg.num_layers)
     placement = placement.with_head_dim(mcfg.head_dim)
@@ -143,7 +143,7 @@ def prune_depth(model_path: str, cfg: DepthPruneConfig, train: TrainConfig, mesh
                                     overwrite=train.overwrite)  # after the checks: bad input leaves no run dir
     trainable = 0
     if train.steps > 0:
-        r = with_recovery_adapter(setup_lora(model_path, train, model=small, mesh_devices=placement.mesh.size),
+        r = with_recovery_adapter(setup_lora(model_path, train, model=small, kernel_mesh=placement.kernel_mesh()),
                                   cfg.recover_adapter, train.seed)
         job = TrainJob(r.graphdef, r.frozen, r.trainable, r.masks, r.blocks, make_optimizer(train.optim()),
                        head_dim=mcfg.head_dim)

@@ -100,7 +100,7 @@ def run_loram(model_path: str, c: LoRAMConfig, run_cfg: TrainConfig, mc: MeshCon
         small = align(c, run_cfg, small, align_blocks, tok, placement, run_dir, record, resume)
     d, again = stage_dir(run_dir, "train", record, resume)
     lora_cfg = dataclasses.replace(run_cfg, out=str(d))
-    s = setup_lora(model_path, lora_cfg, model=small, mesh_devices=placement.mesh.size)
+    s = setup_lora(model_path, lora_cfg, model=small, kernel_mesh=placement.kernel_mesh())
     s = with_recovery_adapter(s, adapter.name, lora_cfg.seed)  # LoRA's draws at one seed, then the adapter's layers
     job = TrainJob(s.graphdef, s.frozen, s.trainable, s.masks, s.blocks, make_optimizer(lora_cfg.optim()),
                    head_dim=cfg.head_dim)
@@ -143,7 +143,7 @@ def choose_units(c: LoRAMConfig, model_path: str, run_cfg: TrainConfig, dense, b
         # the float base: --quantize-base is QLoRAM's, for the LoRA stage on the pruned model
         pcfg = dataclasses.replace(run_cfg, out=str(d), steps=c.prune_steps or run_cfg.steps, quantize_base="none")
         # W0 is on the host already: LoRA may go on `dense`
-        s = setup_lora(model_path, pcfg, model=dense, mesh_devices=placement.mesh.size)
+        s = setup_lora(model_path, pcfg, model=dense, kernel_mesh=placement.kernel_mesh())
         opts = LoRAPruneOptions(prune_every=c.prune_every, beta=c.beta)
         hooks = loraprune_hooks(cfg, unit, layers, pcfg.steps, c.ratio, opts, pcfg.lora_scale, placement.put)
         masks = to_host(run_training(loraprune_job(s, hooks, pcfg), pcfg, placement, d, resume=again).state.masks)

@@ -217,7 +217,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
         train = dataclasses.replace(train, steps=prune.recover_steps)
     init_distributed(mesh)
     placement = placement_for(mesh, train.batch_shape)
-    s = setup_lora(model_path, train, mesh_devices=placement.mesh.size)
+    s = setup_lora(model_path, train, kernel_mesh=placement.kernel_mesh())
     cfg = s.model.config
     placement = placement.with_head_dim(cfg.head_dim)
     widths = prune.resolved_widths()
@@ -254,7 +254,7 @@ def prune_structured(model_path: str, prune: StructuredPruneConfig, train: Train
         if criterion.compensate is not None:  # a new base (new output biases: a new shape), so LoRA goes on anew
             updated = with_weight_updates(s.model, criterion.compensate(inputs, masks))
             del inputs, frozen
-            s = setup_lora(model_path, train, model=updated, mesh_devices=placement.mesh.size)
+            s = setup_lora(model_path, train, model=updated, kernel_mesh=placement.kernel_mesh())
             frozen = placement.put(s.frozen)
         if train.steps > 0 and prune.recover_adapter != "lora":  # scored on the base (B = 0); recovery's adapter
             del frozen
@@ -317,7 +317,7 @@ def select_with_loraprune(model_path, prune: StructuredPruneConfig, opts: LoRAPr
     d, again = stage_dir(run_dir, "select", record, resume)
     rank = opts.select_lora_rank or train.lora_rank
     scfg = dataclasses.replace(train, out=str(d), steps=opts.select_steps, lora_rank=rank, distill=False)
-    sel = s if rank == train.lora_rank else setup_lora(model_path, scfg, mesh_devices=placement.mesh.size)
+    sel = s if rank == train.lora_rank else setup_lora(model_path, scfg, kernel_mesh=placement.kernel_mesh())
     cfg = sel.model.config
     hooks = loraprune_hooks(cfg, unit, layers, opts.select_steps, prune.ratio, opts, scfg.lora_scale,
                             placement.put)
