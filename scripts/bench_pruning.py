@@ -160,6 +160,10 @@ def main() -> None:
                                                          "(meaningful on an idle machine only)")
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
                     help="SmolLM2-135M (GQA 9/3 heads) or Gemma 3 270M (MQA: 4 query heads on one KV head)")
+    ap.add_argument("--depth-first", default=None, metavar="METHOD:RATIO",
+                    help="a mixed recipe: first remove RATIO of the layers with depth METHOD (shortgpt|replaceme, "
+                         "no recovery, same calibration and seed), then run every spec on that model; rows report "
+                         "parameters removed from the original model")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out (same budget) and run only the missing ones")
@@ -209,7 +213,8 @@ def main() -> None:
                          "lora_rank": a.lora_rank, "calib_samples": a.calib_samples, "calib_len": a.seq_len,
                          "calib_batch": a.calib_batch, "seeds": seeds, "eval_tokens": a.eval_tokens,
                          "eval_seq_len": 256, **({"teacher_correction": a.teacher_correction}
-                                                 if a.teacher_correction else {})},
+                                                 if a.teacher_correction else {}),
+                         **({"depth_first": a.depth_first} if a.depth_first else {})},
               "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps,
                         **({"ppl_as_shipped": shipped_ppl} if a.teacher_correction else {})},
               "results": [], "summary": [],
@@ -228,8 +233,11 @@ def main() -> None:
             for method, unit, opts in specs:
                 if (seed, ratio, label({"method": method, "options": opts}), unit) in done:
                     continue
-                row = run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load,
+                start = depth_first(a, base, paths, seed, build_parser) if a.depth_first else base
+                row = run_one(a, start, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load,
                               perplexity, forward_speedup)
+                if a.depth_first:  # the fraction of the original model's parameters, not of the depth-pruned one
+                    row["params_removed_fraction"] = 1.0 - row["params_after"] / dense.config.num_params()
                 row["importance_pass_bytes"] = memory[(method, unit)]
                 result["results"].append(row)
                 ran = True
@@ -271,6 +279,26 @@ def corrected_base(a, paths, build_parser) -> Path:
     return run / "model"
 
 
+def depth_first(a, base, paths, seed, build_parser) -> Path:
+    """``--depth-first METHOD:RATIO``: the base model with RATIO of its layers removed by METHOD (retraining-free,
+    this seed's calibration draw), cached in the fixture cache per (method, ratio, seed, calibration)."""
+    from jaxprune.checkpoint import is_checkpoint
+    from jaxprune.fixtures import cache_dir
+
+    method, _, ratio = a.depth_first.partition(":")
+    run = (cache_dir() / "bench" / f"depth-first-{method}-{ratio}-seed{seed}-{a.calib_samples}x{a.seq_len}"
+           f"-{Path(base).parent.name if Path(base).name == 'model' else Path(base).name}")
+    if not is_checkpoint(run / "model"):
+        argv = ["prune", str(base), "--method", method, "--ratio", ratio, "--recover-steps", "0",
+                "--text", str(paths.train_text), "--seed", str(seed), "--calib-samples", str(a.calib_samples),
+                "--calib-len", str(a.seq_len), "--calib-batch", str(a.calib_batch),
+                "--out", str(run), "--overwrite", "--json", "--no-progress"]
+        run.parent.mkdir(parents=True, exist_ok=True)
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+    return run / "model"
+
+
 def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, build_parser, load, perplexity,
             forward_speedup) -> dict:
     """Prune + recover one model in a temporary run dir; its held-out perplexity and counts."""
@@ -279,12 +307,16 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
         extra += ["--select-steps", str(a.select_steps), "--recover-steps", str(a.steps)]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        argv = ["prune", str(base), "--method", method, "--attn-unit", unit, "--ratio", str(ratio),
+        from jaxprune.prune.registry import DEPTH
+
+        # depth methods remove whole layers (--ratio: the fraction of layers): no attention unit, no widths
+        shape = [] if method in DEPTH.names() else ["--attn-unit", unit, "--widths", "layerwise"]
+        argv = ["prune", str(base), "--method", method, *shape[:2], "--ratio", str(ratio),
                 "--text", str(paths.train_text), "--steps", str(a.steps), "--seq-len", str(a.seq_len),
                 "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
                 "--lora-rank", str(a.lora_rank), "--prune-every", str(a.prune_every), "--seed", str(seed),
                 "--calib-samples", str(a.calib_samples), "--calib-len", str(a.seq_len),
-                "--calib-batch", str(a.calib_batch), "--widths", "layerwise", *extra,  # a spec's flags win
+                "--calib-batch", str(a.calib_batch), *shape[2:], *extra,  # a spec's flags win
                 "--save-every", str(max(a.steps, a.select_steps)), "--val-every", "0",
                 "--out", str(run), "--json", "--no-progress"]
         t = time.time()
@@ -297,7 +329,8 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
     return {"method": method, "attn_unit": unit, "options": opts, "base": "int8" if "int8" in opts else "float",
             "ratio": ratio, "seed": seed, "ppl": ppl, "params_after": summary["params_after"],
             "params_removed_fraction": summary["params_removed_fraction"],
-            "heads_pruned": summary["heads_pruned"], "channels_pruned": summary["channels_pruned"],
+            "heads_pruned": summary.get("heads_pruned"), "channels_pruned": summary.get("channels_pruned"),
+            "layers_removed": summary.get("layers_removed"),
             "tokens_per_s": speedup[1], "speedup_vs_dense": speedup[0], "wall_s": wall}
 
 

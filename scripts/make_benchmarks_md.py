@@ -602,6 +602,26 @@ RENDERERS = {
                                  render_budget),
     "budget_slimgpt_recovered.json": ("The best pruned model for a budget: SlimGPT after equal LoRA recovery",
                                       render_budget),
+    "budget_half_params.json": ("The best pruned model for a budget: half of all parameters removed, SmolLM2-135M, "
+                                "after equal LoRA recovery", render_budget),
+    "budget_half_params_more.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                     "stock-loadable and retraining-free rows", render_budget),
+    "budget_half_params_depth.json": ("The best pruned model for a budget: half of all parameters removed by depth "
+                                      "pruning (19 of 30 layers)", render_budget),
+    "budget_half_params_mix5.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                     "stock-loadable mix: ReplaceMe removes 5 layers, then SlimGPT uniform widths",
+                                     render_budget),
+    "budget_half_params_mix6.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                     "stock-loadable mix: ReplaceMe removes 6 layers, then SlimGPT uniform widths",
+                                     render_budget),
+    "budget_half_params_mix7.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                     "stock-loadable mix: ReplaceMe removes 7 layers, then SlimGPT uniform widths",
+                                     render_budget),
+    "budget_half_params_mix9.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                     "stock-loadable mix: ReplaceMe removes 9 layers, then SlimGPT uniform widths",
+                                     render_budget),
+    "budget_fifth_params.json": ("The best pruned model for a budget: about a fifth of all parameters removed, "
+                                 "SmolLM2-135M, after equal LoRA recovery", render_budget),
     "parity.json": ("jaxprune vs transformers on the real models (same fp32 weights)", render_generic),
     "budget_gemma3_free.json": ("The best pruned model for a budget: Gemma 3 270M, retraining-free", render_budget),
     "budget_gemma3_recovered.json": ("The best pruned model for a budget: Gemma 3 270M after equal LoRA recovery",
