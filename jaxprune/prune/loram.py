@@ -142,17 +142,10 @@ def partition_align(model: nnx.Module):
 def recover_factors(a: np.ndarray, b: np.ndarray, kept: np.ndarray, full: int, unit_axis: int):
     """(A^R, B^R) of one linear: ``unit_axis`` 1 (units are output columns) scatters B [r, n_kept] into
     zeros [r, full] at columns ``kept``; 0 (input rows) scatters A [n_kept, r] into zeros [full, r]."""
-    a, b, kept = np.asarray(a), np.asarray(b), np.asarray(kept)
-    n = b.shape[1] if unit_axis == 1 else a.shape[0]
-    if len(kept) != n:
-        raise UserError(f"loram: {n} pruned units but {len(kept)} kept indices")
+    a, b = np.asarray(a), np.asarray(b)
     if unit_axis == 1:
-        out = np.zeros((b.shape[0], full), b.dtype)
-        out[:, kept] = b
-        return a, out
-    out = np.zeros((full, a.shape[1]), a.dtype)
-    out[kept, :] = a
-    return out, b
+        return a, scatter_units(b, kept, full, 1)
+    return scatter_units(a, kept, full, 0), b
 
 
 def recovered_lora(small: LlamaForCausalLM, full_cfg: ModelConfig, units: dict) -> dict[KeyPath, np.ndarray]:
@@ -186,22 +179,19 @@ def is_additive(layer: Linear) -> bool:
     return cls.merged_kernel is Linear.merged_kernel and cls.adapted_kernel is Linear.adapted_kernel
 
 
-def restrict(w: np.ndarray, kept: np.ndarray, unit_axis: int) -> np.ndarray:
-    """P(W) of one linear: the kept columns (``unit_axis`` 1) or rows (0) of W [in, out]."""
-    return w[:, kept] if unit_axis == 1 else w[kept]
-
-
-def scatter_update(delta: np.ndarray, kept: np.ndarray, full: int, unit_axis: int) -> np.ndarray:
-    """ΔW^R: the pruned layer's update ΔW^P [in_p, out_p] put at the kept columns / rows, zeros elsewhere."""
-    if delta.shape[unit_axis] != len(kept):
-        raise UserError(f"loram: {delta.shape[unit_axis]} pruned units but {len(kept)} kept indices")
-    shape = list(delta.shape)
+def scatter_units(x: np.ndarray, kept: np.ndarray, full: int, unit_axis: int) -> np.ndarray:
+    """``x`` with its ``unit_axis`` (n_kept long) put at positions ``kept`` of a zero array ``full`` long there: a
+    factor carrying the pruned axis (``recover_factors``) or a layer's whole update ΔW^P [in_p, out_p] -> ΔW^R."""
+    x, kept = np.asarray(x), np.asarray(kept)
+    if x.shape[unit_axis] != len(kept):
+        raise UserError(f"loram: {x.shape[unit_axis]} pruned units but {len(kept)} kept indices")
+    shape = list(x.shape)
     shape[unit_axis] = full
-    out = np.zeros(shape, delta.dtype)
+    out = np.zeros(shape, x.dtype)
     if unit_axis == 1:
-        out[:, kept] = delta
+        out[:, kept] = x
     else:
-        out[kept] = delta
+        out[kept] = x
     return out
 
 
@@ -218,18 +208,15 @@ def update_on_base(layer: Linear, base: np.ndarray) -> np.ndarray:
 
 
 def recovered_update(layer: Linear, w0_kernel: np.ndarray, where) -> np.ndarray:
-    """ΔW^R [in, out] of one trained layer of the pruned model in the full model's shape (float32): additive
-    adapters scatter their effective factors (``recover_factors``: the factor carrying the pruned axis, with a
-    SparseAdapter's support, Bone's E, RandLoRA's composed bases), others scatter their update on P(W0)."""
+    """ΔW^R [in, out] of one trained layer of the pruned model in the full model's shape (float32): its update on
+    P(W0) (the kept columns / rows of W0) scattered to the kept units, zeros at the pruned ones. For an additive
+    adapter this is its effective factors scattered as LoRA's (a SparseAdapter's support, Bone's E, RandLoRA's
+    composed bases): the zero rows / columns add nothing to the product."""
     if where is None:  # no pruned axis: the layer has its full shape
         return update_on_base(layer, w0_kernel)
     kept, full, axis = where
-    if is_additive(layer):
-        a, b, s = layer.low_rank()
-        a, b = recover_factors(np.asarray(a, np.float32), np.asarray(b, np.float32), kept, full, axis)
-        return s * (a @ b)
-    return scatter_update(update_on_base(layer, restrict(np.asarray(w0_kernel, np.float32), kept, axis)), kept,
-                          full, axis)
+    return scatter_units(update_on_base(layer, np.take(np.asarray(w0_kernel, np.float32), kept, axis=axis)), kept,
+                         full, axis)
 
 
 def full_width(cfg: ModelConfig, layer: int, name: str) -> int:
