@@ -608,18 +608,9 @@ RENDERERS = {
                                      "stock-loadable and retraining-free rows", render_budget),
     "budget_half_params_depth.json": ("The best pruned model for a budget: half of all parameters removed by depth "
                                       "pruning (19 of 30 layers)", render_budget),
-    "budget_half_params_mix5.json": ("The best pruned model for a budget: half of all parameters removed, "
-                                     "stock-loadable mix: ReplaceMe removes 5 layers, then SlimGPT uniform widths",
-                                     render_budget),
-    "budget_half_params_mix6.json": ("The best pruned model for a budget: half of all parameters removed, "
-                                     "stock-loadable mix: ReplaceMe removes 6 layers, then SlimGPT uniform widths",
-                                     render_budget),
-    "budget_half_params_mix7.json": ("The best pruned model for a budget: half of all parameters removed, "
-                                     "stock-loadable mix: ReplaceMe removes 7 layers, then SlimGPT uniform widths",
-                                     render_budget),
-    "budget_half_params_mix9.json": ("The best pruned model for a budget: half of all parameters removed, "
-                                     "stock-loadable mix: ReplaceMe removes 9 layers, then SlimGPT uniform widths",
-                                     render_budget),
+    **{f"budget_half_params_mix{n}.json": ("The best pruned model for a budget: half of all parameters removed, "
+                                           f"stock-loadable mix: ReplaceMe removes {n} layers, then SlimGPT uniform "
+                                           "widths", render_budget) for n in (5, 6, 7, 9)},
     "budget_fifth_params.json": ("The best pruned model for a budget: about a fifth of all parameters removed, "
                                  "SmolLM2-135M, after equal LoRA recovery", render_budget),
     "parity.json": ("jaxprune vs transformers on the real models (same fp32 weights)", render_generic),
