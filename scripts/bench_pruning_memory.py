@@ -136,15 +136,29 @@ def compile_step(step: str, cfg: ModelConfig, dtype, batch: int, seq: int, rank:
             state_shardings = jax.tree.map(lambda x: x.sharding, (trainable, opt_state, hook_state))
         fn = make_train_step(graphdef, opt, grad_hook=importance_hook(cfg, unit, 2.0), donate=True,
                              compute_dtype=compute_dtype, state_shardings=state_shardings)
-        return fn.lower(trainable, opt_state, hook_state, frozen, masks, tokens,
-                        jax.ShapeDtypeStruct((), jnp.int32)).compile(compiler_options)
+        return _compile(fn.lower(trainable, opt_state, hook_state, frozen, masks, tokens,
+                                 jax.ShapeDtypeStruct((), jnp.int32)), compiler_options)
     calib = tokens_spec((batch, seq), 0, placement, strict=False)
     if step == "llm_pruner_fused":
         fused = taylor_importance_step(graphdef, cfg, unit, chunk)
-        return fused.lower(frozen, trainable, masks, calib).compile(compiler_options)
+        return _compile(fused.lower(frozen, trainable, masks, calib), compiler_options)
     loss_fn = make_loss_fn(graphdef)
     grads_step = jax.jit(lambda fr, tr, mk, b: jax.grad(lambda f: loss_fn(tr, f, mk, b)[0])(fr))
-    return grads_step.lower(frozen, trainable, masks, calib).compile(compiler_options)
+    return _compile(grads_step.lower(frozen, trainable, masks, calib), compiler_options)
+
+
+def _compile(lowered, compiler_options: dict | None):
+    """``lowered.compile``; one that is to write a dump (``dump_options``) bypasses XLA's persistent compilation
+    cache: its key leaves out ``xla_dump_to``, so with ``JAX_COMPILATION_CACHE_DIR`` set (``make test`` sets it) a
+    second run would get the cached executable back and no dump would be written."""
+    if not compiler_options or "xla_dump_to" not in compiler_options:
+        return lowered.compile(compiler_options)
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return lowered.compile(compiler_options)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
 
 
 def dump_options(dump_dir) -> dict:

@@ -32,7 +32,12 @@ def main() -> int:
     a = ap.parse_args()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *PYTEST], cwd=REPO, capture_output=True, text=True)
+    # as `make test` runs it: with XLA's persistent compilation cache (a warm cache hides no dump, see
+    # bench_pruning_memory._compile, and is what CI has)
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        Path(os.environ.get("JAXPRUNE_CACHE", Path.home() / ".cache" / "jaxprune")).expanduser() / "xla-cache")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    proc = subprocess.run([sys.executable, *PYTEST], cwd=REPO, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     lines = proc.stdout.splitlines()
     summary = next((l.strip("= ") for l in reversed(lines) if re.search(r"\d+ (passed|failed)", l)), "")
@@ -41,7 +46,7 @@ def main() -> int:
         "command": f"python {' '.join(PYTEST)}", "returncode": proc.returncode, "seconds": round(seconds, 1),
         "summary": summary, "failed": [l for l in lines if l.startswith("FAILED")], "slowest": slowest, "cpus": os.cpu_count(), "machine": platform.platform(),
         "load_average_start": load0[0], "load_average_end": os.getloadavg()[0],
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.date.today().isoformat(), "compilation_cache": cache,
     })
     print(f"{summary} in {seconds / 60:.1f} min -> {a.out}")
     print("\n".join(l for l in lines if l.startswith("FAILED")))
