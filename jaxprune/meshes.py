@@ -192,6 +192,17 @@ def activation_mesh(mesh: jax.sharding.Mesh | None):
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def mesh_of(tree) -> jax.sharding.Mesh | None:
+    """The device mesh ``tree``'s arrays are placed on (the first ``NamedSharding`` leaf's), None when none is
+    (numpy or abstract leaves, single-device arrays): what a jitted pass over placed inputs hands
+    ``activation_mesh``."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     """``x`` with its ``batch_dim`` split over the active mesh's batch axes (``DEFAULT_AXIS_RULES["batch"]``,
     data and fsdp, those of size > 1), the other dimensions left to XLA (unconstrained: a tensor-split vocabulary

@@ -57,7 +57,7 @@ from jaxprune.model import LlamaForCausalLM  # noqa: E402
 from jaxprune.partition import add_lora, partition  # noqa: E402
 from jaxprune.prune.llm_pruner import taylor_importance_step  # noqa: E402
 from jaxprune.prune.loraprune import importance_hook, init_importance  # noqa: E402
-from jaxprune.meshes import make_mesh  # noqa: E402
+from jaxprune.meshes import activation_mesh, make_mesh  # noqa: E402
 from jaxprune.quantize import quantize_base  # noqa: E402
 from jaxprune.sharding import Placement  # noqa: E402
 from jaxprune.train import OptimConfig, make_loss_fn, make_optimizer, make_train_step  # noqa: E402
@@ -139,11 +139,16 @@ def compile_step(step: str, cfg: ModelConfig, dtype, batch: int, seq: int, rank:
         return _compile(fn.lower(trainable, opt_state, hook_state, frozen, masks, tokens,
                                  jax.ShapeDtypeStruct((), jnp.int32)), compiler_options)
     calib = tokens_spec((batch, seq), 0, placement, strict=False)
+    mesh = None if placement is None else placement.mesh
     if step == "llm_pruner_fused":
-        fused = taylor_importance_step(graphdef, cfg, unit, chunk)
+        fused = taylor_importance_step(graphdef, cfg, unit, chunk, mesh)
         return _compile(fused.lower(frozen, trainable, masks, calib), compiler_options)
     loss_fn = make_loss_fn(graphdef)
-    grads_step = jax.jit(lambda fr, tr, mk, b: jax.grad(lambda f: loss_fn(tr, f, mk, b)[0])(fr))
+
+    def grads(fr, tr, mk, b):
+        with activation_mesh(mesh):
+            return jax.grad(lambda f: loss_fn(tr, f, mk, b)[0])(fr)
+    grads_step = jax.jit(grads)
     return _compile(grads_step.lower(frozen, trainable, masks, calib), compiler_options)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import ModelConfig
+from ..meshes import activation_mesh, mesh_of
 from ..train import make_loss_fn, mean_over_microbatches
 from .groups import AttnUnit
 from .importance import UnitScores, unit_scores
@@ -30,17 +31,24 @@ def taylor_importance(cfg: ModelConfig, frozen: dict, base_grads: dict, unit: At
     return unit_scores(cfg, element, unit, normalise_modules=False)
 
 
-def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: int | None = None):
+def taylor_importance_step(graphdef, cfg: ModelConfig, unit: AttnUnit, chunk: int | None = None,
+                           mesh: jax.sharding.Mesh | None = None):
     """A jitted ``(frozen, trainable, masks, batch [n, S]) -> UnitScores``: base-weight gradients of the
     mean NLL on a calibration batch, reduced to units.
 
     ``chunk``: sequences per forward/backward pass. The gradient of the batch mean is accumulated over
     ``n / c`` equal passes of ``c`` sequences (``c`` the largest divisor of ``n`` not above ``chunk``),
-    ``∂L/∂W = (1/k) Σ_j ∂L_j/∂W``, so the activations of one pass are live at a time; ``None``: one pass."""
+    ``∂L/∂W = (1/k) Σ_j ∂L_j/∂W``, so the activations of one pass are live at a time; ``None``: one pass.
+    ``mesh``: the mesh the inputs are placed on; the passes' activations are split over its batch axes
+    (``meshes.activation_mesh``) as the train step's are, not laid out like the fsdp-split weights."""
     loss_fn = make_loss_fn(graphdef)
 
     @jax.jit
     def step(frozen, trainable, masks, batch):
+        with activation_mesh(mesh):
+            return _step(frozen, trainable, masks, batch)
+
+    def _step(frozen, trainable, masks, batch):
         n = batch.shape[0]
         c = max(d for d in range(1, min(chunk or n, n) + 1) if n % d == 0)
         grad = jax.grad(lambda fr, b: loss_fn(trainable, fr, masks, b)[0])
@@ -60,4 +68,5 @@ NAME = "llm-pruner"
                              "samples",
                      citation="Ma et al. 2023, arXiv 2305.11627 (horseee/LLM-Pruner, taylor, param_first)")
 def llm_pruner_scores(x: ScoreInputs) -> UnitScores:
-    return taylor_importance_step(x.graphdef, x.cfg, x.unit, x.calib_batch)(x.frozen, x.trainable, x.masks, x.calib)
+    step = taylor_importance_step(x.graphdef, x.cfg, x.unit, x.calib_batch, mesh_of(x.frozen))
+    return step(x.frozen, x.trainable, x.masks, x.calib)
