@@ -20,13 +20,17 @@ CFG = ModelConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_layers=L
 LINEARS = [(H, HEADS * D), (H, KV * D), (H, KV * D), (HEADS * D, H), (H, I), (H, I), (I, H)]
 
 
-def _compiled(tmp_path, step, int8, mesh="fsdp=8"):
-    """(memory_analysis() sums, the same read from the buffer-assignment dump) of one step at bf16."""
+def _compiled(tmp_path, step, int8, mesh="fsdp=8", dump=True):
+    """(memory_analysis() sums, the same read from the buffer-assignment dump) of one step at bf16; ``dump``
+    False: the same compile options but no dump directory (the persistent cache's key does not tell them apart)."""
     d = tmp_path / f"{step}-{int8}-{mesh}"
+    options = {**dump_options(d), "xla_backend_optimization_level": 0}  # level 0: faster
+    if not dump:
+        options.pop("xla_dump_to")
     compiled = compile_step(step, CFG, jnp.bfloat16, B, S, R, True, int8, unit="kv_group",
                             placement=mesh_placement(mesh), compute_dtype=jnp.bfloat16 if step == "loraprune" else None,
-                            compiler_options={**dump_options(d), "xla_backend_optimization_level": 0})  # faster
-    return memory(compiled), memory_from_dump(d)
+                            compiler_options=options)
+    return memory(compiled), memory_from_dump(d) if dump else None
 
 
 def test_fsdp8_arguments_are_an_eighth_of_the_model_plus_the_replicated_parts(tmp_path):
@@ -63,3 +67,29 @@ def test_8b_shapes_match_the_published_configs():
     assert llama.num_params() == 8_030_261_248
     assert qwen.qk_norm and qwen.model_type == "qwen3" and not qwen.tie_word_embeddings
     assert qwen.num_params() == 8_190_735_360
+
+
+def test_the_dump_is_written_when_the_persistent_cache_holds_the_step(tmp_path):
+    """`make test` sets JAX_COMPILATION_CACHE_DIR and the cache key leaves out ``xla_dump_to``: once the step is in
+    the cache, a compile that should dump would get the cached executable and write nothing (CI failed so:
+    memory_from_dump None). One process fills the cache with the step; a second compiles it to dump: the dump is
+    there, with memory_analysis()'s numbers (fails without bench_pruning_memory._compile's bypass)."""
+    import json
+    import os
+    import subprocess
+
+    code = ("import sys, json; sys.path.insert(0, 'scripts'); sys.path.insert(0, 'tests'); from pathlib import Path;"
+            "from test_pruning_memory_8b import _compiled;"
+            "print(json.dumps(_compiled(Path(sys.argv[1]), 'llm_pruner_fused', False, 'none', sys.argv[2] == 'dump')))")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    runs = []
+    for mode in ("fill", "dump"):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / mode), mode], capture_output=True, text=True,
+                              env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if mode == "fill":
+            assert any((tmp_path / "cache").iterdir())  # the step is in the cache
+    (filled, _), (mem, dumped) = runs
+    assert dumped == mem == filled
