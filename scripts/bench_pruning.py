@@ -57,6 +57,9 @@ def label(r: dict) -> str:
     return r["method"] + "".join(f"+{o}" for o in r.get("options", []))
 
 
+ACCURACY = ("next_line_acc_norm", "last_word_acc")  # local_accuracy's keys
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean ± std (ddof 1) of perplexity over seeds, per (method + options, unit, ratio)."""
     import numpy as np
@@ -71,6 +74,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "ppl_each": ppl.tolist(), "params_removed_fraction": rs[0]["params_removed_fraction"],
                     "importance_pass_bytes": rs[0].get("importance_pass_bytes"),
                     "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+                    **{f"{k}_mean": float(np.mean([r[k] for r in rs])) for k in ACCURACY if all(k in r for r in rs)},
                     **paired_with_base(rs, rows)})
     return out
 
@@ -164,6 +168,9 @@ def main() -> None:
                     help="a mixed recipe: first remove RATIO of the layers with depth METHOD (shortgpt|replaceme, "
                          "no recovery, same calibration and seed), then run every spec on that model; rows report "
                          "parameters removed from the original model")
+    ap.add_argument("--lm-eval-limit", type=int, default=0, metavar="N",
+                    help="also score every model on the local lm-eval tasks (shakespeare_next_line acc_norm, "
+                         "shakespeare_last_word acc) over their first N documents (0: perplexity only)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "pruning.json"))
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --out (same budget) and run only the missing ones")
@@ -214,8 +221,9 @@ def main() -> None:
                          "calib_batch": a.calib_batch, "seeds": seeds, "eval_tokens": a.eval_tokens,
                          "eval_seq_len": 256, **({"teacher_correction": a.teacher_correction}
                                                  if a.teacher_correction else {}),
-                         **({"depth_first": a.depth_first} if a.depth_first else {})},
-              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps,
+                         **({"depth_first": a.depth_first} if a.depth_first else {}),
+                         **({"lm_eval_limit": a.lm_eval_limit} if a.lm_eval_limit else {})},
+              "dense": {"ppl": dense_ppl, "tokens_per_s": dense_tps, **local_accuracy(a, base, build_parser),
                         **({"ppl_as_shipped": shipped_ppl} if a.teacher_correction else {})},
               "results": [], "summary": [],
               "command": "python scripts/bench_pruning.py " + " ".join(sys.argv[1:])}
@@ -324,6 +332,7 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
         summary = args.fn(args)
         wall = time.time() - t
         pruned = load.load_model(run / "model")
+        accuracy = local_accuracy(a, run / "model", build_parser)
     ppl = perplexity(pruned, heldout, seq_len=256, batch_size=4, max_tokens=a.eval_tokens, progress=False)["ppl"]
     speedup = forward_speedup(pruned, dense, batch_size=4, seq_len=256) if a.speed else (None, None)
     return {"method": method, "attn_unit": unit, "options": opts, "base": "int8" if "int8" in opts else "float",
@@ -331,7 +340,21 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
             "params_removed_fraction": summary["params_removed_fraction"],
             "heads_pruned": summary.get("heads_pruned"), "channels_pruned": summary.get("channels_pruned"),
             "layers_removed": summary.get("layers_removed"),
-            "tokens_per_s": speedup[1], "speedup_vs_dense": speedup[0], "wall_s": wall}
+            "tokens_per_s": speedup[1], "speedup_vs_dense": speedup[0], "wall_s": wall, **accuracy}
+
+
+LOCAL_TASKS = {"shakespeare_next_line": "acc_norm", "shakespeare_last_word": "acc"}  # task: the metric reported
+
+
+def local_accuracy(a, model_dir, build_parser) -> dict:
+    """``--lm-eval-limit N``: the local lm-eval tasks' accuracy on their first N documents (``jaxprune lm-eval``;
+    README: lm-eval), as ``{next_line_acc_norm, last_word_acc}``; ``{}`` when N is 0."""
+    if not a.lm_eval_limit:
+        return {}
+    args = build_parser().parse_args(["lm-eval", str(model_dir), "--tasks", ",".join(LOCAL_TASKS), "--limit",
+                                      str(a.lm_eval_limit), "--bootstrap-iters", "0", "--json"])
+    tasks = args.fn(args)["tasks"]
+    return {f"{task.removeprefix('shakespeare_')}_{metric}": tasks[task][metric] for task, metric in LOCAL_TASKS.items()}
 
 
 if __name__ == "__main__":

@@ -198,15 +198,19 @@ def render_pruning_seeded(data: dict) -> str:
     pm = lambda s: f"{s['ppl_mean']:.2f}" + (f" ± {s['ppl_std']:.2f}" if s.get("ppl_std") is not None else "")  # noqa: E731
     paired = lambda s: (f"{s['ppl_ratio_vs_plain_mean']:.3f}x ({s['lower_than_plain_on']} lower)"  # noqa: E731
                         if "vs" in s else "")
-    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", "", "", "0%", "", ""]]
+    acc = ("next_line_acc_norm", "last_word_acc") if "next_line_acc_norm" in d else ()  # --lm-eval-limit
+    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    rows = [["dense", "", "", f"{d.get('ppl', 0):.2f}", *(pct(d[k]) for k in acc), "", "", "0%", "", ""]]
     if b.get("teacher_correction"):
         rows[0][0] = f"dense after teacher correction (as shipped: {d.get('ppl_as_shipped', 0):.2f})"
     for s in sorted(data["summary"], key=lambda s: (-s["ratio"], s["method"])):
         mem = s.get("importance_pass_bytes")
-        rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), paired(s), len(s["seeds"]),
-                     f"{s['params_removed_fraction']:.1%}", _mib(mem) if mem else "–", f"{s['wall_s_mean']:.0f}"])
+        rows.append([s["method"], s["attn_unit"], s["ratio"], pm(s), *(pct(s.get(f"{k}_mean")) for k in acc),
+                     paired(s), len(s["seeds"]), f"{s['params_removed_fraction']:.1%}", _mib(mem) if mem else "–",
+                     f"{s['wall_s_mean']:.0f}"])
     each = [[r["seed"], r["ratio"], r["method"] + "".join(f"+{o}" for o in r.get("options", [])), r["attn_unit"],
-             f"{r['ppl']:.2f}"] for r in data.get("results", [])]
+             f"{r['ppl']:.2f}", *(pct(r.get(k)) for k in acc)] for r in data.get("results", [])]
+    acc_names = ["next line acc_norm", "last word acc"] if acc else []
     select = b.get("select_steps") or 0
     protocol = (f"LoRAPrune selects its units in a {select}-step LoRA run (masks every {b.get('prune_every')} steps, "
                 f"cubic schedule), then the masks freeze; LLM-Pruner scores once on {b.get('calib_samples')} "
@@ -232,10 +236,13 @@ def render_pruning_seeded(data: dict) -> str:
         "Paired: perplexity over the plain method's at the same seeds (a `+distill` row: same units, only the "
         "recovery differs; a `widths=` / `ratio=` / `recover-steps=` row: a different allocation or no recovery), "
         "and on how many seeds it is lower by more than 0.1%.", "",
-        table(["method", "attention unit", "ratio", "perplexity", "paired vs plain", "seeds", "all params removed",
-               "importance pass MiB", "wall s / run"], rows), "",
+        *([f"Accuracy: the local lm-eval tasks (README: lm-eval) on their first {b.get('lm_eval_limit')} documents "
+           "each, `jaxprune lm-eval --tasks shakespeare_next_line,shakespeare_last_word` (chance: 25% on next line; "
+           "mean over seeds).", ""] if acc else []),
+        table(["method", "attention unit", "ratio", "perplexity", *acc_names, "paired vs plain", "seeds",
+               "all params removed", "importance pass MiB", "wall s / run"], rows), "",
         "<details><summary>every run</summary>", "",
-        table(["seed", "ratio", "method", "unit", "perplexity"], each), "", "</details>", "",
+        table(["seed", "ratio", "method", "unit", "perplexity", *acc_names], each), "", "</details>", "",
         f"Command: `{data.get('command', '?')}` ({data.get('wall_s', 0) / 60:.0f} min). Machine: "
         f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs, load average {m.get('loadavg_start', 0):.1f} at start, "
         f"{m.get('loadavg_end', 0):.1f} at end.",
@@ -611,6 +618,11 @@ RENDERERS = {
     **{f"budget_half_params_mix{n}.json": ("The best pruned model for a budget: half of all parameters removed, "
                                            f"stock-loadable mix: ReplaceMe removes {n} layers, then SlimGPT uniform "
                                            "widths", render_budget) for n in (5, 6, 7, 9)},
+    "budget_half_params_acc.json": ("The best pruned model for a budget: half of all parameters removed, with the "
+                                    "local lm-eval accuracy (seed 0)", render_budget),
+    "budget_half_params_mix6_acc.json": ("The best pruned model for a budget: the stock-loadable mix (ReplaceMe 6 "
+                                         "layers, then SlimGPT uniform widths) with the local lm-eval accuracy "
+                                         "(seed 0)", render_budget),
     "budget_fifth_params.json": ("The best pruned model for a budget: about a fifth of all parameters removed, "
                                  "SmolLM2-135M, after equal LoRA recovery", render_budget),
     "parity.json": ("jaxprune vs transformers on the real models (same fp32 weights)", render_generic),
