@@ -51,6 +51,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from jax.experimental.compilation_cache.compilation_cache import reset_cache  # noqa: E402
+
 from jaxprune.config import ModelConfig  # noqa: E402
 from jaxprune.fileio import write_json_atomic  # noqa: E402
 from jaxprune.model import LlamaForCausalLM  # noqa: E402
@@ -155,15 +157,18 @@ def compile_step(step: str, cfg: ModelConfig, dtype, batch: int, seq: int, rank:
 def _compile(lowered, compiler_options: dict | None):
     """``lowered.compile``; one that is to write a dump (``dump_options``) bypasses XLA's persistent compilation
     cache: its key leaves out ``xla_dump_to``, so with ``JAX_COMPILATION_CACHE_DIR`` set (``make test`` sets it) a
-    second run would get the cached executable back and no dump would be written."""
+    second run would get the cached executable back and no dump would be written. JAX decides once per process
+    whether the cache is used, so the switch is reset around the compile (``reset_cache``, public API)."""
     if not compiler_options or "xla_dump_to" not in compiler_options:
         return lowered.compile(compiler_options)
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    reset_cache()
     try:
         return lowered.compile(compiler_options)
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
+        reset_cache()
 
 
 def dump_options(dump_dir) -> dict:
