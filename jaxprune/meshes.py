@@ -193,11 +193,11 @@ def activation_mesh(mesh: jax.sharding.Mesh | None):
 
 
 def mesh_of(tree) -> jax.sharding.Mesh | None:
-    """The device mesh ``tree``'s arrays are placed on (the first ``NamedSharding`` leaf's), None when none is
-    (numpy or abstract leaves, single-device arrays): what a jitted pass over placed inputs hands
+    """The device mesh ``tree``'s arrays (or shardings) are placed on (the first ``NamedSharding``'s), None when
+    none is (numpy or abstract leaves, single-device arrays): what a jitted pass over placed inputs hands
     ``activation_mesh``."""
     for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
+        sharding = leaf if isinstance(leaf, jax.sharding.Sharding) else getattr(leaf, "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding):
             return sharding.mesh
     return None

@@ -57,7 +57,8 @@ def label(r: dict) -> str:
     return r["method"] + "".join(f"+{o}" for o in r.get("options", []))
 
 
-ACCURACY = ("next_line_acc_norm", "last_word_acc")  # local_accuracy's keys
+LOCAL_TASKS = {"shakespeare_next_line": "acc_norm", "shakespeare_last_word": "acc"}  # task: the metric reported
+ACCURACY = {task: f"{task.removeprefix('shakespeare_')}_{metric}" for task, metric in LOCAL_TASKS.items()}  # row keys
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -74,7 +75,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "ppl_each": ppl.tolist(), "params_removed_fraction": rs[0]["params_removed_fraction"],
                     "importance_pass_bytes": rs[0].get("importance_pass_bytes"),
                     "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
-                    **{f"{k}_mean": float(np.mean([r[k] for r in rs])) for k in ACCURACY if all(k in r for r in rs)},
+                    **{f"{k}_mean": float(np.mean([r[k] for r in rs])) for k in ACCURACY.values()
+                       if all(k in r for r in rs)},
                     **paired_with_base(rs, rows)})
     return out
 
@@ -343,8 +345,6 @@ def run_one(a, base, paths, heldout, dense, method, unit, opts, ratio, seed, bui
             "tokens_per_s": speedup[1], "speedup_vs_dense": speedup[0], "wall_s": wall, **accuracy}
 
 
-LOCAL_TASKS = {"shakespeare_next_line": "acc_norm", "shakespeare_last_word": "acc"}  # task: the metric reported
-
 
 def local_accuracy(a, model_dir, build_parser) -> dict:
     """``--lm-eval-limit N``: the local lm-eval tasks' accuracy on their first N documents (``jaxprune lm-eval``;
@@ -354,7 +354,7 @@ def local_accuracy(a, model_dir, build_parser) -> dict:
     args = build_parser().parse_args(["lm-eval", str(model_dir), "--tasks", ",".join(LOCAL_TASKS), "--limit",
                                       str(a.lm_eval_limit), "--bootstrap-iters", "0", "--json"])
     tasks = args.fn(args)["tasks"]
-    return {f"{task.removeprefix('shakespeare_')}_{metric}": tasks[task][metric] for task, metric in LOCAL_TASKS.items()}
+    return {ACCURACY[task]: tasks[task][metric] for task, metric in LOCAL_TASKS.items()}
 
 
 if __name__ == "__main__":

@@ -619,10 +619,10 @@ RENDERERS = {
                                            f"stock-loadable mix: ReplaceMe removes {n} layers, then SlimGPT uniform "
                                            "widths", render_budget) for n in (5, 6, 7, 9)},
     "budget_half_params_acc.json": ("The best pruned model for a budget: half of all parameters removed, with the "
-                                    "local lm-eval accuracy (seed 0)", render_budget),
+                                    "local lm-eval accuracy (3 seeds)", render_budget),
     "budget_half_params_mix6_acc.json": ("The best pruned model for a budget: the stock-loadable mix (ReplaceMe 6 "
                                          "layers, then SlimGPT uniform widths) with the local lm-eval accuracy "
-                                         "(seed 0)", render_budget),
+                                         "(3 seeds)", render_budget),
     "budget_fifth_params.json": ("The best pruned model for a budget: about a fifth of all parameters removed, "
                                  "SmolLM2-135M, after equal LoRA recovery", render_budget),
     "parity.json": ("jaxprune vs transformers on the real models (same fp32 weights)", render_generic),

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxprune.fileio import write_json_atomic  # noqa: E402
+from jaxprune.fixtures import cache_dir  # noqa: E402
 
 PYTEST = ["-m", "pytest", "-x", "-q", "-n", "2", "--dist", "loadfile", "--durations=15", "tests"]  # = Makefile's
 
@@ -34,8 +35,7 @@ def main() -> int:
     t0 = time.perf_counter()
     # as `make test` runs it: with XLA's persistent compilation cache (a warm cache hides no dump, see
     # bench_pruning_memory._compile, and is what CI has)
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path(os.environ.get("JAXPRUNE_CACHE", Path.home() / ".cache" / "jaxprune")).expanduser() / "xla-cache")
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "xla-cache")  # = the Makefile's
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     proc = subprocess.run([sys.executable, *PYTEST], cwd=REPO, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0

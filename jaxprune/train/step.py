@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import optax
 
-from ..meshes import activation_mesh
+from ..meshes import activation_mesh, mesh_of
 from .loss import DistillConfig, make_loss_fn, mean_over_microbatches
 
 
@@ -41,9 +41,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_h
     loss_fn = make_loss_fn(graphdef, compute_dtype, distill)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    mesh = None
-    if state_shardings is not None:
-        mesh = jax.tree.leaves(state_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0].mesh
+    mesh = mesh_of(state_shardings)
 
     def step(trainable, opt_state, hook_state, frozen, masks, batch, step_index):
         with activation_mesh(mesh):
